@@ -1,0 +1,1 @@
+"""Generated from proto/peer.proto by `make proto`; never edit."""

@@ -1,0 +1,220 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Member(_message.Message):
+    __slots__ = ("peer_id", "address", "weight", "samples", "client_mode")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_MODE_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    address: str
+    weight: float
+    samples: int
+    client_mode: bool
+    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., weight: _Optional[float] = ..., samples: _Optional[int] = ..., client_mode: _Optional[bool] = ...) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("run_id", "round", "spec_hash", "member", "skip")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SPEC_HASH_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    SKIP_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    round: int
+    spec_hash: str
+    member: Member
+    skip: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., spec_hash: _Optional[str] = ..., member: _Optional[_Union[Member, _Mapping]] = ..., skip: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Roster(_message.Message):
+    __slots__ = ("round", "leader", "members", "shard_bounds", "owners", "codec", "numel", "hash")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_BOUNDS_FIELD_NUMBER: _ClassVar[int]
+    OWNERS_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    NUMEL_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    leader: str
+    members: _containers.RepeatedCompositeFieldContainer[Member]
+    shard_bounds: _containers.RepeatedScalarFieldContainer[int]
+    owners: _containers.RepeatedScalarFieldContainer[str]
+    codec: str
+    numel: int
+    hash: str
+    def __init__(self, round: _Optional[int] = ..., leader: _Optional[str] = ..., members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., shard_bounds: _Optional[_Iterable[int]] = ..., owners: _Optional[_Iterable[str]] = ..., codec: _Optional[str] = ..., numel: _Optional[int] = ..., hash: _Optional[str] = ...) -> None: ...
+
+class JoinReply(_message.Message):
+    __slots__ = ("status", "roster", "redirect_address", "redirect_peer_id", "current_round", "reason")
+    class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        OK: _ClassVar[JoinReply.Status]
+        REDIRECT: _ClassVar[JoinReply.Status]
+        CLOSED: _ClassVar[JoinReply.Status]
+        WRONG_ROUND: _ClassVar[JoinReply.Status]
+        REJECTED: _ClassVar[JoinReply.Status]
+    OK: JoinReply.Status
+    REDIRECT: JoinReply.Status
+    CLOSED: JoinReply.Status
+    WRONG_ROUND: JoinReply.Status
+    REJECTED: JoinReply.Status
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    ROSTER_FIELD_NUMBER: _ClassVar[int]
+    REDIRECT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    REDIRECT_PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    status: JoinReply.Status
+    roster: Roster
+    redirect_address: str
+    redirect_peer_id: str
+    current_round: int
+    reason: str
+    def __init__(self, status: _Optional[_Union[JoinReply.Status, str]] = ..., roster: _Optional[_Union[Roster, _Mapping]] = ..., redirect_address: _Optional[str] = ..., redirect_peer_id: _Optional[str] = ..., current_round: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ShardChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: ShardHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[ShardHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ShardHeader(_message.Message):
+    __slots__ = ("round", "roster_hash", "sender", "shard", "codec", "numel", "num_bytes", "sha256", "contributors", "weights", "total_weight")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ROSTER_HASH_FIELD_NUMBER: _ClassVar[int]
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    NUMEL_FIELD_NUMBER: _ClassVar[int]
+    NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    roster_hash: str
+    sender: str
+    shard: int
+    codec: str
+    numel: int
+    num_bytes: int
+    sha256: str
+    contributors: _containers.RepeatedScalarFieldContainer[str]
+    weights: _containers.RepeatedScalarFieldContainer[float]
+    total_weight: float
+    def __init__(self, round: _Optional[int] = ..., roster_hash: _Optional[str] = ..., sender: _Optional[str] = ..., shard: _Optional[int] = ..., codec: _Optional[str] = ..., numel: _Optional[int] = ..., num_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., contributors: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ..., total_weight: _Optional[float] = ...) -> None: ...
+
+class ContributeReply(_message.Message):
+    __slots__ = ("accepted", "reason")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    reason: str
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ShardRequest(_message.Message):
+    __slots__ = ("round", "roster_hash", "shard", "requester", "wait_s")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ROSTER_HASH_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    REQUESTER_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    roster_hash: str
+    shard: int
+    requester: str
+    wait_s: float
+    def __init__(self, round: _Optional[int] = ..., roster_hash: _Optional[str] = ..., shard: _Optional[int] = ..., requester: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
+
+class CommitRequest(_message.Message):
+    __slots__ = ("round", "roster_hash", "peer_id", "ok", "shard_sha256", "reason")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ROSTER_HASH_FIELD_NUMBER: _ClassVar[int]
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    SHARD_SHA256_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    roster_hash: str
+    peer_id: str
+    ok: bool
+    shard_sha256: _containers.RepeatedScalarFieldContainer[str]
+    reason: str
+    def __init__(self, round: _Optional[int] = ..., roster_hash: _Optional[str] = ..., peer_id: _Optional[str] = ..., ok: _Optional[bool] = ..., shard_sha256: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class CommitReply(_message.Message):
+    __slots__ = ("apply", "reason", "committed")
+    APPLY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    apply: bool
+    reason: str
+    committed: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, apply: _Optional[bool] = ..., reason: _Optional[str] = ..., committed: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StateRequest(_message.Message):
+    __slots__ = ("min_round", "requester", "offset")
+    MIN_ROUND_FIELD_NUMBER: _ClassVar[int]
+    REQUESTER_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    min_round: int
+    requester: str
+    offset: int
+    def __init__(self, min_round: _Optional[int] = ..., requester: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class StateChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: StateHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[StateHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class StateHeader(_message.Message):
+    __slots__ = ("round", "global_samples", "numel", "num_bytes", "sha256", "digest", "spec_hash")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    NUMEL_FIELD_NUMBER: _ClassVar[int]
+    NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SPEC_HASH_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    global_samples: int
+    numel: int
+    num_bytes: int
+    sha256: str
+    digest: str
+    spec_hash: str
+    def __init__(self, round: _Optional[int] = ..., global_samples: _Optional[int] = ..., numel: _Optional[int] = ..., num_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., digest: _Optional[str] = ..., spec_hash: _Optional[str] = ...) -> None: ...
+
+class HealthRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class HealthReply(_message.Message):
+    __slots__ = ("peer_id", "run_id", "round", "spec_hash", "version")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SPEC_HASH_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    run_id: str
+    round: int
+    spec_hash: str
+    version: str
+    def __init__(self, peer_id: _Optional[str] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., spec_hash: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...

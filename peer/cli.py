@@ -1,0 +1,138 @@
+"""The `peer` command: flags and an optional TOML file -> one validated PeerConfig, then the
+trainer. Bad input stops here, before any network activity, with exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any
+
+from peer.config import EXIT_CONFIG, ConfigError, PeerConfig, RunSpec, validate_peer
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+SPEC_FIELDS = {f.name for f in dataclasses.fields(RunSpec)} - {"protocol"}
+PEER_FIELDS = {f.name for f in dataclasses.fields(PeerConfig)} - {"spec"}
+LIST_FIELDS = {"initial_peers", "dht_host_maddrs", "dht_announce_maddrs"}
+
+# (flag, type, help); every default lives in config.py, none here.
+FLAGS: list[tuple[str, Any, str]] = [
+    ("initial-peers", str, "multiaddrs of a bootstrap node or any peer of the run; none = start a new run"),
+    ("run-id", str, "name of the run; peers with the same run id train together"),
+    ("dht-host-maddrs", str, "multiaddrs this peer's DHT node listens on (default /ip4/0.0.0.0/tcp/0)"),
+    ("dht-announce-maddrs", str, "multiaddrs others reach this peer's DHT node at (behind NAT, Docker)"),
+    ("host", str, "interface of the gRPC server (default 0.0.0.0)"),
+    ("port", int, "gRPC port; 0 picks a free one"),
+    ("announce-addr", str, "host:port other peers dial for gRPC (default: derived from the DHT address)"),
+    ("batch-size", int, "sequences per inner step"),
+    ("data", str, "a text file or a directory of them; default: Python's standard library source"),
+    ("device", str, "auto, cpu, cuda or cuda:N"),
+    ("seed", int, "local seed (data order)"),
+    ("threads", int, "torch CPU threads (0 = torch's default)"),
+    ("metrics-file", str, "append one JSON object per round to this file"),
+    ("max-rounds", int, "finish after this many rounds and exit 0 (0 = no limit)"),
+    ("log-level", str, "DEBUG, INFO, WARNING or ERROR"),
+    ("eval-batches", int, "held-out batches evaluated after every round (0 = none)"),
+    ("min-peers-timeout-s", float, "how long round 0 waits for --min-peers before starting anyway"),
+    ("join-window-s", float, "how long a round's leader waits for the rest of the group"),
+    # run spec: the starting peer's values become the run's; joiners adopt them
+    ("model", str, "run spec: built-in GPT preset (tiny, small, base)"),
+    ("model-seed", int, "run spec: seed of the initial parameters"),
+    ("inner-lr", float, "run spec: AdamW peak learning rate"),
+    ("weight-decay", float, "run spec: AdamW weight decay"),
+    ("warmup-samples", int, "run spec: global samples of learning-rate warmup"),
+    ("total-samples", int, "run spec: global samples at the end of the cosine schedule"),
+    ("outer-lr", float, "run spec: Nesterov outer learning rate (0.7)"),
+    ("outer-momentum", float, "run spec: Nesterov outer momentum (0.9)"),
+    ("codec", str, "run spec: pseudo-gradient codec, fp32 or int8"),
+    ("weighting", str, "run spec: weight of a contribution: steps, samples or equal"),
+    ("target-steps", int, "run spec: inner steps summed over the swarm that close a round"),
+    ("max-round-seconds", float, "run spec: a round closes after this much training anyway"),
+    ("min-peers", int, "run spec: round 0 waits until this many peers are in"),
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_CONFIG, f"peer: error: {message} (see peer --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="peer", description="Train one model with a swarm of peers (DiLoCo over a "
+                "hivemind DHT and gRPC).", argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", help="a TOML file with the same keys as the flags (flags win)")
+    p.add_argument("--client-mode", action="store_true", help="accept no inbound connections (NAT)")
+    for name, typ, text in FLAGS:
+        dest = name.replace("-", "_")
+        if dest in LIST_FIELDS:
+            p.add_argument(f"--{name}", nargs="+", type=typ, help=text)
+        else:
+            p.add_argument(f"--{name}", type=typ, help=text)
+    return p
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--config: {path!r} does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"--config: cannot read {path!r}: {e}") from None
+    values = {k.replace("-", "_"): v for k, v in raw.items()}
+    unknown = sorted(set(values) - SPEC_FIELDS - PEER_FIELDS)
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown keys {unknown}; the keys are the flag names")
+    return values
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    if name in LIST_FIELDS:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"--{name.replace('_', '-')}: {value!r} is not valid; expected a list of multiaddrs")
+        return tuple(value)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"--{name.replace('_', '-')}: {value!r} is not valid; expected true or false")
+        return value
+    ok = not isinstance(value, bool) and (not isinstance(default, int) or isinstance(value, int))
+    try:
+        if ok and isinstance(value, (int, float, str)):
+            return type(default)(value)
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(f"--{name.replace('_', '-')}: {value!r} is not valid; expected {type(default).__name__}")
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[PeerConfig, set[str]]:
+    """Returns the config and the names of the spec fields the user set explicitly."""
+    args = vars(build_parser().parse_args(argv))
+    values: dict[str, Any] = _read_toml(args.pop("config")) if "config" in args else {}
+    values.update(args)
+    base_peer, base_spec = PeerConfig(), RunSpec()
+    peer_kw = {k: _coerce(k, v, getattr(base_peer, k)) for k, v in values.items() if k in PEER_FIELDS}
+    spec_kw = {k: _coerce(k, v, getattr(base_spec, k)) for k, v in values.items() if k in SPEC_FIELDS}
+    cfg = PeerConfig(**peer_kw, spec=RunSpec(**spec_kw))
+    validate_peer(cfg)
+    return cfg, set(spec_kw)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, explicit = parse_config(argv)
+    except ConfigError as e:
+        print(f"peer: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    from peer.run import run  # heavy imports (torch, hivemind) only after the flags are good
+
+    return run(cfg, explicit)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""One validated configuration tree for a peer: the run spec (shared by the whole run) and
+the per-peer settings. Frozen dataclasses; `ConfigError` for anything a user typed wrong."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+PROTOCOL_VERSION = 1
+CODECS = ("fp32", "int8")
+WEIGHTINGS = ("steps", "samples", "equal")
+MODELS = ("tiny", "small", "base")
+
+EXIT_OK, EXIT_CRASH, EXIT_CONFIG, EXIT_AUTH, EXIT_INCOMPATIBLE = 0, 1, 2, 3, 4
+
+
+class ConfigError(ValueError):
+    """A bad flag, config key or run-spec conflict: the peer stops with exit status 2."""
+
+
+class IncompatibleRunError(RuntimeError):
+    """The run in the DHT speaks another protocol version: exit status 4."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What every peer of one run must share. Its hash travels in every Join."""
+
+    protocol: int = PROTOCOL_VERSION
+    model: str = "small"            # built-in GPT preset
+    model_seed: int = 0             # seed of the initial parameters
+    inner_lr: float = 1e-3          # AdamW peak learning rate
+    weight_decay: float = 0.1
+    warmup_samples: int = 20_000    # global samples of linear warmup
+    total_samples: int = 2_000_000  # global samples at the end of the cosine schedule
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    codec: str = "int8"
+    weighting: str = "steps"        # what a peer's weight counts: inner steps, samples, or 1
+    target_steps: int = 200         # inner steps summed over the swarm that close a round
+    max_round_seconds: float = 300.0  # a round closes after this much training regardless
+    min_peers: int = 1              # round 0 waits until this many peers are in
+
+    def hash(self) -> str:
+        text = json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def to_record(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_record(cls, record: Any) -> RunSpec:
+        """Parses a spec read from the DHT; a malformed one is an incompatible run."""
+        if not isinstance(record, dict):
+            raise IncompatibleRunError(f"run spec in the DHT is not a mapping: {type(record).__name__}")
+        if record.get("protocol") != PROTOCOL_VERSION:
+            raise IncompatibleRunError(
+                f"the run speaks protocol {record.get('protocol')!r}, this peer speaks {PROTOCOL_VERSION}; "
+                "install the version the run uses or pick another --run-id")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(record) - names
+        if unknown:
+            raise IncompatibleRunError(f"run spec has unknown fields {sorted(unknown)}")
+        try:
+            spec = cls(**record)
+            validate_spec(spec)
+        except (TypeError, ConfigError) as e:
+            raise IncompatibleRunError(f"run spec in the DHT is invalid: {e}") from e
+        return spec
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """Per-peer settings: never shared, never checked against the run."""
+
+    run_id: str = "diloco"
+    initial_peers: tuple[str, ...] = ()
+    dht_host_maddrs: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
+    dht_announce_maddrs: tuple[str, ...] = ()
+    host: str = "0.0.0.0"
+    port: int = 0
+    announce_addr: str = ""          # host:port others dial for gRPC; derived when empty
+    client_mode: bool = False        # no inbound connections: sends and fetches, owns nothing
+    batch_size: int = 8
+    data: str = ""                   # a text file or a directory; empty = built-in corpus
+    device: str = "auto"
+    seed: int = 0                    # local randomness (data order); the model seed is in the spec
+    threads: int = 0                 # torch CPU threads; 0 = torch's default
+    metrics_file: str = ""
+    max_rounds: int = 0              # 0 = run until stopped
+    log_level: str = "INFO"
+    eval_batches: int = 8
+    min_peers_timeout_s: float = 600.0
+    join_window_s: float = 5.0       # how long a leader waits for the rest of the group
+    spec: RunSpec = field(default_factory=RunSpec)
+
+
+_MADDR = re.compile(r"^/(ip4|ip6|dns|dns4|dns6)/[^/]+/(tcp|udp)/\d+(/.*)?$")
+_HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
+
+
+def _check(ok: bool, flag: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"--{flag.replace('_', '-')}: {value!r} is not valid; expected {allowed}")
+
+
+def validate_spec(s: RunSpec) -> None:
+    _check(s.model in MODELS, "model", s.model, f"one of {', '.join(MODELS)}")
+    _check(s.codec in CODECS, "codec", s.codec, f"one of {', '.join(CODECS)}")
+    _check(s.weighting in WEIGHTINGS, "weighting", s.weighting, f"one of {', '.join(WEIGHTINGS)}")
+    for name in ("inner_lr", "outer_lr", "max_round_seconds"):
+        v = getattr(s, name)
+        _check(isinstance(v, (int, float)) and 0 < v < float("inf"), name, v, "a positive number")
+    _check(0 <= s.outer_momentum < 1, "outer_momentum", s.outer_momentum, "a number in [0, 1)")
+    _check(0 <= s.weight_decay < 1, "weight_decay", s.weight_decay, "a number in [0, 1)")
+    _check(s.target_steps >= 1, "target_steps", s.target_steps, "an integer >= 1")
+    _check(s.min_peers >= 1, "min_peers", s.min_peers, "an integer >= 1")
+    _check(0 <= s.warmup_samples <= s.total_samples, "warmup_samples", s.warmup_samples,
+           f"an integer between 0 and --total-samples ({s.total_samples})")
+    _check(s.total_samples >= 1, "total_samples", s.total_samples, "an integer >= 1")
+
+
+def validate_peer(c: PeerConfig) -> None:
+    _check(re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", c.run_id) is not None, "run_id", c.run_id,
+           "1 to 64 letters, digits, '.', '_' or '-'")
+    for name in ("initial_peers", "dht_host_maddrs", "dht_announce_maddrs"):
+        for addr in getattr(c, name):
+            _check(_MADDR.match(addr) is not None, name, addr,
+                   "a multiaddr such as /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW...")
+    _check(0 <= c.port <= 65535, "port", c.port, "0 (pick a free port) to 65535")
+    _check(c.announce_addr == "" or _HOSTPORT.match(c.announce_addr) is not None, "announce_addr",
+           c.announce_addr, "host:port, e.g. 203.0.113.5:7000")
+    _check(c.batch_size >= 1, "batch_size", c.batch_size, "an integer >= 1")
+    _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", c.device) is not None, "device", c.device,
+           "auto, cpu, cuda or cuda:N")
+    _check(c.threads >= 0, "threads", c.threads, "an integer >= 0")
+    _check(c.max_rounds >= 0, "max_rounds", c.max_rounds, "an integer >= 0 (0 = no limit)")
+    _check(c.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level", c.log_level,
+           "DEBUG, INFO, WARNING or ERROR")
+    _check(c.eval_batches >= 0, "eval_batches", c.eval_batches, "an integer >= 0")
+    _check(c.min_peers_timeout_s > 0, "min_peers_timeout_s", c.min_peers_timeout_s, "a positive number")
+    _check(0.5 <= c.join_window_s <= 300, "join_window_s", c.join_window_s, "seconds in [0.5, 300]")
+    validate_spec(c.spec)
+
+
+def spec_conflicts(run: RunSpec, wanted: RunSpec, explicit: set[str]) -> list[str]:
+    """Lines naming every explicitly set spec field whose value differs from the run's."""
+    lines = []
+    for name in sorted(explicit):
+        ours, theirs = getattr(wanted, name), getattr(run, name)
+        if ours != theirs:
+            lines.append(f"--{name.replace('_', '-')} {ours!r} conflicts with the run's value {theirs!r}; "
+                         f"drop the flag to adopt the run's value")
+    return lines

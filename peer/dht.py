@@ -1,0 +1,213 @@
+"""Starting hivemind's DHT so that its process and p2pd die with ours, and small read-only queries on it.
+Owns no records and no validators (callers pass those); every call that waits on the DHT takes a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ctypes
+import ipaddress
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterable
+from functools import partial
+
+import hivemind
+from hivemind.dht.validation import RecordValidatorBase
+from hivemind.utils.multiaddr import Multiaddr
+
+logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+_PROBE_TIMEOUT_S = 3.0
+
+
+class DHTStartError(RuntimeError):
+    """The DHT node did not start or could not join the swarm; the message says through what and why."""
+
+
+def _die_with_parent(expected_parent_pid: int) -> None:
+    """Ask Linux to SIGKILL this process when the thread that forked it exits (no-op elsewhere)."""
+    if _PRCTL is not None and _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != expected_parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _p2pd_preexec(parent_pid: int) -> None:
+    """In the forked p2pd, before exec (uvloop runs preexec_fn too): die with the DHT process, and leave
+    the terminal's process group: Ctrl-C reaches only the peer, which stops its children itself."""
+    os.setpgid(0, 0)
+    _die_with_parent(parent_pid)
+
+
+def _spawn_dying_with_parent(original, *args, **kwargs):
+    kwargs.setdefault("preexec_fn", partial(_p2pd_preexec, os.getpid()))
+    return original(*args, **kwargs)
+
+
+class ChildSafeDHT(hivemind.DHT):
+    """hivemind.DHT whose forked process, and the p2pd it spawns, are SIGKILLed when their parent dies.
+
+    PR_SET_PDEATHSIG fires when the *thread* that forked exits, so create this DHT from the main
+    thread (hivemind's DHT process runs its event loop, which spawns p2pd, in its own main thread).
+    """
+
+    def run(self) -> None:  # runs in the forked DHT process
+        _die_with_parent(self._parent_pid)  # hivemind records the creator's pid in __init__
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the handler our parent may have installed
+        asyncio.subprocess.create_subprocess_exec = partial(
+            _spawn_dying_with_parent, asyncio.subprocess.create_subprocess_exec
+        )
+        super().run()
+
+
+def parse_maddr(value: str, *, need_peer_id: bool = False, need_port: bool = False) -> Multiaddr:
+    """Parse one multiaddr string; ValueError names the string and what was expected."""
+    example = "/ip4/203.0.113.1/tcp/31337" + ("/p2p/<peer id>" if need_peer_id else "")
+    try:
+        maddr = Multiaddr(value)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{value!r} is not a multiaddr ({e}); expected something like {example}") from None
+    if need_peer_id and "p2p" not in maddr:
+        raise ValueError(f"{value!r} has no /p2p/<peer id> part; expected something like {example}")
+    if need_port and any(proto in maddr and maddr[proto] == "0" for proto in ("tcp", "udp")):
+        raise ValueError(f"{value!r} has port 0; an announced address needs the real port")
+    return maddr
+
+
+def _probe(maddr: str, timeout_s: float) -> str:
+    """Open (and close) a TCP connection to an initial peer; say what happened, in words."""
+    parsed = Multiaddr(maddr)
+    host_proto = next((p for p in ("ip4", "ip6", "dns", "dns4", "dns6") if p in parsed), None)
+    if host_proto is None or "tcp" not in parsed:
+        return "not a TCP address, not probed"
+    host, port = parsed[host_proto], int(parsed["tcp"])
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        return f"DNS lookup of {host} failed ({e.strerror})"
+    ip = min(infos, key=lambda info: info[0] != socket.AF_INET)[4][0]  # IPv4 first
+    try:
+        with socket.create_connection((ip, port), timeout=timeout_s):
+            return "TCP port open, but no DHT node with this peer id answered"
+    except ConnectionRefusedError:
+        return f"connection refused at {ip}:{port}"
+    except TimeoutError:
+        return f"timeout after {timeout_s:.0f} s connecting to {ip}:{port}"
+    except OSError as e:
+        return f"{e.strerror or e} connecting to {ip}:{port}"
+
+
+def _start_once(timeout_s: float, **dht_kwargs) -> ChildSafeDHT:
+    """One attempt; on failure the DHT process is gone (p2pd follows it) and hivemind's error is raised."""
+    dht = ChildSafeDHT(start=False, startup_timeout=max(timeout_s, 1.0), **dht_kwargs)
+    dht.start()
+    try:
+        dht.wait_until_ready(timeout=timeout_s)
+    except BaseException as e:
+        dht.join(timeout=1.0)  # after a reported failure it exits by itself, stopping p2pd
+        if dht.is_alive():
+            dht.kill()
+        if isinstance(e, concurrent.futures.TimeoutError):
+            raise DHTStartError(f"the DHT process was not ready within {timeout_s:.0f} s") from None
+        raise
+    return dht
+
+
+def _describe(error: Exception) -> str:
+    text = re.sub(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d ", "", str(error))  # p2pd's Go timestamps
+    return text.split(" (set ensure_bootstrap_success")[0] or type(error).__name__
+
+
+def create_dht(
+    *, initial_peers: list[str], host_maddrs: list[str], announce_maddrs: list[str] | None = None,
+    identity_path: str | None = None, client_mode: bool = False, startup_timeout_s: float = 30.0,
+    record_validators: Iterable[RecordValidatorBase] = (),
+) -> ChildSafeDHT:
+    """Start a DHT node (from the main thread, before any other thread) and wait until it is ready.
+
+    Every attempt offers hivemind all initial peers (IPv4 first); a failure to join is retried with
+    backoff until startup_timeout_s, and each initial peer is probed to say why (DNS, refused, timeout).
+    Raises ValueError for a malformed address or identity path, DHTStartError when the node cannot start.
+    """
+    peers = [str(parse_maddr(p, need_peer_id=True)) for p in initial_peers]
+    peers.sort(key=lambda p: not p.startswith("/ip4/"))  # stable: IPv4 first, else the caller's order
+    hosts = [str(parse_maddr(m)) for m in host_maddrs]
+    announce = [str(parse_maddr(m, need_port=True)) for m in announce_maddrs] if announce_maddrs else None
+    if identity_path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(identity_path))):
+        raise ValueError(f"identity path {identity_path!r}: its directory does not exist")
+    kwargs = dict(initial_peers=peers, host_maddrs=hosts, announce_maddrs=announce, identity_path=identity_path,
+                  client_mode=client_mode, record_validators=list(record_validators))
+    deadline = time.monotonic() + startup_timeout_s
+    backoff_s, attempt = 0.5, 0
+    while True:
+        attempt += 1
+        try:
+            return _start_once(max(deadline - time.monotonic(), 0.1), **kwargs)
+        except Exception as e:
+            error = _describe(e)
+        if not peers or not re.search(r"bootstrap|initial_peers|not ready within", error):
+            raise DHTStartError(f"could not start the DHT node on {', '.join(hosts)}: {error}")
+        probe_timeout_s = min(_PROBE_TIMEOUT_S, max(deadline - time.monotonic(), 0.1))
+        probes = "; ".join(f"{peer}: {_probe(peer, probe_timeout_s)}" for peer in peers)
+        if deadline - time.monotonic() <= backoff_s:
+            raise DHTStartError(f"could not join the DHT through any initial peer within {startup_timeout_s:.0f} s "
+                                f"({attempt} attempts): {probes}. Last error from hivemind: {error}")
+        logger.warning("attempt %d to join the DHT failed (%s): %s; retrying in %.1f s", attempt, error, probes, backoff_s)
+        time.sleep(backoff_s)
+        backoff_s = min(backoff_s * 2, 4.0)
+
+
+def _address_rank(maddr: str) -> tuple[int, int, str]:
+    """Sort key: public before private before loopback; IPv4 before the rest."""
+    parsed = Multiaddr(maddr)
+    proto = next((p for p in ("ip4", "ip6") if p in parsed), None)
+    if proto is None:
+        return (1, 1, maddr)
+    ip = ipaddress.ip_address(parsed[proto])
+    return (2 if ip.is_loopback else 1 if ip.is_private or ip.is_link_local else 0, proto != "ip4", maddr)
+
+
+def _call(dht: hivemind.DHT, coro, timeout_s: float):
+    """Run coro(dht, node) in the DHT process; concurrent.futures.TimeoutError after timeout_s."""
+    future = dht.run_coroutine(coro, return_future=True)
+    try:
+        return future.result(timeout=timeout_s)
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        raise
+
+
+async def _visible_maddrs(_dht: hivemind.DHT, node: hivemind.DHTNode) -> list[Multiaddr]:
+    return await node.get_visible_maddrs(latest=True)
+
+
+def join_addresses(dht: hivemind.DHT, timeout_s: float = 10.0) -> list[str]:
+    """Full multiaddrs (/ip4/../tcp/../p2p/<id>) others can join through, best first.
+
+    Loopback addresses are left out unless they are all we have (a node bound to 127.0.0.1 only).
+    """
+    ranked = sorted({str(m) for m in _call(dht, _visible_maddrs, timeout_s)}, key=_address_rank)
+    routable = [m for m in ranked if _address_rank(m)[0] < 2]
+    return routable or ranked
+
+
+async def _routing_table_size(_dht: hivemind.DHT, node: hivemind.DHTNode, refresh: bool) -> int:
+    if refresh:  # a lookup contacts peers, and the routing table drops those that do not answer
+        await node.get(f"heartbeat_{os.urandom(8).hex()}", latest=True)
+    return len(node.protocol.routing_table.uid_to_peer_id)
+
+
+def count_dht_peers(dht: hivemind.DHT, timeout_s: float, refresh: bool = False) -> int:
+    """Number of other peers in the local node's routing table; concurrent.futures.TimeoutError after timeout_s.
+
+    With refresh, first look up a random key (as hivemind's run_dht does) so that dead peers drop out.
+    """
+    return _call(dht, partial(_routing_table_size, refresh=refresh), timeout_s)

@@ -1,0 +1,50 @@
+"""Test-only fault plan, keyed by (peer, round, point): the test starts each peer process with
+its own plan in DILOCO_FAULTS (JSON), so the peer is the process. Empty in production."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+POINTS = ("inner_step", "before_average", "after_round")
+
+
+@dataclass(frozen=True)
+class Fault:
+    point: str
+    action: str            # "sleep" (seconds) or "kill" (SIGKILL to itself)
+    round: int | None = None   # None = every round
+    seconds: float = 0.0
+
+
+class FaultPlan:
+    def __init__(self, faults: list[Fault]):
+        self.faults = faults
+
+    @classmethod
+    def from_env(cls) -> FaultPlan:
+        raw = os.environ.get("DILOCO_FAULTS", "")
+        if not raw:
+            return cls([])
+        faults = []
+        for item in json.loads(raw):
+            fault = Fault(**item)
+            if fault.point not in POINTS or fault.action not in ("sleep", "kill"):
+                raise ValueError(f"DILOCO_FAULTS: bad fault {item}")
+            faults.append(fault)
+        log.warning("test fault plan active: %s", faults)
+        return cls(faults)
+
+    def hit(self, point: str, round_: int) -> None:
+        for f in self.faults:
+            if f.point == point and (f.round is None or f.round == round_):
+                if f.action == "sleep":
+                    time.sleep(f.seconds)
+                else:
+                    log.warning("fault plan: killing myself at %s of round %d", point, round_)
+                    os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,166 @@
+"""Butterfly all-reduce for one round: an owner's shard (collect whole, checked contributions,
+reduce in sorted member order, encode once) and a member's part (send shards, pull results,
+verify). Runs on the network loop; encode/decode of large tensors goes to an executor."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from peer._proto import peer_pb2 as pb
+from peer.aggregate import weighted_mean
+from peer.codecs import Codec, ErrorFeedback
+from peer.net.client import CHUNK_BYTES
+
+log = logging.getLogger(__name__)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def chunks(header: pb.ShardHeader, payload: bytes) -> list[pb.ShardChunk]:
+    """The stream for one payload: the header rides on the first chunk."""
+    out = [pb.ShardChunk(header=header, data=payload[:CHUNK_BYTES])]
+    out += [pb.ShardChunk(data=payload[i:i + CHUNK_BYTES]) for i in range(CHUNK_BYTES, len(payload), CHUNK_BYTES)]
+    return out
+
+
+async def rest_of(call) -> AsyncIterator[pb.ShardChunk]:
+    """The remaining messages of a client-side streaming call read with `read()`."""
+    while True:
+        chunk = await call.read()
+        if chunk is grpc.aio.EOF:
+            return
+        yield chunk
+
+
+async def read_payload(first: pb.ShardChunk, rest: AsyncIterator[pb.ShardChunk], expected_bytes: int) -> bytes:
+    """Joins a stream's chunks, refusing more than `expected_bytes`; checks the header's sha256."""
+    buf = bytearray(first.data)
+    async for chunk in rest:
+        buf += chunk.data
+        if len(buf) > expected_bytes:
+            raise ValueError(f"stream carries more than the {expected_bytes} bytes announced")
+    if len(buf) != expected_bytes:
+        raise ValueError(f"stream ended after {len(buf)} of {expected_bytes} bytes")
+    data = bytes(buf)
+    if sha256(data) != first.header.sha256:
+        raise ValueError("payload sha256 does not match its header")
+    return data
+
+
+def check_header(h: pb.ShardHeader, roster: pb.Roster, codec: Codec, reduced: bool) -> str | None:
+    """Why a shard header does not fit the roster, or None when it does."""
+    if h.round != roster.round or h.roster_hash != roster.hash:
+        return f"header is for round {h.round} roster {h.roster_hash[:8]}, expected {roster.round} {roster.hash[:8]}"
+    if not 0 <= h.shard < len(roster.owners):
+        return f"shard {h.shard} does not exist ({len(roster.owners)} shards)"
+    numel = roster.shard_bounds[h.shard + 1] - roster.shard_bounds[h.shard]
+    if h.codec != roster.codec or h.numel != numel:
+        return f"shard {h.shard} has {h.numel} values in {h.codec}, expected {numel} in {roster.codec}"
+    if h.num_bytes != codec.encoded_size(numel):
+        return f"shard {h.shard} announces {h.num_bytes} bytes, expected {codec.encoded_size(numel)}"
+    members = {m.peer_id for m in roster.members}
+    if not reduced and h.sender not in members:
+        return f"sender {h.sender[-6:]} is not in the roster"
+    if reduced and (not h.contributors or set(h.contributors) - members or len(h.weights) != len(h.contributors)):
+        return f"shard {h.shard} lists contributors outside the roster"
+    return None
+
+
+@dataclass
+class OwnedShard:
+    """One shard this peer owns in one round: accepted contributions, then the reduced result."""
+
+    roster: pb.Roster
+    index: int
+    codec: Codec
+    received: dict[str, torch.Tensor] = field(default_factory=dict)
+    result: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    all_in: asyncio.Event = field(default_factory=asyncio.Event)
+    pending_residual: tuple | None = None   # (key, target, decoded): applied if the round commits
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        return self.roster.shard_bounds[self.index], self.roster.shard_bounds[self.index + 1]
+
+    def add(self, sender: str, values: torch.Tensor) -> None:
+        self.received[sender] = values
+        if len(self.received) == len(self.roster.members):
+            self.all_in.set()
+
+    async def reduce_at(self, timeout_s: float, ef: ErrorFeedback, loop_executor=None) -> None:
+        """Waits for every member (or the deadline), then reduces and encodes the shard once."""
+        try:
+            await asyncio.wait_for(self.all_in.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            pass
+        weights = {m.peer_id: m.weight for m in self.roster.members}
+        contributors = sorted(self.received)
+        missing = sorted(set(weights) - set(contributors))
+        if missing:
+            log.warning("round %d: shard %d reduced without %s (no whole contribution within %.1f s)",
+                        self.roster.round, self.index, ", ".join(p[-6:] for p in missing), timeout_s)
+        if not contributors:
+            self.result.set_exception(RuntimeError(f"shard {self.index}: no contribution arrived"))
+            return
+        items = [(weights[p], self.received[p]) for p in contributors]
+        loop = asyncio.get_running_loop()
+        payload, pending = await loop.run_in_executor(loop_executor, self._reduce_encode, items, ef)
+        self.pending_residual = pending
+        header = pb.ShardHeader(round=self.roster.round, roster_hash=self.roster.hash, shard=self.index,
+                                codec=self.codec.name, numel=self.bounds[1] - self.bounds[0],
+                                num_bytes=len(payload), sha256=sha256(payload), contributors=contributors,
+                                weights=[w for w, _ in items], total_weight=sum(w for w, _ in items))
+        self.received.clear()
+        self.result.set_result((header, payload))
+
+    def _reduce_encode(self, items: list[tuple[float, torch.Tensor]], ef: ErrorFeedback) -> tuple[bytes, tuple]:
+        mean = weighted_mean(items)
+        key = ("owner",) + self.bounds
+        target = ef.compensate(key, mean)
+        payload = self.codec.encode(target)
+        return payload, (key, target, self.codec.decode(payload, target.numel()))
+
+
+@dataclass
+class ShardResult:
+    header: pb.ShardHeader
+    payload: bytes
+    values: torch.Tensor
+
+
+def encode_shards(delta: torch.Tensor, roster: pb.Roster, codec: Codec, ef: ErrorFeedback
+                  ) -> list[tuple[bytes, tuple]]:
+    """Encodes every shard of a member's delta with its error-feedback residual added.
+    Returns (payload, pending residual update) per shard; runs in an executor."""
+    out = []
+    b = roster.shard_bounds
+    for j in range(len(roster.owners)):
+        key = (b[j], b[j + 1])
+        target = ef.compensate(key, delta[b[j]:b[j + 1]])
+        payload = codec.encode(target)
+        out.append((payload, (key, target, payload)))
+    return out
+
+
+def contribution_header(roster: pb.Roster, sender: str, shard: int, codec: Codec, payload: bytes
+                        ) -> pb.ShardHeader:
+    numel = roster.shard_bounds[shard + 1] - roster.shard_bounds[shard]
+    return pb.ShardHeader(round=roster.round, roster_hash=roster.hash, sender=sender, shard=shard,
+                          codec=codec.name, numel=numel, num_bytes=len(payload), sha256=sha256(payload))
+
+
+def apply_residuals(ef: ErrorFeedback, codec: Codec, pending: list[tuple]) -> None:
+    """Commits error-feedback updates: residual = what we meant to send - what was received."""
+    for key, target, payload_or_decoded in pending:
+        decoded = (codec.decode(payload_or_decoded, target.numel()) if isinstance(payload_or_decoded, bytes)
+                   else payload_or_decoded)
+        ef.update(key, target, decoded)

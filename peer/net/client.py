@@ -1,0 +1,48 @@
+"""gRPC channels to other peers: one cached aio channel per address, bounded message sizes.
+Runs on the network loop."""
+
+from __future__ import annotations
+
+import grpc
+
+from peer._proto import peer_pb2_grpc
+
+CHUNK_BYTES = 1 << 20                  # tensor payloads travel in chunks of this size
+MAX_MESSAGE_BYTES = CHUNK_BYTES + (64 << 10)   # one chunk plus its header, nothing larger
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.enable_retries", 0),
+]
+
+
+class Channels:
+    """Caches one channel per address; `close()` closes them all."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def stub(self, address: str) -> peer_pb2_grpc.PeerStub:
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels[address] = ch
+        return peer_pb2_grpc.PeerStub(ch)
+
+    async def drop(self, address: str) -> None:
+        ch = self._channels.pop(address, None)
+        if ch is not None:
+            await ch.close(grace=None)
+
+    async def close(self) -> None:
+        for address in list(self._channels):
+            await self.drop(address)
+
+
+def describe_rpc_error(e: grpc.aio.AioRpcError) -> str:
+    details = (e.details() or "").splitlines()[0][:200] if e.details() else ""
+    return f"{e.code().name}: {details}" if details else e.code().name

@@ -1,0 +1,294 @@
+"""The peer's network state and the round protocol, all on the network loop: progress in
+the DHT, the trigger estimate, Join / Contribute / GetShard / Commit / GetState handlers,
+and a member's whole round. Never blocks: big tensor work goes to an executor."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import hivemind
+import torch
+from hivemind.utils import get_dht_time
+
+from peer._proto import peer_pb2 as pb
+from peer.codecs import ErrorFeedback, get_codec
+from peer.config import PeerConfig, RunSpec
+from peer.net import allreduce as ar
+from peer.net import swarm
+from peer.net.client import Channels, describe_rpc_error
+from peer.net.loop import Deadline
+from peer.net.round import LeaderGroup, leader_rank
+from peer.net.server import Reject
+from peer.net.state_sync import StateSnapshot
+
+log = logging.getLogger(__name__)
+REFRESH_S = 1.0
+
+
+@dataclass
+class RoundCtx:
+    """Everything this peer holds for one round, whatever its role in it."""
+
+    round: int
+    roster: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    group: LeaderGroup | None = None
+    owned: dict[int, ar.OwnedShard] = field(default_factory=dict)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+@dataclass
+class Outcome:
+    """How a round ended for this peer: applied, aborted (by everyone) or excluded."""
+
+    kind: str
+    reason: str = ""
+    avg: torch.Tensor | None = None
+    roster: pb.Roster | None = None
+    contributors: list[str] = field(default_factory=list)   # contributed to every shard
+    total_weight: float = 0.0
+    samples: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    dropped: list[str] = field(default_factory=list)
+
+
+class NetCore:
+    def __init__(self, dht: hivemind.DHT, cfg: PeerConfig, peer_id: str):
+        self.dht, self.cfg, self.peer_id = dht, cfg, peer_id
+        self.run_id = cfg.run_id
+        self.address = ""
+        self.spec: RunSpec | None = None
+        self.spec_hash = ""
+        self.numel = 0
+        self.channels = Channels()
+        self.round = -1                      # the round this peer trains for; -1 before it has state
+        self.steps = self.samples = 0
+        self.rate = 0.0
+        self.training = False
+        self.view: dict[str, swarm.PeerRecord] = {}
+        self.others = (time.monotonic(), 0.0, 0.0)   # (when, their steps, their steps/s)
+        self.rounds: dict[int, RoundCtx] = {}
+        self.snapshot: StateSnapshot | None = None
+        self.ef, self.owner_ef = ErrorFeedback(), ErrorFeedback()
+        self.last_refresh_error = ""
+
+    # ---- progress, view and trigger -------------------------------------------------------
+    def record(self) -> swarm.PeerRecord:
+        state_round = self.snapshot.header.round if self.snapshot else -1
+        return swarm.PeerRecord(self.peer_id, "" if self.cfg.client_mode else self.address, self.round,
+                                self.steps, self.samples, self.rate if self.training else 0.0, self.training,
+                                self.cfg.client_mode, state_round, self.spec_hash, get_dht_time())
+
+    async def publish(self) -> None:
+        await swarm.store(self.dht, swarm.peers_key(self.run_id), self.peer_id, self.record().to_value(), 5.0)
+
+    async def refresh(self) -> None:
+        if self.spec is not None:
+            await self.publish()
+        view = await swarm.read_peers(self.dht, self.run_id, 5.0)
+        self.view = {p: r for p, r in view.items() if p != self.peer_id and r.spec == self.spec_hash}
+        mine = [r for r in self.view.values() if r.fresh() and r.round == self.round]
+        self.others = (time.monotonic(), sum(r.steps_now() for r in mine), sum(r.rate for r in mine))
+
+    async def refresh_forever(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+                self.last_refresh_error = ""
+            except Exception as e:  # the DHT may be slow; keep the last view and say so once
+                if str(e) != self.last_refresh_error:
+                    log.warning("DHT refresh failed: %s; keeping the last view of %d peers", e, len(self.view))
+                self.last_refresh_error = str(e)
+            self.gc_rounds()
+            await asyncio.sleep(REFRESH_S)
+
+    def live_peers(self, round_: int | None = None) -> list[swarm.PeerRecord]:
+        return [r for r in self.view.values() if r.fresh() and (round_ is None or r.round == round_)]
+
+    def gc_rounds(self) -> None:
+        for r in [r for r in self.rounds if r < self.round - 2]:
+            del self.rounds[r]
+
+    def ctx(self, round_: int) -> RoundCtx | None:
+        """The round's context; created only for the rounds this peer can take part in now."""
+        if round_ not in self.rounds:
+            if not self.round - 1 <= round_ <= self.round + 1:
+                return None
+            self.rounds[round_] = RoundCtx(round_)
+        return self.rounds[round_]
+
+    # ---- group agreement -----------------------------------------------------------------
+    def candidates(self, round_: int, skip: set[str]) -> list[tuple[str, str]]:
+        """Leader candidates for `round_` (peer id, address), best first: fresh serving peers
+        in this round or just finishing the one before."""
+        found = {r.peer_id: r.addr for r in self.live_peers()
+                 if round_ - 1 <= r.round <= round_ and not r.client and r.addr}
+        if not self.cfg.client_mode and round_ - 1 <= self.round <= round_:
+            found[self.peer_id] = self.address
+        ranked = sorted(found, key=lambda p: leader_rank(self.run_id, round_, p))
+        return [(p, found[p]) for p in ranked if p not in skip]
+
+    def expected_members(self, round_: int) -> set[str]:
+        out = {r.peer_id for r in self.live_peers(round_)}
+        if self.round == round_:
+            out.add(self.peer_id)
+        return out
+
+    def check_run(self, run_id: str, spec_hash: str) -> None:
+        if run_id != self.run_id or spec_hash != self.spec_hash:
+            raise Reject(grpc.StatusCode.FAILED_PRECONDITION,
+                         f"this peer is in run {self.run_id} spec {self.spec_hash}, not {run_id} {spec_hash}")
+
+    async def handle_join(self, req: pb.JoinRequest) -> pb.JoinReply:
+        self.check_run(req.run_id, req.spec_hash)
+        r = req.round
+        if r < self.round - 1 or r > self.round + 1:
+            status = pb.JoinReply.CLOSED if r < self.round else pb.JoinReply.WRONG_ROUND
+            return pb.JoinReply(status=status, current_round=self.round)
+        best = self.candidates(r, set(req.skip))
+        if best and best[0][0] != self.peer_id:
+            return pb.JoinReply(status=pb.JoinReply.REDIRECT, redirect_peer_id=best[0][0],
+                                redirect_address=best[0][1], current_round=self.round)
+        ctx = self.ctx(r)
+        assert ctx is not None
+        if ctx.group is None:
+            ctx.group = LeaderGroup(r, self.peer_id, self.spec.codec, self.numel)
+        group = ctx.group
+        if group.closed:
+            return pb.JoinReply(status=pb.JoinReply.CLOSED, current_round=self.round, reason="round closed")
+        group.add(req.member)
+        deadline = Deadline(self.cfg.join_window_s + 10)
+        while not group.maybe_close(self.expected_members(r), self.cfg.join_window_s):
+            if deadline.expired():
+                raise TimeoutError(f"round {r}: group did not close")
+            await asyncio.sleep(0.05)
+        roster = await group.roster
+        if req.member.peer_id not in {m.peer_id for m in roster.members}:
+            return pb.JoinReply(status=pb.JoinReply.CLOSED, current_round=self.round, reason="round closed")
+        return pb.JoinReply(status=pb.JoinReply.OK, roster=roster)
+
+    async def join_round(self, r: int, member: pb.Member, deadline: Deadline) -> pb.Roster | None:
+        """Asks the round's leader to admit us; None when the round closed without us."""
+        skip: set[str] = set()
+        redirect: tuple[str, str] | None = None
+        while not deadline.expired():
+            cands = self.candidates(r, skip)
+            target = redirect or (cands[0] if cands else None)
+            redirect = None
+            if target is None:
+                await asyncio.sleep(0.2)
+                continue
+            req = pb.JoinRequest(run_id=self.run_id, round=r, spec_hash=self.spec_hash, member=member,
+                                 skip=sorted(skip))
+            try:
+                if target[0] == self.peer_id:
+                    reply = await self.handle_join(req)
+                else:
+                    reply = await self.channels.stub(target[1]).Join(
+                        req, timeout=min(deadline.left(0.1), self.cfg.join_window_s + 15))
+            except grpc.aio.AioRpcError as e:
+                log.warning("round %d: leader %s at %s did not answer Join (%s); passing it over",
+                            r, target[0][-6:], target[1], describe_rpc_error(e))
+                skip.add(target[0])
+                continue
+            if reply.status == pb.JoinReply.OK:
+                return reply.roster
+            if reply.status == pb.JoinReply.REDIRECT and reply.redirect_peer_id not in skip:
+                redirect = (reply.redirect_peer_id, reply.redirect_address)
+            elif reply.status == pb.JoinReply.CLOSED or reply.current_round > r:
+                log.info("round %d: leader %s says the round closed without us (%s)", r, target[0][-6:],
+                         reply.reason or f"it is at round {reply.current_round}")
+                return None
+            elif reply.status == pb.JoinReply.REJECTED:
+                raise RuntimeError(f"round {r}: leader {target[0][-6:]} rejected us: {reply.reason}")
+            else:
+                await asyncio.sleep(0.2)
+        raise TimeoutError(f"round {r}: no leader admitted us before the deadline")
+
+    # ---- reduce-scatter and all-gather: owner side ------------------------------------------
+    def own_shards(self, ctx: RoundCtx, roster: pb.Roster, transfer_s: float) -> None:
+        codec = get_codec(roster.codec)
+        for j, owner in enumerate(roster.owners):
+            if owner == self.peer_id and j not in ctx.owned:
+                shard = ar.OwnedShard(roster, j, codec)
+                ctx.owned[j] = shard
+                asyncio.ensure_future(shard.reduce_at(transfer_s, self.owner_ef))
+
+    async def roster_of(self, round_: int, roster_hash: str) -> tuple[RoundCtx, pb.Roster]:
+        ctx = self.ctx(round_)
+        if ctx is None:
+            raise Reject(grpc.StatusCode.FAILED_PRECONDITION, f"round {round_} is over here (at {self.round})")
+        try:
+            roster = await asyncio.wait_for(asyncio.shield(ctx.roster), self.cfg.join_window_s + 10)
+        except asyncio.TimeoutError:
+            raise Reject(grpc.StatusCode.FAILED_PRECONDITION, f"round {round_}: not in a group here") from None
+        if roster.hash != roster_hash:
+            raise Reject(grpc.StatusCode.FAILED_PRECONDITION,
+                         f"round {round_}: roster {roster_hash[:8]} is not ours ({roster.hash[:8]})")
+        return ctx, roster
+
+    async def handle_contribute(self, stream) -> pb.ContributeReply:
+        first = await asyncio.wait_for(stream.__anext__(), 30)
+        h = first.header
+        ctx, roster = await self.roster_of(h.round, h.roster_hash)
+        codec = get_codec(roster.codec)
+        why = ar.check_header(h, roster, codec, reduced=False)
+        if why is None and roster.owners[h.shard] != self.peer_id:
+            why = f"shard {h.shard} is owned by {roster.owners[h.shard][-6:]}, not here"
+        if why:
+            raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"round {h.round}: {why}")
+        payload = await ar.read_payload(first, stream, h.num_bytes)
+        values = await asyncio.get_running_loop().run_in_executor(None, codec.decode, payload, h.numel)
+        ctx.bytes_received += len(payload)
+        ctx.owned[h.shard].add(h.sender, values)
+        return pb.ContributeReply(accepted=True)
+
+    async def handle_get_shard(self, req: pb.ShardRequest) -> list[pb.ShardChunk]:
+        ctx, roster = await self.roster_of(req.round, req.roster_hash)
+        shard = ctx.owned.get(req.shard)
+        if shard is None:
+            raise Reject(grpc.StatusCode.NOT_FOUND, f"round {req.round}: shard {req.shard} is not owned here")
+        try:
+            header, payload = await asyncio.wait_for(asyncio.shield(shard.result), min(req.wait_s, 600))
+        except asyncio.TimeoutError:
+            raise Reject(grpc.StatusCode.DEADLINE_EXCEEDED, f"round {req.round}: shard {req.shard} not ready") from None
+        except RuntimeError as e:
+            raise Reject(grpc.StatusCode.ABORTED, f"round {req.round}: {e}") from None
+        ctx.bytes_sent += len(payload)
+        return ar.chunks(header, payload)
+
+    async def handle_commit(self, req: pb.CommitRequest) -> pb.CommitReply:
+        ctx = self.ctx(req.round)
+        if ctx is None or ctx.group is None or not ctx.group.closed:
+            raise Reject(grpc.StatusCode.FAILED_PRECONDITION, f"round {req.round}: this peer leads no group")
+        group = ctx.group
+        if group.roster.result().hash != req.roster_hash:
+            raise Reject(grpc.StatusCode.FAILED_PRECONDITION, f"round {req.round}: unknown roster")
+        group.add_report(req)
+        deadline = Deadline(self.transfer_timeout_s() + 10)
+        while not group.maybe_decide(self.transfer_timeout_s()):
+            if deadline.expired():
+                raise TimeoutError(f"round {req.round}: no commit decision")
+            await asyncio.sleep(0.05)
+        return await group.decision
+
+    async def handle_get_state(self, req: pb.StateRequest):
+        snap = self.snapshot
+        if snap is None or snap.header.round < req.min_round:
+            have = snap.header.round if snap else "none"
+            raise Reject(grpc.StatusCode.FAILED_PRECONDITION, f"state of round {req.min_round} wanted, have {have}")
+        if not 0 <= req.offset <= len(snap.payload):
+            raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"offset {req.offset} is outside the state")
+        return snap
+
+    def health(self) -> pb.HealthReply:
+        return pb.HealthReply(peer_id=self.peer_id, run_id=self.run_id, round=self.round, spec_hash=self.spec_hash)
+
+    def transfer_timeout_s(self) -> float:
+        """Seconds any one transfer of a round may take: 4 bytes a value at >= 2 MB/s, 10 s at least."""
+        return min(300.0, 10.0 + 4 * self.numel / 2e6)

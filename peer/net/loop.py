@@ -1,0 +1,93 @@
+"""The one asyncio loop (uvloop where available) in one background thread, and the
+`Deadline` type every network-side wait uses. Runs coroutines; never blocks the trainer."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Deadline:
+    """An absolute point in monotonic time; `left()` is what a wait may still take."""
+
+    def __init__(self, seconds: float):
+        self.at = time.monotonic() + seconds
+
+    def left(self, floor: float = 0.0) -> float:
+        return max(floor, self.at - time.monotonic())
+
+    def expired(self) -> bool:
+        return time.monotonic() >= self.at
+
+    def sub(self, seconds: float) -> Deadline:
+        """A deadline at most `seconds` away and never later than this one."""
+        d = Deadline(seconds)
+        d.at = min(d.at, self.at)
+        return d
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:  # pragma: no cover - platforms without uvloop
+        return asyncio.new_event_loop()
+
+
+class NetLoop:
+    """Owns the background event loop thread; `submit` hands it a coroutine from any thread."""
+
+    def __init__(self, name: str = "net"):
+        self.loop = _new_loop()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._started = threading.Event()
+
+    def start(self) -> None:
+        self._thread.start()
+        if not self._started.wait(10):
+            raise RuntimeError("network loop did not start within 10 s")
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.call_soon(self._started.set)
+        self.loop.run_forever()
+        self.loop.close()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout_s: float) -> T:
+        """Runs `coro` on the loop and waits for it from another thread, at most `timeout_s`."""
+        fut = self.submit(coro)
+        try:
+            return fut.result(timeout_s)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()
+            raise TimeoutError(f"network call did not finish within {timeout_s:.1f} s") from None
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Cancels every task still on the loop, then stops it and joins the thread."""
+        if not self._thread.is_alive():
+            return
+
+        async def _cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.wait(tasks, timeout=timeout_s / 2) if tasks else None
+
+        try:
+            self.call(_cancel_all(), timeout_s)
+        except Exception as e:  # the loop is going away either way
+            log.debug("cancelling network tasks: %s", e)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout_s)

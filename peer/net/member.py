@@ -1,0 +1,130 @@
+"""A member's whole round on the network loop: join the group, send every shard to its owner,
+pull every reduced shard, report the hashes to the leader and end with one Outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+import torch
+
+from peer._proto import peer_pb2 as pb
+from peer.codecs import get_codec
+from peer.net import allreduce as ar
+from peer.net.client import describe_rpc_error
+from peer.net.core import NetCore, Outcome
+from peer.net.loop import Deadline
+
+log = logging.getLogger(__name__)
+
+
+async def run_round(core: NetCore, r: int, delta: torch.Tensor, weight: float, samples: int) -> Outcome:
+    """Never raises for a network failure: the Outcome says what happened."""
+    deadline = Deadline(core.cfg.join_window_s + 20 + 3 * core.transfer_timeout_s())
+    member = pb.Member(peer_id=core.peer_id, address="" if core.cfg.client_mode else core.address,
+                       weight=weight, samples=samples, client_mode=core.cfg.client_mode)
+    try:
+        roster = await core.join_round(r, member, deadline)
+    except (TimeoutError, RuntimeError) as e:
+        return Outcome("excluded", reason=str(e))
+    if roster is None:
+        return Outcome("excluded", reason="the round closed without us")
+    ctx = core.ctx(r)
+    if ctx is None:
+        return Outcome("excluded", reason=f"round {r} is no longer current")
+    if not ctx.roster.done():
+        ctx.roster.set_result(roster)
+    core.own_shards(ctx, roster, core.transfer_timeout_s())
+    codec = get_codec(roster.codec)
+    loop = asyncio.get_running_loop()
+    encoded = await loop.run_in_executor(None, ar.encode_shards, delta, roster, codec, core.ef)
+    await asyncio.gather(*(send_shard(core, ctx, roster, j, payload, deadline)
+                           for j, (payload, _) in enumerate(encoded)))
+    results = await asyncio.gather(*(fetch_shard(core, ctx, roster, j, deadline)
+                                     for j in range(len(roster.owners))), return_exceptions=True)
+    failures = [f"shard {j}: {res}" for j, res in enumerate(results) if isinstance(res, BaseException)]
+    shards = [res for res in results if isinstance(res, ar.ShardResult)]
+    report = pb.CommitRequest(round=r, roster_hash=roster.hash, peer_id=core.peer_id, ok=not failures,
+                              shard_sha256=[s.header.sha256 for s in shards], reason="; ".join(failures))
+    decision = await commit(core, roster, report, deadline)
+    out = Outcome("aborted", reason=decision.reason, roster=roster,
+                  bytes_sent=ctx.bytes_sent, bytes_received=ctx.bytes_received)
+    if not decision.apply:
+        return out
+    mine = [(j, s) for j, s in enumerate(shards) if core.peer_id in s.header.contributors]
+    ar.apply_residuals(core.ef, codec, [encoded[j][1] for j, _ in mine])
+    for shard in ctx.owned.values():
+        if shard.pending_residual is not None:
+            ar.apply_residuals(core.owner_ef, codec, [shard.pending_residual])
+    everywhere = set.intersection(*(set(s.header.contributors) for s in shards))
+    members = {m.peer_id: m for m in roster.members}
+    out.kind, out.reason = "applied", decision.reason
+    out.avg = torch.cat([s.values for s in shards])
+    out.contributors = sorted(everywhere)
+    out.dropped = sorted(set(members) - everywhere)
+    out.total_weight = float(sum(members[p].weight for p in out.contributors))
+    out.samples = int(sum(members[p].samples for p in out.contributors))
+    return out
+
+
+async def send_shard(core: NetCore, ctx, roster: pb.Roster, j: int, payload: bytes, deadline: Deadline) -> None:
+    """Streams one shard to its owner; a failure is logged and leaves the shard without us."""
+    owner = roster.owners[j]
+    header = ar.contribution_header(roster, core.peer_id, j, get_codec(roster.codec), payload)
+    if owner == core.peer_id:
+        values = await asyncio.get_running_loop().run_in_executor(
+            None, get_codec(roster.codec).decode, payload, header.numel)
+        ctx.owned[j].add(core.peer_id, values)
+        return
+    address = next(m.address for m in roster.members if m.peer_id == owner)
+    try:
+        reply = await core.channels.stub(address).Contribute(
+            iter(ar.chunks(header, payload)), timeout=min(deadline.left(0.1), core.transfer_timeout_s()))
+        ctx.bytes_sent += len(payload)
+        if not reply.accepted:
+            log.warning("round %d: owner %s refused shard %d: %s", roster.round, owner[-6:], j, reply.reason)
+    except grpc.aio.AioRpcError as e:
+        log.warning("round %d: sending shard %d to %s failed: %s", roster.round, j, owner[-6:], describe_rpc_error(e))
+
+
+async def fetch_shard(core: NetCore, ctx, roster: pb.Roster, j: int, deadline: Deadline) -> ar.ShardResult:
+    """Pulls the reduced shard j, checks its header and bytes, and decodes it."""
+    owner = roster.owners[j]
+    codec = get_codec(roster.codec)
+    wait_s = min(deadline.left(0.1), 2 * core.transfer_timeout_s())
+    if owner == core.peer_id:
+        header, payload = await asyncio.wait_for(asyncio.shield(ctx.owned[j].result), wait_s)
+    else:
+        address = next(m.address for m in roster.members if m.peer_id == owner)
+        req = pb.ShardRequest(round=roster.round, roster_hash=roster.hash, shard=j, requester=core.peer_id,
+                              wait_s=wait_s)
+        try:
+            call = core.channels.stub(address).GetShard(req, timeout=wait_s + 5)
+            first = await call.read()
+            if first is grpc.aio.EOF:
+                raise ValueError(f"owner {owner[-6:]} sent nothing")
+            why = ar.check_header(first.header, roster, codec, reduced=True)
+            if why:
+                raise ValueError(f"owner {owner[-6:]}: {why}")
+            payload = await ar.read_payload(first, ar.rest_of(call), first.header.num_bytes)
+        except grpc.aio.AioRpcError as e:
+            raise RuntimeError(f"owner {owner[-6:]}: {describe_rpc_error(e)}") from None
+        header = first.header
+        ctx.bytes_received += len(payload)
+    values = await asyncio.get_running_loop().run_in_executor(None, codec.decode, payload, header.numel)
+    return ar.ShardResult(header, payload, values)
+
+
+async def commit(core: NetCore, roster: pb.Roster, report: pb.CommitRequest, deadline: Deadline) -> pb.CommitReply:
+    """Reports to the leader and returns its decision; no decision in time means abort."""
+    try:
+        if roster.leader == core.peer_id:
+            return await asyncio.wait_for(core.handle_commit(report), deadline.left(0.1))
+        address = next((m.address for m in roster.members if m.peer_id == roster.leader), "")
+        if not address:
+            address = next(a for p, a in core.candidates(roster.round, set()) if p == roster.leader)
+        return await core.channels.stub(address).Commit(report, timeout=deadline.left(0.1))
+    except (grpc.aio.AioRpcError, asyncio.TimeoutError, StopIteration) as e:
+        why = describe_rpc_error(e) if isinstance(e, grpc.aio.AioRpcError) else type(e).__name__
+        return pb.CommitReply(apply=False, reason=f"no decision from leader {roster.leader[-6:]}: {why}")

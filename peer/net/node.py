@@ -1,0 +1,208 @@
+"""The one synchronous facade the trainer imports: it owns the network loop thread, the gRPC
+server and the core, and turns each network operation into a call with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import hivemind
+import torch
+from hivemind.utils import get_dht_time
+
+from peer.config import ConfigError, PeerConfig, RunSpec, spec_conflicts
+from peer.net import swarm
+from peer.net.core import NetCore, Outcome
+from peer.net.loop import Deadline, NetLoop
+from peer.net.member import run_round
+from peer.net.server import start_server
+from peer.net.state_sync import StateSnapshot, download
+from peer.outer import GlobalState
+
+log = logging.getLogger(__name__)
+SPEC_SETTLE_S = 3.0   # how long competing spec proposals may take to show up in the DHT
+
+
+def announce_host(dht: hivemind.DHT) -> str:
+    """The IP others reach this machine at, read from the DHT's visible addresses (loopback last)."""
+    hosts = []
+    for maddr in dht.get_visible_maddrs():
+        parts = str(maddr).split("/")
+        if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
+            hosts.append(parts[2] if parts[1] == "ip4" else f"[{parts[2]}]")
+    hosts.sort(key=lambda h: h.startswith("127.") or h == "[::1]")
+    return hosts[0] if hosts else "127.0.0.1"
+
+
+class Node:
+    def __init__(self, cfg: PeerConfig, dht: hivemind.DHT):
+        self.cfg, self.dht = cfg, dht
+        self.peer_id = dht.peer_id.to_base58()
+        self.net = NetLoop()
+        self.core = NetCore(dht, cfg, self.peer_id)
+        self._server: Any = None
+        self._refresher: Any = None
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    def start(self) -> str:
+        """Starts the loop and the gRPC server; returns the host:port others dial."""
+        self.net.start()
+        self._server, port = self.net.call(start_server(self.core, self.cfg.host, self.cfg.port), 30)
+        host = self.cfg.host if self.cfg.host not in ("0.0.0.0", "::", "") else announce_host(self.dht)
+        self.core.address = self.cfg.announce_addr or f"{host}:{port}"
+        self._refresher = self.net.submit(self.core.refresh_forever())
+        log.info("gRPC server listens on %s:%d, announced as %s", self.cfg.host, port, self.core.address)
+        return self.core.address
+
+    def stop(self, grace_s: float = 3.0) -> None:
+        async def _stop() -> None:
+            self.core.training = False
+            self.core.round = -1
+            if self._server is not None:
+                await self._server.stop(grace_s)
+            await self.core.channels.close()
+
+        try:
+            self.net.call(_stop(), grace_s + 2)
+        except Exception as e:
+            log.debug("stopping the gRPC server: %s", e)
+        self.net.stop()
+
+    # ---- the run spec -------------------------------------------------------------------
+    def resolve_spec(self, wanted: RunSpec, explicit: set[str], timeout_s: float = 30.0) -> RunSpec:
+        """Adopts the run's spec, or proposes ours when the run has none; conflicts -> ConfigError."""
+        spec = self.net.call(self._resolve_spec(wanted), timeout_s)
+        conflicts = spec_conflicts(spec, wanted, explicit)
+        if conflicts:
+            raise ConfigError("; ".join(conflicts))
+        self.core.spec, self.core.spec_hash = spec, spec.hash()
+        return spec
+
+    async def _resolve_spec(self, wanted: RunSpec) -> RunSpec:
+        key = swarm.spec_key(self.cfg.run_id)
+        proposals = await swarm.read(self.dht, key, 10.0)
+        if not proposals:
+            mine = {"spec": wanted.to_record(), "created": get_dht_time(), "origin": self.peer_id}
+            await swarm.store(self.dht, key, self.peer_id, mine, 10.0)
+            if self.cfg.initial_peers:
+                await asyncio.sleep(SPEC_SETTLE_S)
+            proposals = await swarm.read(self.dht, key, 10.0) or {self.peer_id: mine}
+        valid = []
+        for v in proposals.values():
+            if isinstance(v, dict) and isinstance(v.get("created"), (int, float)) and isinstance(v.get("origin"), str):
+                valid.append(v)
+        if not valid:
+            raise RuntimeError(f"the run {self.cfg.run_id} has only malformed spec records in the DHT")
+        winner = min(valid, key=lambda v: (v["created"], v["origin"]))
+        self._spec_record = winner
+        spec = RunSpec.from_record(winner["spec"])
+        if winner["origin"] == self.peer_id:
+            log.info("started run %s with spec %s", self.cfg.run_id, spec.hash())
+        else:
+            log.info("joined run %s (spec %s, started by %s)", self.cfg.run_id, spec.hash(), winner["origin"][-6:])
+        return spec
+
+    def is_genesis(self) -> bool:
+        return self._spec_record["origin"] == self.peer_id
+
+    def keep_spec_alive(self) -> None:
+        """Every peer re-publishes the adopted spec, so the run outlives the peer that started it."""
+        key = swarm.spec_key(self.cfg.run_id)
+        self.net.submit(swarm.store(self.dht, key, self.peer_id, self._spec_record, 5.0))
+
+    # ---- state --------------------------------------------------------------------------
+    def set_numel(self, numel: int) -> None:
+        self.core.numel = numel
+
+    def publish_state(self, state: GlobalState) -> None:
+        """Hands over a snapshot of the global state (the trainer keeps its own tensors)."""
+        snap = StateSnapshot.of(state, self.core.spec_hash)
+        self.net.loop.call_soon_threadsafe(setattr, self.core, "snapshot", snap)
+
+    def download_state(self, min_round: int, timeout_s: float) -> GlobalState:
+        """Waits for a live donor holding round >= min_round and downloads from it."""
+        return self.net.call(self._download(min_round, Deadline(timeout_s)), timeout_s + 5)
+
+    async def _download(self, min_round: int, deadline: Deadline) -> GlobalState:
+        last_error = "no live peer holds it yet"
+        while not deadline.expired():
+            await self.core.refresh()
+            donors = sorted((r for r in self.core.live_peers() if r.state_round >= min_round and r.addr),
+                            key=lambda r: (-r.state_round, r.peer_id))
+            if donors:
+                try:
+                    return await download(self.core.channels, [(r.peer_id, r.addr) for r in donors], min_round,
+                                          self.peer_id, self.core.numel, self.core.spec_hash, deadline)
+                except RuntimeError as e:
+                    last_error = str(e)
+            await asyncio.sleep(0.5)
+        raise TimeoutError(f"no state of round >= {min_round} within the deadline: {last_error}")
+
+    # ---- rounds -------------------------------------------------------------------------
+    def wait_for_peers(self, min_peers: int, timeout_s: float) -> int:
+        """Round 0 waits until `min_peers` peers (us included) are in; returns how many are."""
+        deadline, last_log = Deadline(timeout_s), 0.0
+        while True:
+            n = 1 + len(self.core.live_peers())
+            if n >= min_peers or deadline.expired():
+                return n
+            if time.monotonic() - last_log > 10:
+                log.info("round 0 waits for %d peers, %d in (%.0f s left)", min_peers, n, deadline.left())
+                last_log = time.monotonic()
+            time.sleep(0.2)
+
+    def begin_round(self, round_: int) -> None:
+        c = self.core
+        c.round, c.steps, c.samples, c.rate, c.training = round_, 0, 0, 0.0, True
+        c.others = (time.monotonic(), 0.0, 0.0)
+        self.round_started = time.monotonic()
+        self.net.submit(c.publish())
+
+    def report_progress(self, steps: int, samples: int, steps_per_s: float) -> None:
+        c = self.core
+        c.steps, c.samples, c.rate = steps, samples, steps_per_s
+
+    def should_stop(self, step_s: float) -> bool:
+        """True when the next inner step could not finish before the swarm closes the round."""
+        spec, c = self.core.spec, self.core
+        assert spec is not None
+        if time.monotonic() - self.round_started + step_s > spec.max_round_seconds:
+            return True
+        when, their_steps, their_rate = c.others
+        now = time.monotonic()
+        remaining = spec.target_steps - c.steps - their_steps - their_rate * (now - when)
+        return remaining < 1 + their_rate * step_s
+
+    def average(self, round_: int, delta: torch.Tensor, weight: float, samples: int) -> Outcome:
+        """Hands over `delta` (the trainer no longer touches it) and returns the round's outcome."""
+        self.core.training = False
+        self.net.submit(self.core.publish())
+        limit = self.cfg.join_window_s + 40 + 3 * self.core.transfer_timeout_s()
+        try:
+            return self.net.call(run_round(self.core, round_, delta, weight, samples), limit)
+        except TimeoutError as e:
+            return Outcome("aborted", reason=str(e))
+
+    # ---- digests ------------------------------------------------------------------------
+    def publish_digest(self, round_: int, digest: str) -> None:
+        self.net.submit(swarm.store(self.dht, swarm.digest_key(self.cfg.run_id, round_), self.peer_id, digest, 5.0))
+
+    def majority_digest(self, round_: int, expected: int, wait_s: float) -> tuple[str | None, int, int]:
+        """(majority digest, its count, digests seen) for `round_`, waiting up to `wait_s` for
+        `expected` digests to show up."""
+        async def _read() -> tuple[str | None, int, int]:
+            deadline = Deadline(wait_s)
+            while True:
+                raw = await swarm.read(self.dht, swarm.digest_key(self.cfg.run_id, round_), 5.0)
+                digests = {p: d for p, d in raw.items() if isinstance(d, str)}
+                if len(digests) >= expected or deadline.expired():
+                    best, count = swarm.majority_digest(digests)
+                    return best, count, len(digests)
+                await asyncio.sleep(0.2)
+
+        try:
+            return self.net.call(_read(), wait_s + 10)
+        except TimeoutError:
+            return None, 0, 0

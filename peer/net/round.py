@@ -1,0 +1,112 @@
+"""Group agreement for one round: the leader's side (collect Joins, close the group, answer
+everyone with one roster; collect commit reports, answer everyone with one decision) and the
+pure helpers both sides share (leader order, roster, shard map). Runs on the network loop."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+
+from peer._proto import peer_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+def leader_rank(run_id: str, round_: int, peer_id: str) -> str:
+    """Leadership rotates: the candidate with the smallest rank leads the round."""
+    return hashlib.sha256(f"{run_id}/{round_}/{peer_id}".encode()).hexdigest()
+
+
+def shard_bounds(numel: int, num_owners: int) -> list[int]:
+    """Equal contiguous shards: owner i owns [bounds[i], bounds[i+1])."""
+    return [numel * i // num_owners for i in range(num_owners + 1)]
+
+
+def roster_hash(r: pb.Roster) -> str:
+    body = {
+        "round": r.round, "leader": r.leader, "codec": r.codec, "numel": r.numel,
+        "bounds": list(r.shard_bounds), "owners": list(r.owners),
+        "members": [[m.peer_id, m.address, m.weight, m.samples, m.client_mode] for m in r.members],
+    }
+    return hashlib.sha256(json.dumps(body, separators=(",", ":")).encode()).hexdigest()
+
+
+def make_roster(round_: int, leader: str, members: list[pb.Member], codec: str, numel: int) -> pb.Roster:
+    members = sorted(members, key=lambda m: m.peer_id)
+    owners = [m.peer_id for m in members if not m.client_mode]
+    r = pb.Roster(round=round_, leader=leader, members=members, owners=owners, codec=codec, numel=numel,
+                  shard_bounds=shard_bounds(numel, len(owners)))
+    r.hash = roster_hash(r)
+    return r
+
+
+class LeaderGroup:
+    """The leader's view of one round: who joined, the roster once closed, the commit."""
+
+    def __init__(self, round_: int, leader: str, codec: str, numel: int):
+        self.round, self.leader, self.codec, self.numel = round_, leader, codec, numel
+        self.members: dict[str, pb.Member] = {}
+        self.roster: asyncio.Future[pb.Roster] = asyncio.get_running_loop().create_future()
+        self.first_join_at: float | None = None
+        self.reports: dict[str, pb.CommitRequest] = {}
+        self.decision: asyncio.Future[pb.CommitReply] = asyncio.get_running_loop().create_future()
+        self.first_report_at: float | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self.roster.done()
+
+    def add(self, member: pb.Member) -> None:
+        self.members[member.peer_id] = member
+        if self.first_join_at is None:
+            self.first_join_at = time.monotonic()
+
+    def maybe_close(self, expected: set[str], window_s: float) -> bool:
+        """Closes when every expected live peer joined or the join window has passed."""
+        if self.closed or self.first_join_at is None:
+            return self.closed
+        waited = time.monotonic() - self.first_join_at
+        missing = expected - set(self.members)
+        if missing and waited < window_s:
+            return False
+        if not any(not m.client_mode for m in self.members.values()):
+            self.roster.set_exception(RuntimeError("no serving member joined: every joiner is in client mode"))
+            return True
+        if missing:
+            log.info("round %d: closing the group without %s (no Join within %.1f s)",
+                     self.round, ", ".join(sorted(p[-6:] for p in missing)), window_s)
+        self.roster.set_result(make_roster(self.round, self.leader, list(self.members.values()),
+                                           self.codec, self.numel))
+        return True
+
+    def add_report(self, report: pb.CommitRequest) -> None:
+        self.reports[report.peer_id] = report
+        if self.first_report_at is None:
+            self.first_report_at = time.monotonic()
+
+    def maybe_decide(self, window_s: float) -> bool:
+        """Decides once every member reported or `window_s` passed since the first report."""
+        if self.decision.done() or not self.roster.done() or self.first_report_at is None:
+            return self.decision.done()
+        roster = self.roster.result()
+        members = {m.peer_id for m in roster.members}
+        if set(self.reports) < members and time.monotonic() - self.first_report_at < window_s:
+            return False
+        self.decision.set_result(decide(roster, self.reports))
+        return True
+
+
+def decide(roster: pb.Roster, reports: dict[str, pb.CommitRequest]) -> pb.CommitReply:
+    """Apply only if every report came in ok and all of them hold the same shard hashes."""
+    failed = [f"{p[-6:]}: {r.reason}" for p, r in sorted(reports.items()) if not r.ok]
+    if failed:
+        return pb.CommitReply(apply=False, reason="members failed to gather: " + "; ".join(failed))
+    hashes = {tuple(r.shard_sha256) for r in reports.values()}
+    if len(hashes) != 1:
+        return pb.CommitReply(apply=False, reason=f"members hold {len(hashes)} different results")
+    missing = sorted({m.peer_id for m in roster.members} - set(reports))
+    reason = f"no report from {', '.join(p[-6:] for p in missing)}" if missing else ""
+    return pb.CommitReply(apply=True, reason=reason, committed=sorted(reports))

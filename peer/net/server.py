@@ -1,0 +1,77 @@
+"""The gRPC server of a peer: a thin servicer that hands every call to the core, and the one
+place that maps failures to status codes. Runs on the network loop."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import grpc
+
+from peer._proto import peer_pb2 as pb
+from peer._proto import peer_pb2_grpc
+from peer.net.client import CHANNEL_OPTIONS
+
+if TYPE_CHECKING:
+    from peer.net.core import NetCore
+
+log = logging.getLogger(__name__)
+
+
+class Reject(Exception):
+    """Raised by a handler to end the call with `code` and a message naming the cause."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class Servicer(peer_pb2_grpc.PeerServicer):
+    def __init__(self, core: NetCore):
+        self.core = core
+
+    async def _guard(self, context: grpc.aio.ServicerContext, what: str, coro):
+        try:
+            return await coro
+        except Reject as e:
+            log.debug("%s rejected: %s", what, e)
+            await context.abort(e.code, str(e))
+        except TimeoutError as e:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{what}: {e}")
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: {e}")
+
+    async def Join(self, request: pb.JoinRequest, context):
+        return await self._guard(context, "Join", self.core.handle_join(request))
+
+    async def Contribute(self, request_iterator, context):
+        return await self._guard(context, "Contribute", self.core.handle_contribute(request_iterator))
+
+    async def GetShard(self, request: pb.ShardRequest, context):
+        chunks = await self._guard(context, "GetShard", self.core.handle_get_shard(request))
+        for chunk in chunks or ():
+            await context.write(chunk)
+
+    async def Commit(self, request: pb.CommitRequest, context):
+        return await self._guard(context, "Commit", self.core.handle_commit(request))
+
+    async def GetState(self, request: pb.StateRequest, context):
+        snapshot = await self._guard(context, "GetState", self.core.handle_get_state(request))
+        if snapshot is None:
+            return
+        for chunk in snapshot.chunks(request.offset):
+            await context.write(chunk)
+
+    async def Health(self, request: pb.HealthRequest, context):
+        return self.core.health()
+
+
+async def start_server(core: NetCore, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """Starts the server on host:port (0 = a free port) and returns it with the bound port."""
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    peer_pb2_grpc.add_PeerServicer_to_server(Servicer(core), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen for gRPC on {host}:{port} (in use or not an address of this machine)")
+    await server.start()
+    return server, bound

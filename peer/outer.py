@@ -1,0 +1,104 @@
+"""Global state, pseudo-gradient, Nesterov outer step and state digest.
+
+Pure CPU torch with single-rounding float32 ops only, so every machine gets the same bytes; no net code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class GlobalState:
+    """What every peer holds identically after every round."""
+
+    theta: torch.Tensor
+    """Flat float32 CPU parameters."""
+    momentum: torch.Tensor
+    """Flat float32 CPU Nesterov buffer, same length as theta (zeros at the start)."""
+    round: int
+    """Rounds applied so far."""
+    global_samples: int
+    """Samples the swarm has trained on; drives the inner learning-rate schedule."""
+
+    def clone(self) -> GlobalState:
+        return GlobalState(self.theta.clone(), self.momentum.clone(), self.round, self.global_samples)
+
+    def digest(self) -> str:
+        return digest(self.theta, self.momentum, self.round, self.global_samples)
+
+
+def num_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flatten_params(model: torch.nn.Module) -> torch.Tensor:
+    """A new flat float32 CPU tensor of model.parameters(), in order."""
+    parts = [p.detach().reshape(-1).to("cpu", torch.float32) for p in model.parameters()]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.float32)
+
+
+@torch.no_grad()
+def assign_flat_(model: torch.nn.Module, flat: torch.Tensor) -> None:
+    """Copy flat into model.parameters(), in order, keeping each parameter's device and dtype."""
+    expected = num_params(model)
+    if flat.dim() != 1 or flat.numel() != expected:
+        raise ValueError(f"flat has shape {tuple(flat.shape)}, expected ({expected},) for this model")
+    offset = 0
+    for p in model.parameters():
+        p.copy_(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
+def pseudo_gradient(theta_r: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """theta_r - local: the outer gradient of this peer's round."""
+    _check_flat(theta_r=theta_r, local=local)
+    return torch.sub(theta_r, local)
+
+
+def outer_step(
+    theta: torch.Tensor, momentum: torch.Tensor, grad: torch.Tensor, lr: float, momentum_coef: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nesterov SGD, as torch.optim.SGD(nesterov=True) computes it, in single-rounding float32 ops.
+
+    buf = momentum_coef * buf + grad; g = grad + momentum_coef * buf; theta = theta - lr * g.
+    Returns (new_theta, new_momentum) as new tensors; inputs are not touched.
+    """
+    _check_flat(theta=theta, momentum=momentum, grad=grad)
+    lr_f32, coef_f32 = _scalar_f32("lr", lr), _scalar_f32("momentum_coef", momentum_coef)
+    new_momentum = torch.add(torch.mul(momentum, coef_f32), grad)
+    nesterov_grad = torch.add(grad, torch.mul(new_momentum, coef_f32))
+    new_theta = torch.sub(theta, torch.mul(nesterov_grad, lr_f32))
+    return new_theta, new_momentum
+
+
+def digest(theta: torch.Tensor, momentum: torch.Tensor, round: int, global_samples: int) -> str:
+    """sha256 hex of round and global_samples (little-endian int64), then theta's and momentum's float32 bytes."""
+    _check_flat(theta=theta, momentum=momentum)
+    h = hashlib.sha256(struct.pack("<qq", round, global_samples))
+    for t in (theta, momentum):
+        h.update(memoryview(np.ascontiguousarray(t.detach().numpy(), dtype="<f4")))
+    return h.hexdigest()
+
+
+def _scalar_f32(name: str, value: float) -> float:
+    """value rounded to float32, so the scalar is the same whatever path torch takes."""
+    value_f32 = float(np.float32(value))
+    if not math.isfinite(value_f32):
+        raise ValueError(f"{name} must be finite in float32, got {value!r}")
+    return value_f32
+
+
+def _check_flat(**tensors: torch.Tensor) -> None:
+    """ValueError unless all tensors are 1-D float32 CPU tensors of one length."""
+    lengths = {t.numel() for t in tensors.values()}
+    for name, t in tensors.items():
+        if t.dim() != 1 or t.dtype != torch.float32 or t.device.type != "cpu" or len(lengths) != 1:
+            shapes = ", ".join(f"{k} {tuple(v.shape)} {v.dtype} {v.device}" for k, v in tensors.items())
+            raise ValueError(f"{name}: expected 1-D float32 CPU tensors of one length, got {shapes}")

@@ -1,0 +1,229 @@
+"""The main-thread training loop: inner steps until the swarm closes the round, hand-over of
+the pseudo-gradient to the node, the outer step, the digest check, one log line per round."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from peer.config import ConfigError, PeerConfig, RunSpec
+from peer.faults import FaultPlan
+from peer.net.core import Outcome
+from peer.net.node import Node
+from peer.outer import GlobalState, assign_flat_, flatten_params, outer_step, pseudo_gradient
+from peer.tasks import BatchStream, ByteCorpus, build_model, eval_batches, inner_lr, start_position
+
+log = logging.getLogger(__name__)
+STATE_TIMEOUT_S = 120.0
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return torch.device(name)
+
+
+@dataclass
+class RoundStats:
+    steps: int = 0
+    samples: int = 0
+    loss_sum: float = 0.0
+    train_s: float = 0.0
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.steps if self.steps else float("nan")
+
+
+class Trainer:
+    def __init__(self, cfg: PeerConfig, spec: RunSpec, node: Node):
+        self.cfg, self.spec, self.node = cfg, spec, node
+        self.device = pick_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.model = build_model(spec.model, spec.model_seed).to(self.device)
+        self.seq_len = self.model.config.block_size
+        corpus = ByteCorpus.load(cfg.data or None)
+        self.corpus = corpus
+        start = start_position(len(corpus.train), f"{cfg.seed}/{node.peer_id}")
+        self.stream = BatchStream(corpus.train, cfg.batch_size, self.seq_len, start)
+        self.eval_set = eval_batches(corpus.heldout, cfg.batch_size, self.seq_len, cfg.eval_batches)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=spec.inner_lr, betas=(0.9, 0.95),
+                                     weight_decay=spec.weight_decay)
+        self.faults = FaultPlan.from_env()
+        self.dump_dir = os.environ.get("DILOCO_TEST_DUMP_DIR", "")
+        self.divergences = 0
+        numel = sum(p.numel() for p in self.model.parameters())
+        node.set_numel(numel)
+        log.info("model %s: %d parameters on %s; data %s (%d bytes, held-out unigram entropy %.3f nats)",
+                 spec.model, numel, self.device, corpus.name, len(corpus.train), corpus.unigram_entropy_nats())
+
+    # ---- state --------------------------------------------------------------------------
+    def initial_state(self) -> GlobalState:
+        if self.node.is_genesis():
+            theta = flatten_params(self.model)
+            state = GlobalState(theta=theta, momentum=torch.zeros_like(theta), round=0, global_samples=0)
+            log.info("created the initial state (digest %s)", state.digest()[:12])
+        else:
+            log.info("downloading the global state from the swarm")
+            state = self.node.download_state(0, STATE_TIMEOUT_S)
+        return state
+
+    def adopt(self, state: GlobalState) -> GlobalState:
+        assign_flat_(self.model, state.theta)
+        self.node.publish_state(state)
+        return state
+
+    # ---- the loop -----------------------------------------------------------------------
+    def run(self) -> int:
+        state = self.adopt(self.initial_state())
+        self.node.keep_spec_alive()
+        if state.round == 0:
+            n = self.node.wait_for_peers(self.spec.min_peers, self.cfg.min_peers_timeout_s)
+            log.info("round 0 starts with %d peer(s) in the swarm", n)
+        log.info("eval loss at the start: %.4f", self.evaluate())
+        rounds_done = 0
+        while not self.cfg.max_rounds or rounds_done < self.cfg.max_rounds:
+            state = self.one_round(state)
+            rounds_done += 1
+            self.node.keep_spec_alive()
+        log.info("finished %d rounds; the global state is at round %d (digest %s)",
+                 rounds_done, state.round, state.digest()[:12])
+        return 0
+
+    def train_until_trigger(self, r: int, base_samples: int) -> RoundStats:
+        stats = RoundStats()
+        self.model.train()
+        t0 = time.monotonic()
+        step_s = 0.0
+        while not self.node.should_stop(step_s):
+            t = time.monotonic()
+            x, y = self.stream.next_batch()
+            peers = 1 + len(self.node.core.live_peers(r))
+            lr = inner_lr(base_samples + stats.samples * peers, self.spec.inner_lr, self.spec.warmup_samples,
+                          self.spec.total_samples)
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+            _, loss = self.model(x.to(self.device), y.to(self.device))
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.faults.hit("inner_step", r)
+            stats.steps += 1
+            stats.samples += x.shape[0]
+            stats.loss_sum += loss.item()
+            step_s = time.monotonic() - t if stats.steps == 1 else 0.8 * step_s + 0.2 * (time.monotonic() - t)
+            self.node.report_progress(stats.steps, stats.samples, 1.0 / max(step_s, 1e-6))
+        stats.train_s = time.monotonic() - t0
+        return stats
+
+    def weight_of(self, stats: RoundStats) -> float:
+        return {"steps": float(stats.steps), "samples": float(stats.samples), "equal": 1.0}[self.spec.weighting]
+
+    def one_round(self, state: GlobalState) -> GlobalState:
+        r, t0 = state.round, time.monotonic()
+        self.node.begin_round(r)
+        stats = self.train_until_trigger(r, state.global_samples)
+        self.faults.hit("before_average", r)
+        delta = pseudo_gradient(state.theta, flatten_params(self.model))
+        weight = self.weight_of(stats)
+        t_avg = time.monotonic()
+        if stats.steps == 0:
+            outcome = Outcome("excluded", reason="no inner step fit in the round")
+        else:
+            outcome = self.node.average(r, delta.clone(), weight, stats.samples)
+        new_state = self.finish(state, outcome)
+        avg_s = time.monotonic() - t_avg
+        self.dump(r, state, delta, weight, outcome, new_state)
+        new_state = self.adopt(new_state)
+        self.node.publish_digest(new_state.round, new_state.digest())
+        new_state = self.check_digest(new_state, outcome)
+        eval_loss = self.evaluate()
+        self.report(r, stats, weight, outcome, new_state, eval_loss, time.monotonic() - t0, avg_s)
+        self.faults.hit("after_round", r)
+        return new_state
+
+    def finish(self, state: GlobalState, outcome: Outcome) -> GlobalState:
+        r = state.round
+        if outcome.kind == "applied":
+            assert outcome.avg is not None
+            theta, momentum = outer_step(state.theta, state.momentum, outcome.avg, self.spec.outer_lr,
+                                         self.spec.outer_momentum)
+            return GlobalState(theta, momentum, r + 1, state.global_samples + outcome.samples)
+        log.warning("round %d: %s: %s", r, outcome.kind, outcome.reason)
+        if outcome.kind == "aborted" and outcome.reason.startswith("members"):
+            return GlobalState(state.theta, state.momentum, r + 1, state.global_samples)
+        try:  # excluded, or no decision heard: take the swarm's state of the next round
+            return self.node.download_state(r + 1, STATE_TIMEOUT_S)
+        except TimeoutError as e:
+            log.warning("round %d: catching up failed (%s); going on from our own state", r, e)
+            return GlobalState(state.theta, state.momentum, r + 1, state.global_samples)
+
+    def check_digest(self, state: GlobalState, outcome: Outcome) -> GlobalState:
+        """A peer whose digest differs from the majority's reloads the majority's state."""
+        expected = len(outcome.roster.members) if outcome.roster is not None else 1
+        best, count, seen = self.node.majority_digest(state.round, expected, wait_s=3.0)
+        mine = state.digest()
+        if best is None or best == mine or count * 2 <= seen:
+            return state
+        self.divergences += 1
+        log.warning("round %d: our digest %s differs from the majority's %s (%d of %d peers); reloading",
+                    state.round, mine[:12], best[:12], count, seen)
+        try:
+            return self.adopt(self.node.download_state(state.round, STATE_TIMEOUT_S))
+        except TimeoutError as e:
+            log.warning("round %d: reloading failed: %s", state.round, e)
+            return state
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        if not self.eval_set:
+            return float("nan")
+        self.model.eval()
+        losses = [float(self.model(x.to(self.device), y.to(self.device))[1]) for x, y in self.eval_set]
+        self.model.train()
+        return sum(losses) / len(losses)
+
+    # ---- output -------------------------------------------------------------------------
+    def report(self, r: int, stats: RoundStats, weight: float, o: Outcome, state: GlobalState,
+               eval_loss: float, round_s: float, avg_s: float) -> None:
+        group = len(o.roster.members) if o.roster is not None else 0
+        sps = stats.samples / stats.train_s if stats.train_s > 0 else 0.0
+        log.info("round %d: %s, %d peers, loss %.4f, eval %.4f, %.0f samples/s, sent %.2f MB, %.1f s "
+                 "(train %.1f s, %d steps; average %.1f s)%s", r, o.kind, group, stats.loss, eval_loss, sps,
+                 o.bytes_sent / 1e6, round_s, stats.train_s, stats.steps, avg_s,
+                 f"; dropped {', '.join(p[-6:] for p in o.dropped)}" if o.dropped else "")
+        if not self.cfg.metrics_file:
+            return
+        row = {"round": r, "peer_id": self.node.peer_id, "outcome": o.kind, "group_size": group,
+               "weight": weight, "total_weight": o.total_weight, "steps": stats.steps, "samples": stats.samples,
+               "loss": _num(stats.loss), "eval_loss": _num(eval_loss), "samples_per_s": sps,
+               "bytes_sent": o.bytes_sent, "bytes_received": o.bytes_received, "round_seconds": round_s,
+               "average_seconds": avg_s, "digest": state.digest(), "global_samples": state.global_samples,
+               "contributors": o.contributors, "dropped": o.dropped, "divergences": self.divergences,
+               "time": time.time()}
+        with open(self.cfg.metrics_file, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def dump(self, r: int, state: GlobalState, delta: torch.Tensor, weight: float, o: Outcome,
+             new: GlobalState) -> None:
+        """Test-only (DILOCO_TEST_DUMP_DIR): what a test needs to recompute the round."""
+        if not self.dump_dir:
+            return
+        path = os.path.join(self.dump_dir, f"{self.node.peer_id}.r{r}.npz")
+        np.savez(path, theta=state.theta.numpy(), delta=delta.numpy(), weight=np.float64(weight),
+                 new_theta=new.theta.numpy(), applied=np.bool_(o.kind == "applied"),
+                 contributors=np.array(o.contributors, dtype=str))
+
+
+def _num(x: float) -> float | None:
+    return None if math.isnan(x) else x

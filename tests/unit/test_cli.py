@@ -1,0 +1,69 @@
+"""Flag and config-file validation: bad input exits 2 with one line naming flag, value and
+what is allowed, before any network activity."""
+
+import subprocess
+import sys
+
+import pytest
+
+from peer.cli import parse_config
+from peer.config import ConfigError, RunSpec, spec_conflicts
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--codec", "int4"], "--codec: 'int4' is not valid; expected one of fp32, int8"),
+    (["--weighting", "speed"], "--weighting: 'speed' is not valid"),
+    (["--device", "tpu"], "--device: 'tpu' is not valid; expected auto, cpu, cuda or cuda:N"),
+    (["--port", "70000"], "--port: 70000 is not valid"),
+    (["--target-steps", "0"], "--target-steps: 0 is not valid"),
+    (["--outer-momentum", "1.5"], "--outer-momentum: 1.5 is not valid"),
+    (["--initial-peers", "localhost:31337"], "--initial-peers: 'localhost:31337' is not valid; expected a multiaddr"),
+    (["--announce-addr", "nohost"], "--announce-addr: 'nohost' is not valid; expected host:port"),
+    (["--run-id", "a b"], "--run-id: 'a b' is not valid"),
+])
+def test_bad_values_are_named(argv, needle):
+    with pytest.raises(ConfigError, match=".*") as e:
+        parse_config(argv)
+    assert needle in str(e.value)
+
+
+def test_config_file_and_flags(tmp_path):
+    f = tmp_path / "peer.toml"
+    f.write_text('codec = "fp32"\nbatch-size = 4\ninitial_peers = "/ip4/10.0.0.1/tcp/31337/p2p/QmX"\n')
+    cfg, explicit = parse_config(["--config", str(f), "--batch-size", "6"])
+    assert cfg.batch_size == 6 and cfg.spec.codec == "fp32"
+    assert cfg.initial_peers == ("/ip4/10.0.0.1/tcp/31337/p2p/QmX",)
+    assert explicit == {"codec"}
+
+
+def test_config_file_errors(tmp_path):
+    f = tmp_path / "peer.toml"
+    f.write_text("no_such_key = 1\n")
+    with pytest.raises(ConfigError, match="unknown keys"):
+        parse_config(["--config", str(f)])
+    f.write_text("batch_size = 'x'\n")
+    with pytest.raises(ConfigError, match="--batch-size: 'x' is not valid"):
+        parse_config(["--config", str(f)])
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_config(["--config", str(tmp_path / "missing.toml")])
+
+
+def test_spec_conflicts_name_the_runs_value():
+    run = RunSpec(codec="int8", outer_lr=0.7)
+    wanted = RunSpec(codec="fp32", outer_lr=0.7)
+    lines = spec_conflicts(run, wanted, {"codec", "outer_lr"})
+    assert lines == ["--codec 'fp32' conflicts with the run's value 'int8'; drop the flag to adopt the run's value"]
+    assert RunSpec().hash() != RunSpec(codec="fp32").hash()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("argv, needle", [
+    (["--batch-size", "0"], "--batch-size: 0 is not valid"),
+    (["--batch-size", "x"], "argument --batch-size: invalid int value: 'x'"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+])
+def test_peer_command_exits_2(argv, needle):
+    p = subprocess.run([sys.executable, "-m", "peer.cli", *argv], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], p.stderr
