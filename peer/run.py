@@ -65,6 +65,9 @@ def run(cfg: PeerConfig, explicit: set[str]) -> int:
     except Interrupted as e:
         log.info("%s received: leaving the swarm", e)
         return EXIT_OK
+    except RuntimeError as e:
+        log.error("%s", e)
+        return EXIT_CRASH
     except Exception:
         log.exception("peer crashed")
         return EXIT_CRASH

@@ -75,7 +75,10 @@ class Trainer:
             log.info("created the initial state (digest %s)", state.digest()[:12])
         else:
             log.info("downloading the global state from the swarm")
-            state = self.node.download_state(0, STATE_TIMEOUT_S)
+            try:
+                state = self.node.download_state(0, STATE_TIMEOUT_S)
+            except TimeoutError as e:
+                raise RuntimeError(f"could not get the run's state from any live peer: {e}") from None
         return state
 
     def adopt(self, state: GlobalState) -> GlobalState:

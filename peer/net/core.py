@@ -26,7 +26,7 @@ from peer.net.server import Reject
 from peer.net.state_sync import StateSnapshot
 
 log = logging.getLogger(__name__)
-REFRESH_S = 1.0
+REFRESH_S = 0.5
 
 
 @dataclass
@@ -94,6 +94,8 @@ class NetCore:
         self.view = {p: r for p, r in view.items() if p != self.peer_id and r.spec == self.spec_hash}
         mine = [r for r in self.view.values() if r.fresh() and r.round == self.round]
         self.others = (time.monotonic(), sum(r.steps_now() for r in mine), sum(r.rate for r in mine))
+        log.debug("view: %d peers, %d in round %d with %.0f steps at %.1f steps/s", len(self.view), len(mine),
+                  self.round, self.others[1], self.others[2])
 
     async def refresh_forever(self) -> None:
         while True:
@@ -147,9 +149,11 @@ class NetCore:
     async def handle_join(self, req: pb.JoinRequest) -> pb.JoinReply:
         self.check_run(req.run_id, req.spec_hash)
         r = req.round
-        if r < self.round - 1 or r > self.round + 1:
-            status = pb.JoinReply.CLOSED if r < self.round else pb.JoinReply.WRONG_ROUND
-            return pb.JoinReply(status=status, current_round=self.round)
+        if r < self.round:  # we finished round r already: it closed
+            return pb.JoinReply(status=pb.JoinReply.CLOSED, current_round=self.round,
+                                reason=f"this peer is at round {self.round} already")
+        if r > self.round + 1:
+            return pb.JoinReply(status=pb.JoinReply.WRONG_ROUND, current_round=self.round)
         best = self.candidates(r, set(req.skip))
         if best and best[0][0] != self.peer_id:
             return pb.JoinReply(status=pb.JoinReply.REDIRECT, redirect_peer_id=best[0][0],

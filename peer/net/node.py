@@ -58,8 +58,9 @@ class Node:
 
     def stop(self, grace_s: float = 3.0) -> None:
         async def _stop() -> None:
-            self.core.training = False
-            self.core.round = -1
+            self.core.training, self.core.snapshot, self.core.address = False, None, ""
+            if self.core.spec is not None:  # tell the others we are gone: no leader, no donor
+                await asyncio.wait_for(self.core.publish(), 2.0)
             if self._server is not None:
                 await self._server.stop(grace_s)
             await self.core.channels.close()

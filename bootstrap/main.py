@@ -1,0 +1,120 @@
+"""The `bootstrap` console script: a long-lived DHT node with a stable address that new peers join through.
+Holds no model and no authority; prints its join addresses on stdout and logs how many peers it sees."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from concurrent.futures import TimeoutError as FutureTimeoutError
+
+from peer.dht import DHTStartError, count_dht_peers, create_dht, join_addresses, parse_maddr
+from peer.logs import setup_logging
+
+logger = logging.getLogger(__name__)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit status 2 (configuration)
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _maddr_type(**requirements: bool):
+    def parse(value: str) -> str:
+        try:
+            return str(parse_maddr(value, **requirements))
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive number of seconds")
+    return number
+
+
+def _identity_path(value: str) -> str:
+    if not os.path.isdir(os.path.dirname(os.path.abspath(value))):
+        raise argparse.ArgumentTypeError(f"{value!r}: its directory does not exist (the key file is created there)")
+    return value
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = _Parser(prog="bootstrap", description=__doc__.splitlines()[0])
+    parser.add_argument("--host-maddrs", nargs="+", type=_maddr_type(), default=["/ip4/0.0.0.0/tcp/31337"],
+                        help="multiaddrs to listen on (default: /ip4/0.0.0.0/tcp/31337)")
+    parser.add_argument("--announce-maddrs", nargs="+", type=_maddr_type(need_port=True), default=None,
+                        help="the public multiaddrs to announce, e.g. /ip4/203.0.113.1/tcp/31337 behind NAT")
+    parser.add_argument("--identity-path", type=_identity_path, default=None,
+                        help="private key file (created if missing): the same peer id after a restart")
+    parser.add_argument("--initial-peers", nargs="*", type=_maddr_type(need_peer_id=True), default=[],
+                        help="full multiaddrs (.../p2p/<id>) of other bootstrap nodes to join")
+    parser.add_argument("--refresh-period-s", type=_positive_float, default=5.0,
+                        help="seconds between two log lines with the number of peers seen (default: 5)")
+    parser.add_argument("--startup-timeout-s", type=_positive_float, default=30.0,
+                        help="give up joining the initial peers after this many seconds (default: 30)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser.parse_args(argv)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    dht = create_dht(initial_peers=args.initial_peers, host_maddrs=args.host_maddrs,
+                     announce_maddrs=args.announce_maddrs, identity_path=args.identity_path,
+                     startup_timeout_s=args.startup_timeout_s, record_validators=())
+    stop = threading.Event()
+
+    def on_signal(signal_number: int, _frame: object) -> None:
+        logger.info("caught %s, shutting down", signal.Signals(signal_number).name)
+        stop.set()
+
+    # installed after the DHT process is forked, so that it keeps the default handlers
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        for address in join_addresses(dht):
+            print(f"Join through: {address}", flush=True)
+        while not stop.is_set():
+            try:
+                num_peers = count_dht_peers(dht, timeout_s=min(args.refresh_period_s, 5.0), refresh=True)
+                logger.info("%d other DHT peers in the routing table", num_peers)
+            except FutureTimeoutError:
+                logger.warning("the DHT process did not report its peer count within the refresh period")
+            stop.wait(args.refresh_period_s)
+    finally:
+        dht.shutdown()
+        logger.info("DHT node shut down")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the bootstrap node until SIGINT/SIGTERM. Exit status: 0 stopped, 1 crashed, 2 bad flag."""
+    args = _parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        return _serve(args)
+    except ValueError as e:  # flags that parse but do not fit together, e.g. a missing identity directory
+        logger.error("configuration error: %s", e)
+        return 2
+    except DHTStartError as e:
+        logger.error("%s", e)
+        return 1
+    except KeyboardInterrupt:  # SIGINT before the handlers were installed, i.e. during startup
+        logger.info("interrupted during startup")
+        return 0
+    except Exception:
+        logger.exception("bootstrap crashed")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

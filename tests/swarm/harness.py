@@ -1,0 +1,85 @@
+"""A local swarm of real processes for tests: a bootstrap node and peers on 127.0.0.1, each
+with its own log and metrics file; helpers to wait on rounds and read what the peers wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+from tests.procs import descendants, log_tail, python_module, start_proc, stop, wait_for_line
+
+LOCAL = ["--dht-host-maddrs", "/ip4/127.0.0.1/tcp/0", "--host", "127.0.0.1", "--threads", "1"]
+
+
+class Swarm:
+    def __init__(self, root: Path, run_args: list[str]):
+        self.root, self.run_args = root, run_args
+        self.procs: dict = {}
+        self.bootstrap_addr = ""
+
+    def start_bootstrap(self) -> str:
+        proc = start_proc(python_module("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
+                                        "--identity-path", str(self.root / "bootstrap.key")),
+                          None, self.root / "bootstrap.log")
+        self.procs["bootstrap"] = proc
+        self.bootstrap_addr = wait_for_line(proc, r"^Join through: (\S+)", 60).group(1)
+        return self.bootstrap_addr
+
+    def start_peer(self, name: str, extra: list[str] = (), env: dict | None = None, join: bool = True):
+        args = [*LOCAL, *self.run_args, "--metrics-file", str(self.metrics_path(name)), *extra]
+        if join:
+            args += ["--initial-peers", self.bootstrap_addr]
+        proc = start_proc(python_module("peer.cli", *args), {"OMP_NUM_THREADS": "1", **(env or {})},
+                          self.root / f"{name}.log")
+        self.procs[name] = proc
+        return proc
+
+    def metrics_path(self, name: str) -> Path:
+        return self.root / f"{name}.metrics.jsonl"
+
+    def metrics(self, name: str) -> list[dict]:
+        path = self.metrics_path(name)
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def by_round(self, name: str) -> dict[int, dict]:
+        return {row["round"]: row for row in self.metrics(name)}
+
+    def wait_rounds(self, name: str, count: int, timeout_s: float) -> list[dict]:
+        """Waits until `name` has reported `count` rounds; fails with its log on timeout or exit."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            rows = self.metrics(name)
+            if len(rows) >= count:
+                return rows
+            proc = self.procs[name]
+            if proc.poll() is not None or time.monotonic() > deadline:
+                state = f"exited {proc.returncode}" if proc.poll() is not None else f"timed out after {timeout_s} s"
+                raise AssertionError(f"{name} reported {len(rows)} of {count} rounds ({state}):\n"
+                                     f"{log_tail(proc.log_path, 60)}")
+            time.sleep(0.1)
+
+    def wait_exit(self, name: str, timeout_s: float) -> int:
+        return self.procs[name].wait(timeout=timeout_s)
+
+    def log(self, name: str) -> str:
+        return Path(self.procs[name].log_path).read_text(errors="replace")
+
+    def children(self, name: str):
+        return descendants(self.procs[name].pid)
+
+    def kill(self, name: str) -> None:
+        os.kill(self.procs[name].pid, signal.SIGKILL)
+        self.procs[name].wait(timeout=10)
+
+    def stop_all(self) -> None:
+        for proc in reversed(list(self.procs.values())):
+            if proc.poll() is None:
+                try:
+                    stop(proc, signal.SIGTERM, 15)
+                except AssertionError:
+                    pass

@@ -1,0 +1,73 @@
+"""A bootstrap node and 3 peers train with the int8 codec; one peer is killed (SIGKILL)
+between rounds, the survivors go on; a peer with a conflicting run-spec flag is refused; the
+survivors leave cleanly on SIGTERM/SIGINT. No process of a dead peer may keep a port."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.procs import assert_no_orphans, listening_ports, stop
+from tests.swarm.harness import LOCAL, Swarm
+
+RUN = ["--model", "tiny", "--codec", "int8", "--target-steps", "150", "--max-round-seconds", "30",
+       "--min-peers", "3", "--batch-size", "4", "--eval-batches", "2", "--join-window-s", "4",
+       "--run-id", "int8-run"]
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    s = Swarm(tmp_path_factory.mktemp("int8"), RUN)
+    try:
+        s.start_bootstrap()
+        for name in ("a", "b", "victim"):
+            s.start_peer(name)
+        s.wait_rounds("victim", 2, 120)
+        yield s
+    finally:
+        s.stop_all()
+
+
+def test_conflicting_spec_flag_exits_2(swarm):
+    p = subprocess.run([sys.executable, "-m", "peer.cli", *LOCAL, "--run-id", "int8-run", "--codec", "fp32",
+                        "--model", "tiny", "--initial-peers", swarm.bootstrap_addr],
+                       capture_output=True, text=True, timeout=90)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "--codec 'fp32' conflicts with the run's value 'int8'" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_killed_peer_does_not_stop_the_others(swarm):
+    children = swarm.children("victim")
+    ports = listening_ports(children + [swarm.procs["victim"].pid])
+    assert ports, "the victim's DHT child and p2pd should have been listening"
+    killed_after = len(swarm.metrics("victim"))
+    swarm.kill("victim")
+    assert_no_orphans(children, 10)
+    still = listening_ports() & ports
+    assert not still, f"ports of the killed peer still listening: {still}"
+    done = {n: len(swarm.metrics(n)) for n in ("a", "b")}
+    for n in ("a", "b"):
+        swarm.wait_rounds(n, done[n] + 2, 120)
+    a, b = swarm.by_round("a"), swarm.by_round("b")
+    last = max(set(a) & set(b))
+    assert a[last]["digest"] == b[last]["digest"]
+    assert a[last]["group_size"] == 2 and a[last]["outcome"] == "applied"
+    # the round right after the kill finished within the deadline on both survivors
+    first_after = killed_after
+    for rows in (a, b):
+        assert rows[first_after]["outcome"] in ("applied", "aborted")
+        assert rows[first_after]["round_seconds"] < 60
+    assert a[last]["bytes_sent"] < 0.6 * 4 * 120_576, "int8 should send about a quarter of fp32's bytes"
+
+
+@pytest.mark.parametrize("name, sig", [("a", signal.SIGTERM), ("b", signal.SIGINT)])
+def test_signal_leaves_cleanly(swarm, name, sig):
+    children = swarm.children(name)
+    assert stop(swarm.procs[name], sig, 15) == 0
+    assert_no_orphans(children, 10)
+    assert "Traceback" not in swarm.log(name)
