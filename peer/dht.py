@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import ctypes
+import errno
 import ipaddress
 import logging
 import os
@@ -54,10 +55,8 @@ def _spawn_dying_with_parent(original, *args, **kwargs):
 
 class ChildSafeDHT(hivemind.DHT):
     """hivemind.DHT whose forked process, and the p2pd it spawns, are SIGKILLed when their parent dies.
-
-    PR_SET_PDEATHSIG fires when the *thread* that forked exits, so create this DHT from the main
-    thread (hivemind's DHT process runs its event loop, which spawns p2pd, in its own main thread).
-    """
+    PR_SET_PDEATHSIG fires when the *thread* that forked exits: create it from the main thread (the DHT
+    process runs its event loop, which spawns p2pd, in its own main thread)."""
 
     def run(self) -> None:  # runs in the forked DHT process
         _die_with_parent(self._parent_pid)  # hivemind records the creator's pid in __init__
@@ -105,6 +104,21 @@ def _probe(maddr: str, timeout_s: float) -> str:
         return f"{e.strerror or e} connecting to {ip}:{port}"
 
 
+def _check_port_free(maddr: str) -> None:
+    """libp2p listens with SO_REUSEPORT, so a second node on a busy port would share it silently."""
+    parsed = Multiaddr(maddr)
+    proto = next((p for p in ("ip4", "ip6") if p in parsed), None)
+    if proto is None or "tcp" not in parsed or parsed["tcp"] == "0":
+        return
+    with socket.socket(socket.AF_INET if proto == "ip4" else socket.AF_INET6) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine, a listener is not
+        try:
+            sock.bind((parsed[proto], int(parsed["tcp"])))
+        except OSError as e:
+            hint = " (another process listens on this port)" if e.errno == errno.EADDRINUSE else ""
+            raise DHTStartError(f"cannot listen on {maddr}: {e.strerror}{hint}") from None
+
+
 def _start_once(timeout_s: float, **dht_kwargs) -> ChildSafeDHT:
     """One attempt; on failure the DHT process is gone (p2pd follows it) and hivemind's error is raised."""
     dht = ChildSafeDHT(start=False, startup_timeout=max(timeout_s, 1.0), **dht_kwargs)
@@ -143,6 +157,8 @@ def create_dht(
     announce = [str(parse_maddr(m, need_port=True)) for m in announce_maddrs] if announce_maddrs else None
     if identity_path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(identity_path))):
         raise ValueError(f"identity path {identity_path!r}: its directory does not exist")
+    for host in hosts:
+        _check_port_free(host)
     kwargs = dict(initial_peers=peers, host_maddrs=hosts, announce_maddrs=announce, identity_path=identity_path,
                   client_mode=client_mode, record_validators=list(record_validators))
     deadline = time.monotonic() + startup_timeout_s
@@ -190,10 +206,8 @@ async def _visible_maddrs(_dht: hivemind.DHT, node: hivemind.DHTNode) -> list[Mu
 
 
 def join_addresses(dht: hivemind.DHT, timeout_s: float = 10.0) -> list[str]:
-    """Full multiaddrs (/ip4/../tcp/../p2p/<id>) others can join through, best first.
-
-    Loopback addresses are left out unless they are all we have (a node bound to 127.0.0.1 only).
-    """
+    """Full multiaddrs (/ip4/../tcp/../p2p/<id>) others can join through, public first; loopback ones
+    only when they are all we have (a node bound to 127.0.0.1). TimeoutError after timeout_s."""
     ranked = sorted({str(m) for m in _call(dht, _visible_maddrs, timeout_s)}, key=_address_rank)
     routable = [m for m in ranked if _address_rank(m)[0] < 2]
     return routable or ranked
@@ -206,8 +220,6 @@ async def _routing_table_size(_dht: hivemind.DHT, node: hivemind.DHTNode, refres
 
 
 def count_dht_peers(dht: hivemind.DHT, timeout_s: float, refresh: bool = False) -> int:
-    """Number of other peers in the local node's routing table; concurrent.futures.TimeoutError after timeout_s.
-
-    With refresh, first look up a random key (as hivemind's run_dht does) so that dead peers drop out.
-    """
+    """Number of other peers in the local routing table; concurrent.futures.TimeoutError after timeout_s.
+    With refresh, first look up a random key (as hivemind's run_dht does) so that dead peers drop out."""
     return _call(dht, partial(_routing_table_size, refresh=refresh), timeout_s)

@@ -89,7 +89,6 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------
     def run(self) -> int:
         state = self.adopt(self.initial_state())
-        self.node.keep_spec_alive()
         if state.round == 0:
             n = self.node.wait_for_peers(self.spec.min_peers, self.cfg.min_peers_timeout_s)
             log.info("round 0 starts with %d peer(s) in the swarm", n)
@@ -98,7 +97,6 @@ class Trainer:
         while not self.cfg.max_rounds or rounds_done < self.cfg.max_rounds:
             state = self.one_round(state)
             rounds_done += 1
-            self.node.keep_spec_alive()
         log.info("finished %d rounds; the global state is at round %d (digest %s)",
                  rounds_done, state.round, state.digest()[:12])
         return 0

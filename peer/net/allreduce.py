@@ -86,6 +86,7 @@ class OwnedShard:
     result: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     all_in: asyncio.Event = field(default_factory=asyncio.Event)
     pending_residual: tuple | None = None   # (key, target, decoded): applied if the round commits
+    task: asyncio.Future | None = None      # the reduction, referenced so it cannot be collected
 
     @property
     def bounds(self) -> tuple[int, int]:

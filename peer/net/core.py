@@ -27,6 +27,7 @@ from peer.net.state_sync import StateSnapshot
 
 log = logging.getLogger(__name__)
 REFRESH_S = 0.5
+SPEC_REFRESH_S = 10.0   # every peer re-publishes the run spec, so it outlives the peer that started it
 
 
 @dataclass
@@ -76,6 +77,8 @@ class NetCore:
         self.snapshot: StateSnapshot | None = None
         self.ef, self.owner_ef = ErrorFeedback(), ErrorFeedback()
         self.last_refresh_error = ""
+        self.spec_record: dict | None = None  # the adopted spec proposal, re-published by every peer
+        self.spec_published_at = 0.0
 
     # ---- progress, view and trigger -------------------------------------------------------
     def record(self) -> swarm.PeerRecord:
@@ -90,6 +93,9 @@ class NetCore:
     async def refresh(self) -> None:
         if self.spec is not None:
             await self.publish()
+        if self.spec_record is not None and time.monotonic() - self.spec_published_at > SPEC_REFRESH_S:
+            await swarm.store(self.dht, swarm.spec_key(self.run_id), self.peer_id, self.spec_record, 5.0)
+            self.spec_published_at = time.monotonic()
         view = await swarm.read_peers(self.dht, self.run_id, 5.0)
         self.view = {p: r for p, r in view.items() if p != self.peer_id and r.spec == self.spec_hash}
         mine = [r for r in self.view.values() if r.fresh() and r.round == self.round]
@@ -108,6 +114,10 @@ class NetCore:
                 self.last_refresh_error = str(e)
             self.gc_rounds()
             await asyncio.sleep(REFRESH_S)
+
+    def swarm_round(self) -> int:
+        """The highest round a live peer trains for (-1 when none is known)."""
+        return max((r.round for r in self.live_peers() if r.addr or r.client), default=-1)
 
     def live_peers(self, round_: int | None = None) -> list[swarm.PeerRecord]:
         return [r for r in self.view.values() if r.fresh() and (round_ is None or r.round == round_)]
@@ -181,6 +191,10 @@ class NetCore:
         skip: set[str] = set()
         redirect: tuple[str, str] | None = None
         while not deadline.expired():
+            ahead = self.swarm_round()
+            if ahead > r:  # a peer finished round r already: joining now would split the swarm
+                log.info("round %d: the swarm is at round %d already; catching up", r, ahead)
+                return None
             cands = self.candidates(r, skip)
             target = redirect or (cands[0] if cands else None)
             redirect = None
@@ -221,7 +235,7 @@ class NetCore:
             if owner == self.peer_id and j not in ctx.owned:
                 shard = ar.OwnedShard(roster, j, codec)
                 ctx.owned[j] = shard
-                asyncio.ensure_future(shard.reduce_at(transfer_s, self.owner_ef))
+                shard.task = asyncio.ensure_future(shard.reduce_at(transfer_s, self.owner_ef))
 
     async def roster_of(self, round_: int, roster_hash: str) -> tuple[RoundCtx, pb.Roster]:
         ctx = self.ctx(round_)

@@ -97,7 +97,7 @@ class Node:
         if not valid:
             raise RuntimeError(f"the run {self.cfg.run_id} has only malformed spec records in the DHT")
         winner = min(valid, key=lambda v: (v["created"], v["origin"]))
-        self._spec_record = winner
+        self._spec_record = self.core.spec_record = winner
         spec = RunSpec.from_record(winner["spec"])
         if winner["origin"] == self.peer_id:
             log.info("started run %s with spec %s", self.cfg.run_id, spec.hash())
@@ -107,11 +107,6 @@ class Node:
 
     def is_genesis(self) -> bool:
         return self._spec_record["origin"] == self.peer_id
-
-    def keep_spec_alive(self) -> None:
-        """Every peer re-publishes the adopted spec, so the run outlives the peer that started it."""
-        key = swarm.spec_key(self.cfg.run_id)
-        self.net.submit(swarm.store(self.dht, key, self.peer_id, self._spec_record, 5.0))
 
     # ---- state --------------------------------------------------------------------------
     def set_numel(self, numel: int) -> None:
@@ -169,6 +164,8 @@ class Node:
         """True when the next inner step could not finish before the swarm closes the round."""
         spec, c = self.core.spec, self.core
         assert spec is not None
+        if c.swarm_round() > c.round:  # the swarm closed this round without us: stop and catch up
+            return True
         if time.monotonic() - self.round_started + step_s > spec.max_round_seconds:
             return True
         when, their_steps, their_rate = c.others

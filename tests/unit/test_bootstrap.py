@@ -98,6 +98,17 @@ def test_kill_9_leaves_no_orphan_holding_a_port(bootstrap):
 
 
 @pytest.mark.timeout(60)
+def test_second_node_on_a_busy_port_exits_1(bootstrap):
+    proc, _, _ = bootstrap()
+    port = wait_for_line(proc, JOIN_LINE, timeout_s=1).group(2)
+    args = ["--host-maddrs", f"/ip4/127.0.0.1/tcp/{port}"]
+    result = subprocess.run(python_module("bootstrap", *args), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1, result.stderr + result.stdout
+    assert f"/ip4/127.0.0.1/tcp/{port}" in result.stderr and "in use" in result.stderr, result.stderr
+    assert proc.poll() is None
+
+
+@pytest.mark.timeout(60)
 def test_bad_flag_exits_2_naming_the_flag():
     result = subprocess.run(python_module("bootstrap", "--host-maddrs", "nonsense"),
                             capture_output=True, text=True, timeout=30)
