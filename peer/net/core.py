@@ -27,6 +27,7 @@ from peer.net.state_sync import StateSnapshot
 
 log = logging.getLogger(__name__)
 REFRESH_S = 0.5
+PROBE_TIMEOUT_S = 2.0   # a leader that does not answer Health within this is passed over
 SPEC_REFRESH_S = 10.0   # every peer re-publishes the run spec, so it outlives the peer that started it
 
 
@@ -206,7 +207,8 @@ class NetCore:
             try:
                 if target[0] == self.peer_id:
                     reply = await self.handle_join(req)
-                else:
+                else:  # a short probe first: a stopped leader costs seconds, not the join window
+                    await self.channels.stub(target[1]).Health(pb.HealthRequest(), timeout=PROBE_TIMEOUT_S)
                     reply = await self.channels.stub(target[1]).Join(
                         req, timeout=min(deadline.left(0.1), self.cfg.join_window_s + 15))
             except grpc.aio.AioRpcError as e:

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.procs import assert_no_orphans, listening_ports, stop
+from tests.procs import assert_no_orphans, listening_ports, stop, wait_for_line
 from tests.swarm.harness import LOCAL, Swarm
 
 RUN = ["--model", "tiny", "--codec", "int8", "--target-steps", "150", "--max-round-seconds", "30",
@@ -65,7 +65,22 @@ def test_killed_peer_does_not_stop_the_others(swarm):
     assert a[last]["bytes_sent"] < 0.6 * 4 * 120_576, "int8 should send about a quarter of fp32's bytes"
 
 
-@pytest.mark.parametrize("name, sig", [("a", signal.SIGTERM), ("b", signal.SIGINT)])
+def test_swarm_outlives_the_bootstrap_node(swarm):
+    """With the bootstrap node gone, the survivors keep training and a new peer joins
+    through a running peer's printed address."""
+    assert stop(swarm.procs["bootstrap"], signal.SIGTERM, 15) == 0
+    done = len(swarm.metrics("a"))
+    swarm.wait_rounds("a", done + 1, 120)
+    entry = wait_for_line(swarm.procs["a"], r"^Join through: (\S+)", 5).group(1)
+    swarm.start_peer("newcomer", ["--initial-peers", entry], join=False)
+    rows = swarm.wait_rounds("newcomer", 2, 180)
+    assert "downloaded the state of round" in swarm.log("newcomer")
+    last = rows[-1]
+    assert last["outcome"] == "applied" and last["group_size"] == 3
+    assert swarm.by_round("a")[last["round"]]["digest"] == last["digest"]
+
+
+@pytest.mark.parametrize("name, sig", [("a", signal.SIGTERM), ("b", signal.SIGINT), ("newcomer", signal.SIGTERM)])
 def test_signal_leaves_cleanly(swarm, name, sig):
     children = swarm.children(name)
     assert stop(swarm.procs[name], sig, 15) == 0
