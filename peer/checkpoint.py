@@ -118,7 +118,8 @@ def checkpoint_path(directory: str | Path, round: int) -> Path:
 
 def save_round(directory: str | Path, ckpt: Checkpoint, keep: int = 3) -> Path:
     """Save ckpt as directory/round-N.ckpt; delete stray temp files and this run's valid checkpoints beyond
-    the newest keep (the one just written always stays). Other runs' files and damaged files stay."""
+    the newest keep (the one just written always stays). Other runs' files and damaged files stay, but a
+    file of the same round is replaced whatever its run: give each run its own directory."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     Path(directory).mkdir(parents=True, exist_ok=True)
@@ -172,6 +173,7 @@ def _encode(obj: Any, name: str, found: list[tuple[str, torch.Tensor]]) -> Any:
     """obj as exactly restorable JSON: a tensor becomes {"tensor": name} (appended to found); tuples,
     dicts (keys of any scalar or tuple type) and non-finite floats are tagged."""
     if isinstance(obj, torch.Tensor):
+        name += f"#{len(found)}" if any(name == seen for seen, _ in found) else ""  # names are unique
         found.append((name, obj))
         return {"tensor": name}
     if obj is None or isinstance(obj, (bool, int, str)):
@@ -181,8 +183,11 @@ def _encode(obj: Any, name: str, found: list[tuple[str, torch.Tensor]]) -> Any:
     if isinstance(obj, (list, tuple)):
         items = [_encode(v, f"{name}/{i}", found) for i, v in enumerate(obj)]
         return items if isinstance(obj, list) else {"tuple": items}
-    if isinstance(obj, dict) and not any(isinstance(k, torch.Tensor) for k in obj):
-        return {"dict": [[_encode(k, name, []), _encode(v, f"{name}/{k!r}", found)] for k, v in obj.items()]}
+    if isinstance(obj, dict):
+        tensor_keys: list[tuple[str, torch.Tensor]] = []
+        pairs = [[_encode(k, name, tensor_keys), _encode(v, f"{name}/{k!r}", found)] for k, v in obj.items()]
+        if not tensor_keys:
+            return {"dict": pairs}
     raise TypeError(f"{name}: cannot checkpoint a {type(obj).__name__} (or a dict with tensor keys)")
 
 
@@ -214,7 +219,7 @@ def _parse(path: Path, buf: bytearray) -> Checkpoint:
         raise fail(f"not a version {VERSION} checkpoint: starts {bytes(magic)!r} version {version}")
     data_start = _PREAMBLE.size + header_len
     if header_len > MAX_HEADER_BYTES or len(buf) < data_start + _DIGEST_BYTES:
-        raise fail(f"truncated or corrupt: {len(buf)} bytes, but its header claims {header_len}")
+        raise fail(f"truncated or corrupt: {len(buf)} bytes, but it claims a {header_len}-byte header")
     try:
         header = json.loads(buf[_PREAMBLE.size : data_start])
         data_bytes = header["data_bytes"]
@@ -222,9 +227,11 @@ def _parse(path: Path, buf: bytearray) -> Checkpoint:
             raise ValueError(f"data_bytes is {data_bytes!r}")
     except (ValueError, TypeError, KeyError) as e:
         raise fail(f"header is not checkpoint JSON ({type(e).__name__}: {str(e)[:200]}); corrupted") from e
-    if len(buf) != data_start + data_bytes + _DIGEST_BYTES:
-        what = "truncated" if len(buf) < data_start + data_bytes + _DIGEST_BYTES else "too long"
-        raise fail(f"{what}: {len(buf)} of {data_start + data_bytes + _DIGEST_BYTES} bytes; a crash cut it off?")
+    expected = data_start + data_bytes + _DIGEST_BYTES
+    if len(buf) < expected:
+        raise fail(f"truncated: {len(buf)} of {expected} bytes (a crash cut it off?)")
+    if len(buf) > expected:
+        raise fail(f"{len(buf) - expected} bytes too long: {len(buf)}, its header says {expected}; corrupted")
     stored, actual = bytes(buf[-_DIGEST_BYTES:]), hashlib.sha256(memoryview(buf)[:-_DIGEST_BYTES]).digest()
     if stored != actual:
         raise fail(f"sha256 mismatch: stored {stored.hex()[:16]}.., content {actual.hex()[:16]}..; corrupted")

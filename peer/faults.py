@@ -11,7 +11,8 @@ import time
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
-POINTS = ("inner_step", "before_average", "after_round")
+POINTS = ("inner_step", "before_average", "after_round",   # trainer thread
+          "after_join", "after_send", "serving_shard", "leader_commit", "serving_state")  # network loop: kill only
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from peer.tasks import BatchStream, ByteCorpus, build_model, eval_batches, inner
 
 log = logging.getLogger(__name__)
 STATE_TIMEOUT_S = 120.0
+UNDECIDED_WAIT_S = 8.0
 
 
 def pick_device(name: str) -> torch.device:
@@ -161,10 +162,13 @@ class Trainer:
                                          self.spec.outer_momentum)
             return GlobalState(theta, momentum, r + 1, state.global_samples + outcome.samples)
         log.warning("round %d: %s: %s", r, outcome.kind, outcome.reason)
-        if outcome.kind == "aborted" and outcome.reason.startswith("members"):
+        if outcome.kind == "aborted" and outcome.decided:
             return GlobalState(state.theta, state.momentum, r + 1, state.global_samples)
-        try:  # excluded, or no decision heard: take the swarm's state of the next round
-            return self.node.download_state(r + 1, STATE_TIMEOUT_S)
+        # excluded: the others finish the round, take their state; no decision heard (the
+        # leader died): nobody applied unless a peer publishes round r+1 within a few seconds
+        wait_s = STATE_TIMEOUT_S if outcome.kind == "excluded" else UNDECIDED_WAIT_S
+        try:
+            return self.node.download_state(r + 1, wait_s)
         except TimeoutError as e:
             log.warning("round %d: catching up failed (%s); going on from our own state", r, e)
             return GlobalState(state.theta, state.momentum, r + 1, state.global_samples)

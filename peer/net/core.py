@@ -17,6 +17,7 @@ from hivemind.utils import get_dht_time
 from peer._proto import peer_pb2 as pb
 from peer.codecs import ErrorFeedback, get_codec
 from peer.config import PeerConfig, RunSpec
+from peer.faults import FaultPlan
 from peer.net import allreduce as ar
 from peer.net import swarm
 from peer.net.client import Channels, describe_rpc_error
@@ -49,6 +50,7 @@ class Outcome:
 
     kind: str
     reason: str = ""
+    decided: bool = False   # the leader's decision was heard (an abort by everyone)
     avg: torch.Tensor | None = None
     roster: pb.Roster | None = None
     contributors: list[str] = field(default_factory=list)   # contributed to every shard
@@ -78,6 +80,7 @@ class NetCore:
         self.snapshot: StateSnapshot | None = None
         self.ef, self.owner_ef = ErrorFeedback(), ErrorFeedback()
         self.last_refresh_error = ""
+        self.faults = FaultPlan.from_env()
         self.spec_record: dict | None = None  # the adopted spec proposal, re-published by every peer
         self.spec_published_at = 0.0
 
@@ -279,6 +282,7 @@ class NetCore:
             raise Reject(grpc.StatusCode.DEADLINE_EXCEEDED, f"round {req.round}: shard {req.shard} not ready") from None
         except RuntimeError as e:
             raise Reject(grpc.StatusCode.ABORTED, f"round {req.round}: {e}") from None
+        self.faults.hit("serving_shard", req.round)
         ctx.bytes_sent += len(payload)
         return ar.chunks(header, payload)
 
@@ -290,6 +294,7 @@ class NetCore:
         if group.roster.result().hash != req.roster_hash:
             raise Reject(grpc.StatusCode.FAILED_PRECONDITION, f"round {req.round}: unknown roster")
         group.add_report(req)
+        self.faults.hit("leader_commit", req.round)
         deadline = Deadline(self.transfer_timeout_s() + 10)
         while not group.maybe_decide(self.transfer_timeout_s()):
             if deadline.expired():
@@ -304,6 +309,7 @@ class NetCore:
             raise Reject(grpc.StatusCode.FAILED_PRECONDITION, f"state of round {req.min_round} wanted, have {have}")
         if not 0 <= req.offset <= len(snap.payload):
             raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"offset {req.offset} is outside the state")
+        self.faults.hit("serving_state", snap.header.round)
         return snap
 
     def health(self) -> pb.HealthReply:

@@ -36,19 +36,21 @@ async def run_round(core: NetCore, r: int, delta: torch.Tensor, weight: float, s
     if not ctx.roster.done():
         ctx.roster.set_result(roster)
     core.own_shards(ctx, roster, core.transfer_timeout_s())
+    core.faults.hit("after_join", r)
     codec = get_codec(roster.codec)
     loop = asyncio.get_running_loop()
     encoded = await loop.run_in_executor(None, ar.encode_shards, delta, roster, codec, core.ef)
     await asyncio.gather(*(send_shard(core, ctx, roster, j, payload, deadline)
                            for j, (payload, _) in enumerate(encoded)))
+    core.faults.hit("after_send", r)
     results = await asyncio.gather(*(fetch_shard(core, ctx, roster, j, deadline)
                                      for j in range(len(roster.owners))), return_exceptions=True)
     failures = [f"shard {j}: {res}" for j, res in enumerate(results) if isinstance(res, BaseException)]
     shards = [res for res in results if isinstance(res, ar.ShardResult)]
     report = pb.CommitRequest(round=r, roster_hash=roster.hash, peer_id=core.peer_id, ok=not failures,
                               shard_sha256=[s.header.sha256 for s in shards], reason="; ".join(failures))
-    decision = await commit(core, roster, report, deadline)
-    out = Outcome("aborted", reason=decision.reason, roster=roster,
+    decision, decided = await commit(core, roster, report, deadline)
+    out = Outcome("aborted", reason=decision.reason, decided=decided, roster=roster,
                   bytes_sent=ctx.bytes_sent, bytes_received=ctx.bytes_received)
     if not decision.apply:
         return out
@@ -116,15 +118,17 @@ async def fetch_shard(core: NetCore, ctx, roster: pb.Roster, j: int, deadline: D
     return ar.ShardResult(header, payload, values)
 
 
-async def commit(core: NetCore, roster: pb.Roster, report: pb.CommitRequest, deadline: Deadline) -> pb.CommitReply:
-    """Reports to the leader and returns its decision; no decision in time means abort."""
+async def commit(core: NetCore, roster: pb.Roster, report: pb.CommitRequest, deadline: Deadline
+                 ) -> tuple[pb.CommitReply, bool]:
+    """Reports to the leader; returns its decision and whether one was heard at all (no
+    decision in time means this peer does not apply)."""
     try:
         if roster.leader == core.peer_id:
-            return await asyncio.wait_for(core.handle_commit(report), deadline.left(0.1))
+            return await asyncio.wait_for(core.handle_commit(report), deadline.left(0.1)), True
         address = next((m.address for m in roster.members if m.peer_id == roster.leader), "")
         if not address:
             address = next(a for p, a in core.candidates(roster.round, set()) if p == roster.leader)
-        return await core.channels.stub(address).Commit(report, timeout=deadline.left(0.1))
-    except (grpc.aio.AioRpcError, asyncio.TimeoutError, StopIteration) as e:
+        return await core.channels.stub(address).Commit(report, timeout=deadline.left(0.1)), True
+    except (grpc.aio.AioRpcError, asyncio.TimeoutError, TimeoutError, StopIteration) as e:
         why = describe_rpc_error(e) if isinstance(e, grpc.aio.AioRpcError) else type(e).__name__
-        return pb.CommitReply(apply=False, reason=f"no decision from leader {roster.leader[-6:]}: {why}")
+        return pb.CommitReply(apply=False, reason=f"no decision from leader {roster.leader[-6:]}: {why}"), False

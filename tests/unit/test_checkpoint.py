@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from peer import checkpoint
 from peer.checkpoint import Checkpoint, CheckpointError, checkpoint_path, latest, load, save, save_round
 from peer.outer import GlobalState, assign_flat_, flatten_params, num_params
+from tests.procs import start_proc, wait_for_line
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -85,6 +87,7 @@ def test_odd_values_round_trip(tmp_path: Path) -> None:
     ckpt.optimizer = {
         "floats": [float("inf"), float("-inf"), float("nan"), -0.0, 1e-310, 0.1],
         "nested": {(1, ("a", None)): (True, None, "x"), 3: {"deep": [[], ()]}, "3": 4},
+        "x": {"y": torch.ones(2)}, "x/'y'": torch.zeros(2), "same": [torch.ones(1)] * 2,  # keys with / and quotes; one tensor twice
         "tensors": [torch.tensor(2.5, dtype=torch.float64), torch.empty(0, 4, dtype=torch.bfloat16),
                     torch.tensor([[True], [False]]), torch.arange(6, dtype=torch.int16).reshape(2, 3).t(),
                     torch.tensor([float("nan"), -0.0]), randn(3, 5, seed=3).half()],
@@ -95,9 +98,10 @@ def test_odd_values_round_trip(tmp_path: Path) -> None:
 
 def test_unsupported_content_is_refused_before_writing(tmp_path: Path) -> None:
     ckpt = make_ckpt()
-    ckpt.optimizer = {"bad": {1, 2}}
-    with pytest.raises(TypeError, match="set"):
-        save(tmp_path / "a.ckpt", ckpt)
+    for bad in ({1, 2}, {(1, torch.ones(1)): 2}, torch.ones(2, dtype=torch.complex64)):
+        ckpt.optimizer = {"bad": bad}
+        with pytest.raises(TypeError, match="cannot checkpoint"):
+            save(tmp_path / "a.ckpt", ckpt)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -131,7 +135,7 @@ def test_truncated_files_are_refused(tmp_path: Path) -> None:
             load(path)
         assert str(e.value).startswith(f"{path}: "), str(e.value)
     path.write_bytes(whole[: size // 2])
-    with pytest.raises(CheckpointError, match=rf"truncated: {size // 2} of {size} bytes; a crash cut it off\?"):
+    with pytest.raises(CheckpointError, match=rf"truncated: {size // 2} of {size} bytes \(a crash cut it off\?\)"):
         load(path)
 
 
@@ -148,6 +152,9 @@ def test_flipped_bytes_are_refused(tmp_path: Path) -> None:
         with pytest.raises(CheckpointError, match=match) as e:
             load(path)
         assert str(e.value).startswith(f"{path}: "), str(e.value)
+    path.write_bytes(whole + b"\0")
+    with pytest.raises(CheckpointError, match=f"1 bytes too long: {size + 1}, its header says {size}"):
+        load(path)
     for at in range(20, 120, 7):  # inside the JSON header: some error, never a wrong checkpoint
         flipped = bytearray(whole)
         flipped[at] ^= 0x01
@@ -242,6 +249,31 @@ def test_a_temp_file_left_by_a_kill_is_ignored_then_cleaned(tmp_path: Path) -> N
     assert_identical(latest(tmp_path), old)
     save_round(tmp_path, make_ckpt(round=5))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["round-00000003.ckpt", "round-00000005.ckpt"]
+
+
+SAVE_FOREVER = """
+import sys, torch
+from peer.checkpoint import Checkpoint, save_round
+from peer.outer import GlobalState
+for r in range(10**6):
+    state = GlobalState(torch.full((1 << 20,), float(r)), torch.zeros(1 << 20), r, r)
+    save_round(sys.argv[1], Checkpoint(state, "run", "spec", "p", {}, {}, {}, {}), keep=2)
+    print(f"saved {r}", flush=True)
+"""
+
+
+def test_kill_9_while_saving_leaves_a_loadable_checkpoint(tmp_path: Path) -> None:
+    proc = start_proc([sys.executable, "-c", SAVE_FOREVER, str(tmp_path / "ckpt")], None, tmp_path / "saver.log")
+    try:
+        saved = int(wait_for_line(proc, r"^saved (1[0-9])$", timeout_s=40)[1])
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    found = latest(tmp_path / "ckpt", run_id="run")
+    assert found is not None and found.state.round >= saved
+    assert torch.equal(found.state.theta, torch.full((1 << 20,), float(found.state.round)))
+    for path in (tmp_path / "ckpt").glob("round-*.ckpt"):
+        load(path)
 
 
 def test_latest_filters_by_run_and_spec(tmp_path: Path) -> None:

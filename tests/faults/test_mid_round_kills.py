@@ -1,0 +1,75 @@
+"""Peers killed (SIGKILL, from a fault plan keyed by point) at each point of a round: the
+survivors never hang, end every round the same way (all apply or all abort), keep equal
+digests and go on training; nothing of the dead peer keeps running."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.procs import assert_no_orphans, descendants
+from tests.swarm.harness import Swarm
+
+RUN = ["--model", "tiny", "--codec", "int8", "--target-steps", "120", "--max-round-seconds", "30",
+       "--min-peers", "3", "--batch-size", "4", "--eval-batches", "1", "--join-window-s", "4",
+       "--run-id", "faults"]
+STABLE = ("a", "b", "c")
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    s = Swarm(tmp_path_factory.mktemp("faults"), RUN)
+    try:
+        s.start_bootstrap()
+        for name in STABLE:
+            s.start_peer(name)
+        s.wait_rounds("a", 1, 120)
+        yield s
+    finally:
+        s.stop_all()
+
+
+def run_victim(swarm: Swarm, point: str, timeout_s: float) -> None:
+    """Starts a peer that kills itself at `point`; waits for its death, then for its orphans."""
+    name = f"victim-{point}"
+    proc = swarm.start_peer(name, env={"DILOCO_FAULTS": json.dumps([{"point": point, "action": "kill"}])})
+    seen, deadline = {}, time.monotonic() + timeout_s
+    while proc.poll() is None:
+        for child in descendants(proc.pid):
+            seen[child.pid] = child
+        assert time.monotonic() < deadline, f"{name} never reached {point}:\n{swarm.log(name)[-3000:]}"
+        time.sleep(0.1)
+    assert proc.returncode == -9, f"{name} exited {proc.returncode}:\n{swarm.log(name)[-3000:]}"
+    assert seen, "the victim's DHT child and p2pd should have been seen"
+    assert_no_orphans(list(seen.values()), 10)
+
+
+@pytest.mark.parametrize("point, timeout_s", [
+    ("after_join", 90), ("after_send", 90), ("serving_shard", 90), ("leader_commit", 200)])
+def test_kill_mid_round(swarm, point, timeout_s):
+    run_victim(swarm, point, timeout_s)
+    killed_at = time.time()
+    done = {n: len(swarm.metrics(n)) for n in STABLE}
+    for n in STABLE:
+        swarm.wait_rounds(n, done[n] + 2, 120)
+    rows = {n: swarm.by_round(n) for n in STABLE}
+    common = sorted(set.intersection(*(set(r) for r in rows.values())))
+    for r in common:  # every round ended the same way everywhere, with one state
+        outcomes = {rows[n][r]["outcome"] for n in STABLE}
+        digests = {rows[n][r]["digest"] for n in STABLE}
+        assert len(digests) == 1, f"round {r}: digests differ after a kill at {point}: {outcomes}"
+        assert outcomes <= {"applied", "aborted"}, f"round {r}: {outcomes}"
+        assert all(rows[n][r]["divergences"] == 0 for n in STABLE)
+    after = [rows["a"][r] for r in common if rows["a"][r]["time"] > killed_at]
+    assert after and after[-1]["outcome"] == "applied" and after[-1]["group_size"] == 3
+    slowest = max(rows[n][r]["round_seconds"] for n in STABLE for r in common)
+    print(f"kill at {point}: slowest round {slowest:.1f} s; outcomes after: {[x['outcome'] for x in after]}")
+    assert slowest < 90
+
+
+def test_loss_still_falls(swarm):
+    rows = swarm.metrics("a")
+    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"] - 0.3
