@@ -39,6 +39,8 @@ FLAGS: list[tuple[str, Any, str]] = [
     ("eval-batches", int, "held-out batches evaluated after every round (0 = none)"),
     ("min-peers-timeout-s", float, "how long round 0 waits for --min-peers before starting anyway"),
     ("join-window-s", float, "how long a round's leader waits for the rest of the group"),
+    ("checkpoint-dir", str, "keep atomic checkpoints here and resume from them (one directory per run)"),
+    ("checkpoint-every", int, "rounds between checkpoints (one is also written on SIGINT/SIGTERM)"),
     # run spec: the starting peer's values become the run's; joiners adopt them
     ("model", str, "run spec: built-in GPT preset (tiny, small, base)"),
     ("model-seed", int, "run spec: seed of the initial parameters"),

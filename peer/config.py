@@ -96,6 +96,8 @@ class PeerConfig:
     eval_batches: int = 8
     min_peers_timeout_s: float = 600.0
     join_window_s: float = 5.0       # how long a leader waits for the rest of the group
+    checkpoint_dir: str = ""         # empty = no checkpoints
+    checkpoint_every: int = 10       # rounds between checkpoints (and one on SIGINT/SIGTERM)
     spec: RunSpec = field(default_factory=RunSpec)
 
 
@@ -143,6 +145,7 @@ def validate_peer(c: PeerConfig) -> None:
            "DEBUG, INFO, WARNING or ERROR")
     _check(c.eval_batches >= 0, "eval_batches", c.eval_batches, "an integer >= 0")
     _check(c.min_peers_timeout_s > 0, "min_peers_timeout_s", c.min_peers_timeout_s, "a positive number")
+    _check(c.checkpoint_every >= 1, "checkpoint_every", c.checkpoint_every, "an integer >= 1")
     _check(0.5 <= c.join_window_s <= 300, "join_window_s", c.join_window_s, "seconds in [0.5, 300]")
     validate_spec(c.spec)
 

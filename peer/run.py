@@ -25,8 +25,22 @@ class Interrupted(BaseException):
     """SIGINT or SIGTERM: leave the swarm and exit 0."""
 
 
+class StopRequest:
+    """Set by SIGINT/SIGTERM. The signal interrupts a network wait at once; inside a critical
+    section (an inner step, applying a round, a checkpoint) it is raised when the section ends."""
+
+    requested = ""
+    critical = 0
+
+    @classmethod
+    def check(cls) -> None:
+        if cls.requested and not cls.critical:
+            raise Interrupted(cls.requested)
+
+
 def _on_signal(signum, frame):  # noqa: ARG001
-    raise Interrupted(signal.Signals(signum).name)
+    StopRequest.requested = signal.Signals(signum).name
+    StopRequest.check()
 
 
 def run(cfg: PeerConfig, explicit: set[str]) -> int:
@@ -35,7 +49,7 @@ def run(cfg: PeerConfig, explicit: set[str]) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     from peer.dht import DHTStartError, create_dht, join_addresses
 
-    dht = node = None
+    dht = node = trainer = None
     try:
         try:  # hivemind forks its DHT process: before any thread, gRPC object or CUDA context
             dht = create_dht(initial_peers=list(cfg.initial_peers), host_maddrs=list(cfg.dht_host_maddrs),
@@ -61,9 +75,12 @@ def run(cfg: PeerConfig, explicit: set[str]) -> int:
             return EXIT_INCOMPATIBLE
         for addr in join_addresses(dht):
             print(f"Join through: {addr}", flush=True)
-        return Trainer(cfg, spec, node).run()
+        trainer = Trainer(cfg, spec, node, StopRequest)
+        return trainer.run()
     except Interrupted as e:
         log.info("%s received: leaving the swarm", e)
+        if trainer is not None:
+            trainer.save_checkpoint("on exit")
         return EXIT_OK
     except RuntimeError as e:
         log.error("%s", e)

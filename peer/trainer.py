@@ -3,16 +3,19 @@ the pseudo-gradient to the node, the outer step, the digest check, one log line 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
+from peer.checkpoint import Checkpoint, latest, save_round
 from peer.config import ConfigError, PeerConfig, RunSpec
 from peer.faults import FaultPlan
 from peer.net.core import Outcome
@@ -46,8 +49,9 @@ class RoundStats:
 
 
 class Trainer:
-    def __init__(self, cfg: PeerConfig, spec: RunSpec, node: Node):
-        self.cfg, self.spec, self.node = cfg, spec, node
+    def __init__(self, cfg: PeerConfig, spec: RunSpec, node: Node, stop: Any):
+        self.cfg, self.spec, self.node, self.stop = cfg, spec, node, stop
+        self.state: GlobalState | None = None
         self.device = pick_device(cfg.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -70,21 +74,69 @@ class Trainer:
 
     # ---- state --------------------------------------------------------------------------
     def initial_state(self) -> GlobalState:
-        if self.node.is_genesis():
+        """From our checkpoint or from the swarm, whichever is newer; a new run starts fresh."""
+        ckpt = self.load_checkpoint()
+        self.node.refresh()
+        donors = [r.state_round for r in self.node.core.live_peers() if r.addr and r.state_round >= 0]
+        if ckpt is not None and ckpt.state.round > max(donors, default=-1):
+            log.info("resuming from our checkpoint of round %d (the swarm has %s)", ckpt.state.round,
+                     f"round {max(donors)}" if donors else "no state")
+            return ckpt.state
+        if self.node.is_genesis() and not donors:
             theta = flatten_params(self.model)
             state = GlobalState(theta=theta, momentum=torch.zeros_like(theta), round=0, global_samples=0)
             log.info("created the initial state (digest %s)", state.digest()[:12])
-        else:
-            log.info("downloading the global state from the swarm")
-            try:
-                state = self.node.download_state(0, STATE_TIMEOUT_S)
-            except TimeoutError as e:
-                raise RuntimeError(f"could not get the run's state from any live peer: {e}") from None
-        return state
+            return state
+        log.info("downloading the global state from the swarm")
+        try:
+            return self.node.download_state(0, STATE_TIMEOUT_S)
+        except TimeoutError as e:
+            raise RuntimeError(f"could not get the run's state from any live peer: {e}") from None
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def load_checkpoint(self) -> Checkpoint | None:
+        """Restores the local state (inner optimizer, data position, residuals) of our newest
+        checkpoint of this run and returns it; None without one."""
+        if not self.cfg.checkpoint_dir:
+            return None
+        ckpt = latest(self.cfg.checkpoint_dir, self.cfg.run_id, self.node.core.spec_hash)
+        if ckpt is None:
+            return None
+        self.opt.load_state_dict(ckpt.optimizer)
+        self.stream.load_state_dict(ckpt.data)
+        self.node.core.ef.load_state_dict(ckpt.residuals)
+        self.node.core.owner_ef.load_state_dict(ckpt.owner_residuals)
+        log.info("restored the inner optimizer, data position and residuals of round %d", ckpt.state.round)
+        return ckpt
+
+    def save_checkpoint(self, why: str) -> None:
+        if not self.cfg.checkpoint_dir or self.state is None:
+            return
+        ckpt = Checkpoint(state=self.state, run_id=self.cfg.run_id, spec_hash=self.node.core.spec_hash,
+                          peer_id=self.node.peer_id, optimizer=self.opt.state_dict(),
+                          data=self.stream.state_dict(), residuals=self.node.core.ef.state_dict(),
+                          owner_residuals=self.node.core.owner_ef.state_dict())
+        t = time.monotonic()
+        os.makedirs(self.cfg.checkpoint_dir, exist_ok=True)
+        path = save_round(self.cfg.checkpoint_dir, ckpt)
+        log.info("checkpoint of round %d written %s: %s (%.2f s)", self.state.round, why, path,
+                 time.monotonic() - t)
+
+    @contextlib.contextmanager
+    def critical(self):
+        """A signal inside this block (an inner step: the optimizer state that a checkpoint
+        keeps) takes effect when the block ends, never half-way."""
+        self.stop.critical += 1
+        try:
+            yield
+        finally:
+            self.stop.critical -= 1
+        self.stop.check()
 
     def adopt(self, state: GlobalState) -> GlobalState:
         assign_flat_(self.model, state.theta)
         self.node.publish_state(state)
+        self.state = state
         return state
 
     # ---- the loop -----------------------------------------------------------------------
@@ -115,10 +167,11 @@ class Trainer:
                           self.spec.total_samples)
             for group in self.opt.param_groups:
                 group["lr"] = lr
-            _, loss = self.model(x.to(self.device), y.to(self.device))
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
+            with self.critical():
+                _, loss = self.model(x.to(self.device), y.to(self.device))
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                self.opt.step()
             self.faults.hit("inner_step", r)
             stats.steps += 1
             stats.samples += x.shape[0]
@@ -143,14 +196,15 @@ class Trainer:
             outcome = Outcome("excluded", reason="no inner step fit in the round")
         else:
             outcome = self.node.average(r, delta.clone(), weight, stats.samples)
-        new_state = self.finish(state, outcome)
+        new_state = self.adopt(self.finish(state, outcome))
         avg_s = time.monotonic() - t_avg
         self.dump(r, state, delta, weight, outcome, new_state)
-        new_state = self.adopt(new_state)
         self.node.publish_digest(new_state.round, new_state.digest())
         new_state = self.check_digest(new_state, outcome)
         eval_loss = self.evaluate()
         self.report(r, stats, weight, outcome, new_state, eval_loss, time.monotonic() - t0, avg_s)
+        if new_state.round % self.cfg.checkpoint_every == 0:
+            self.save_checkpoint(f"after round {r}")
         self.faults.hit("after_round", r)
         return new_state
 

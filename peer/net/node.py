@@ -136,6 +136,10 @@ class Node:
             await asyncio.sleep(0.5)
         raise TimeoutError(f"no state of round >= {min_round} within the deadline: {last_error}")
 
+    def refresh(self) -> None:
+        """Publishes our record and reads everyone's now, not at the next refresh tick."""
+        self.net.call(self.core.refresh(), 15)
+
     # ---- rounds -------------------------------------------------------------------------
     def wait_for_peers(self, min_peers: int, timeout_s: float) -> int:
         """Round 0 waits until `min_peers` peers (us included) are in; returns how many are."""

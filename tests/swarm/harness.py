@@ -63,6 +63,15 @@ class Swarm:
                                      f"{log_tail(proc.log_path, 60)}")
             time.sleep(0.1)
 
+    def wait_round(self, name: str, round_: int, timeout_s: float = 60) -> dict:
+        """Waits until `name` has reported round `round_` and returns its row."""
+        deadline = time.monotonic() + timeout_s
+        while round_ not in (rows := self.by_round(name)):
+            if time.monotonic() > deadline or self.procs[name].poll() is not None:
+                raise AssertionError(f"{name} never reported round {round_}:\n{log_tail(self.procs[name].log_path)}")
+            time.sleep(0.1)
+        return rows[round_]
+
     def wait_exit(self, name: str, timeout_s: float) -> int:
         return self.procs[name].wait(timeout=timeout_s)
 

@@ -24,7 +24,8 @@ def swarm(tmp_path_factory):
     s = Swarm(tmp_path_factory.mktemp("int8"), RUN)
     try:
         s.start_bootstrap()
-        for name in ("a", "b", "victim"):
+        s.start_peer("a", ["--checkpoint-dir", str(s.root / "ckpt-a"), "--checkpoint-every", "2"])
+        for name in ("b", "victim"):
             s.start_peer(name)
         s.wait_rounds("victim", 2, 120)
         yield s
@@ -77,7 +78,7 @@ def test_swarm_outlives_the_bootstrap_node(swarm):
     assert "downloaded the state of round" in swarm.log("newcomer")
     last = rows[-1]
     assert last["outcome"] == "applied" and last["group_size"] == 3
-    assert swarm.by_round("a")[last["round"]]["digest"] == last["digest"]
+    assert swarm.wait_round("a", last["round"])["digest"] == last["digest"]
 
 
 @pytest.mark.parametrize("name, sig", [("a", signal.SIGTERM), ("b", signal.SIGINT), ("newcomer", signal.SIGTERM)])
@@ -86,3 +87,21 @@ def test_signal_leaves_cleanly(swarm, name, sig):
     assert stop(swarm.procs[name], sig, 15) == 0
     assert_no_orphans(children, 10)
     assert "Traceback" not in swarm.log(name)
+
+
+def test_checkpoint_on_exit_and_resume_after_full_stop(swarm, tmp_path):
+    """Peer `a` wrote a checkpoint when SIGTERM stopped it; with every peer and the bootstrap
+    node gone, it restarts alone and resumes the run from that checkpoint."""
+    from peer.checkpoint import latest
+
+    ckpt_dir = swarm.root / "ckpt-a"
+    ckpt = latest(ckpt_dir, "int8-run")
+    assert ckpt is not None, f"no checkpoint in {ckpt_dir}"
+    assert ckpt.state.digest() == swarm.by_round("a")[ckpt.state.round - 1]["digest"]
+    assert "checkpoint of round" in swarm.log("a") and "on exit" in swarm.log("a")
+    assert all(p.poll() is not None for p in swarm.procs.values())
+    swarm.start_peer("a-again", ["--checkpoint-dir", str(ckpt_dir), "--max-rounds", "1"],
+                     join=False)
+    assert swarm.wait_exit("a-again", 120) == 0, swarm.log("a-again")[-3000:]
+    assert f"resuming from our checkpoint of round {ckpt.state.round}" in swarm.log("a-again")
+    assert swarm.metrics("a-again")[0]["round"] == ckpt.state.round
