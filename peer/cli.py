@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from peer.config import EXIT_CONFIG, ConfigError, PeerConfig, RunSpec, validate_peer
@@ -39,6 +41,8 @@ FLAGS: list[tuple[str, Any, str]] = [
     ("eval-batches", int, "held-out batches evaluated after every round (0 = none)"),
     ("min-peers-timeout-s", float, "how long round 0 waits for --min-peers before starting anyway"),
     ("join-window-s", float, "how long a round's leader waits for the rest of the group"),
+    ("timeout-floor-s", float, "no communication deadline is shorter than this (env DILOCO_TIMEOUT_FLOOR_S)"),
+    ("timeout-ceiling-s", float, "no communication deadline is longer than this (env DILOCO_TIMEOUT_CEILING_S)"),
     ("checkpoint-dir", str, "keep atomic checkpoints here and resume from them (one directory per run)"),
     ("checkpoint-every", int, "rounds between checkpoints (one is also written on SIGINT/SIGTERM)"),
     # run spec: the starting peer's values become the run's; joiners adopt them
@@ -52,6 +56,7 @@ FLAGS: list[tuple[str, Any, str]] = [
     ("outer-momentum", float, "run spec: Nesterov outer momentum (0.9)"),
     ("codec", str, "run spec: pseudo-gradient codec, fp32 or int8"),
     ("weighting", str, "run spec: weight of a contribution: steps, samples or equal"),
+    ("stale-work", str, "run spec: work of a missed round is dropped or carried into the next (drop, carry)"),
     ("target-steps", int, "run spec: inner steps summed over the swarm that close a round"),
     ("max-round-seconds", float, "run spec: a round closes after this much training anyway"),
     ("min-peers", int, "run spec: round 0 waits until this many peers are in"),
@@ -92,6 +97,28 @@ def _read_toml(path: str) -> dict[str, Any]:
     return values
 
 
+def _read_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """DILOCO_<FLAG> environment variables, e.g. DILOCO_TIMEOUT_FLOOR_S=10 (flags win over them)."""
+    values: dict[str, Any] = {}
+    for name in SPEC_FIELDS | PEER_FIELDS:
+        raw = env.get(f"DILOCO_{name.upper()}")
+        if raw is not None:
+            values[name] = raw.split() if name in LIST_FIELDS else _from_text(name, raw)
+    return values
+
+
+def _from_text(name: str, raw: str) -> Any:
+    if name == "client_mode":
+        if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise ConfigError(f"DILOCO_CLIENT_MODE: {raw!r} is not valid; expected 1 or 0")
+        return raw.lower() in ("1", "true", "yes")
+    default = getattr(RunSpec() if name in SPEC_FIELDS else PeerConfig(), name)
+    try:
+        return type(default)(raw) if not isinstance(default, str) else raw
+    except ValueError:
+        raise ConfigError(f"DILOCO_{name.upper()}: {raw!r} is not valid; expected {type(default).__name__}") from None
+
+
 def _coerce(name: str, value: Any, default: Any) -> Any:
     if name in LIST_FIELDS:
         if isinstance(value, str):
@@ -116,6 +143,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[PeerConfig, set[str]]:
     """Returns the config and the names of the spec fields the user set explicitly."""
     args = vars(build_parser().parse_args(argv))
     values: dict[str, Any] = _read_toml(args.pop("config")) if "config" in args else {}
+    values.update(_read_env(os.environ))
     values.update(args)
     base_peer, base_spec = PeerConfig(), RunSpec()
     peer_kw = {k: _coerce(k, v, getattr(base_peer, k)) for k, v in values.items() if k in PEER_FIELDS}

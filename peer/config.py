@@ -13,6 +13,7 @@ from typing import Any
 PROTOCOL_VERSION = 1
 CODECS = ("fp32", "int8")
 WEIGHTINGS = ("steps", "samples", "equal")
+STALE_WORK = ("drop", "carry")
 MODELS = ("tiny", "small", "base")
 
 EXIT_OK, EXIT_CRASH, EXIT_CONFIG, EXIT_AUTH, EXIT_INCOMPATIBLE = 0, 1, 2, 3, 4
@@ -41,6 +42,7 @@ class RunSpec:
     outer_momentum: float = 0.9
     codec: str = "int8"
     weighting: str = "steps"        # what a peer's weight counts: inner steps, samples, or 1
+    stale_work: str = "drop"        # work of a round a peer missed: dropped, or carried into its next one
     target_steps: int = 200         # inner steps summed over the swarm that close a round
     max_round_seconds: float = 300.0  # a round closes after this much training regardless
     min_peers: int = 1              # round 0 waits until this many peers are in
@@ -96,6 +98,8 @@ class PeerConfig:
     eval_batches: int = 8
     min_peers_timeout_s: float = 600.0
     join_window_s: float = 5.0       # how long a leader waits for the rest of the group
+    timeout_floor_s: float = 5.0     # no communication deadline is shorter ...
+    timeout_ceiling_s: float = 300.0  # ... or longer than these, whatever was measured
     checkpoint_dir: str = ""         # empty = no checkpoints
     checkpoint_every: int = 10       # rounds between checkpoints (and one on SIGINT/SIGTERM)
     spec: RunSpec = field(default_factory=RunSpec)
@@ -113,6 +117,7 @@ def _check(ok: bool, flag: str, value: Any, allowed: str) -> None:
 def validate_spec(s: RunSpec) -> None:
     _check(s.model in MODELS, "model", s.model, f"one of {', '.join(MODELS)}")
     _check(s.codec in CODECS, "codec", s.codec, f"one of {', '.join(CODECS)}")
+    _check(s.stale_work in STALE_WORK, "stale_work", s.stale_work, f"one of {', '.join(STALE_WORK)}")
     _check(s.weighting in WEIGHTINGS, "weighting", s.weighting, f"one of {', '.join(WEIGHTINGS)}")
     for name in ("inner_lr", "outer_lr", "max_round_seconds"):
         v = getattr(s, name)
@@ -145,6 +150,8 @@ def validate_peer(c: PeerConfig) -> None:
            "DEBUG, INFO, WARNING or ERROR")
     _check(c.eval_batches >= 0, "eval_batches", c.eval_batches, "an integer >= 0")
     _check(c.min_peers_timeout_s > 0, "min_peers_timeout_s", c.min_peers_timeout_s, "a positive number")
+    _check(0 < c.timeout_floor_s <= c.timeout_ceiling_s, "timeout_floor_s", c.timeout_floor_s,
+           f"seconds > 0 and <= --timeout-ceiling-s ({c.timeout_ceiling_s})")
     _check(c.checkpoint_every >= 1, "checkpoint_every", c.checkpoint_every, "an integer >= 1")
     _check(0.5 <= c.join_window_s <= 300, "join_window_s", c.join_window_s, "seconds in [0.5, 300]")
     validate_spec(c.spec)

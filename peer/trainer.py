@@ -18,7 +18,7 @@ import torch
 from peer.checkpoint import Checkpoint, latest, save_round
 from peer.config import ConfigError, PeerConfig, RunSpec
 from peer.faults import FaultPlan
-from peer.net.core import Outcome
+from peer.net.core import MAX_CARRY_ROUNDS, Outcome
 from peer.net.node import Node
 from peer.outer import GlobalState, assign_flat_, flatten_params, outer_step, pseudo_gradient
 from peer.tasks import BatchStream, ByteCorpus, build_model, eval_batches, inner_lr, start_position
@@ -67,6 +67,7 @@ class Trainer:
         self.faults = FaultPlan.from_env()
         self.dump_dir = os.environ.get("DILOCO_TEST_DUMP_DIR", "")
         self.divergences = 0
+        self.carry: tuple[torch.Tensor, float, int] | None = None  # (delta, weight, origin round)
         numel = sum(p.numel() for p in self.model.parameters())
         node.set_numel(numel)
         log.info("model %s: %d parameters on %s; data %s (%d bytes, held-out unigram entropy %.3f nats)",
@@ -190,13 +191,16 @@ class Trainer:
         stats = self.train_until_trigger(r, state.global_samples)
         self.faults.hit("before_average", r)
         delta = pseudo_gradient(state.theta, flatten_params(self.model))
-        weight = self.weight_of(stats)
+        fresh = self.weight_of(stats)
+        carried = (min(self.carry[1], fresh), self.carry[2]) if self.carry else (0.0, -1)
+        weight = fresh + carried[0]
         t_avg = time.monotonic()
         if stats.steps == 0:
             outcome = Outcome("excluded", reason="no inner step fit in the round")
         else:
-            outcome = self.node.average(r, delta.clone(), weight, stats.samples)
+            outcome = self.node.average(r, delta.clone(), weight, stats.samples, carried)
         new_state = self.adopt(self.finish(state, outcome))
+        self.carry_over(r, delta, weight, carried[1], outcome, new_state)
         avg_s = time.monotonic() - t_avg
         self.dump(r, state, delta, weight, outcome, new_state)
         self.node.publish_digest(new_state.round, new_state.digest())
@@ -207,6 +211,19 @@ class Trainer:
             self.save_checkpoint(f"after round {r}")
         self.faults.hit("after_round", r)
         return new_state
+
+    def carry_over(self, r: int, delta: torch.Tensor, weight: float, origin: int, outcome: Outcome,
+                   new: GlobalState) -> None:
+        """--stale-work carry: work of a round we were left out of goes on top of the new
+        global state and into our next contribution (with its origin round); drop: it is lost."""
+        missed = outcome.kind == "excluded" and new.round > r and weight > 0
+        origin = origin if origin >= 0 else r
+        if not missed or self.spec.stale_work != "carry" or new.round - origin > MAX_CARRY_ROUNDS:
+            self.carry = None
+            return
+        self.carry = (delta, weight, origin)
+        assign_flat_(self.model, torch.sub(new.theta, delta))
+        log.info("round %d: carrying %.0f weight of work from round %d into round %d", r, weight, origin, new.round)
 
     def finish(self, state: GlobalState, outcome: Outcome) -> GlobalState:
         r = state.round
@@ -268,6 +285,7 @@ class Trainer:
                "loss": _num(stats.loss), "eval_loss": _num(eval_loss), "samples_per_s": sps,
                "bytes_sent": o.bytes_sent, "bytes_received": o.bytes_received, "round_seconds": round_s,
                "average_seconds": avg_s, "digest": state.digest(), "global_samples": state.global_samples,
+               "leader": o.roster.leader if o.roster is not None else "",
                "contributors": o.contributors, "dropped": o.dropped, "divergences": self.divergences,
                "time": time.time()}
         with open(self.cfg.metrics_file, "a") as f:

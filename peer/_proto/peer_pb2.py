@@ -24,45 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\npeer.proto\x12\x06\x64iloco\"`\n\x06Member\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12\x0f\n\x07samples\x18\x04 \x01(\x03\x12\x13\n\x0b\x63lient_mode\x18\x05 \x01(\x08\"m\n\x0bJoinRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x11\n\tspec_hash\x18\x03 \x01(\t\x12\x1e\n\x06member\x18\x04 \x01(\x0b\x32\x0e.diloco.Member\x12\x0c\n\x04skip\x18\x05 \x03(\t\"\x9a\x01\n\x06Roster\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0e\n\x06leader\x18\x02 \x01(\t\x12\x1f\n\x07members\x18\x03 \x03(\x0b\x32\x0e.diloco.Member\x12\x14\n\x0cshard_bounds\x18\x04 \x03(\x03\x12\x0e\n\x06owners\x18\x05 \x03(\t\x12\r\n\x05\x63odec\x18\x06 \x01(\t\x12\r\n\x05numel\x18\x07 \x01(\x03\x12\x0c\n\x04hash\x18\x08 \x01(\t\"\xfb\x01\n\tJoinReply\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.diloco.JoinReply.Status\x12\x1e\n\x06roster\x18\x02 \x01(\x0b\x32\x0e.diloco.Roster\x12\x18\n\x10redirect_address\x18\x03 \x01(\t\x12\x18\n\x10redirect_peer_id\x18\x04 \x01(\t\x12\x15\n\rcurrent_round\x18\x05 \x01(\x03\x12\x0e\n\x06reason\x18\x06 \x01(\t\"I\n\x06Status\x12\x06\n\x02OK\x10\x00\x12\x0c\n\x08REDIRECT\x10\x01\x12\n\n\x06\x43LOSED\x10\x02\x12\x0f\n\x0bWRONG_ROUND\x10\x03\x12\x0c\n\x08REJECTED\x10\x04\"?\n\nShardChunk\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.diloco.ShardHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\xce\x01\n\x0bShardHeader\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x13\n\x0broster_hash\x18\x02 \x01(\t\x12\x0e\n\x06sender\x18\x03 \x01(\t\x12\r\n\x05shard\x18\x04 \x01(\x05\x12\r\n\x05\x63odec\x18\x05 \x01(\t\x12\r\n\x05numel\x18\x06 \x01(\x03\x12\x11\n\tnum_bytes\x18\x07 \x01(\x03\x12\x0e\n\x06sha256\x18\x08 \x01(\t\x12\x14\n\x0c\x63ontributors\x18\t \x03(\t\x12\x0f\n\x07weights\x18\n \x03(\x01\x12\x14\n\x0ctotal_weight\x18\x0b \x01(\x01\"3\n\x0f\x43ontributeReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"d\n\x0cShardRequest\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x13\n\x0broster_hash\x18\x02 \x01(\t\x12\r\n\x05shard\x18\x03 \x01(\x05\x12\x11\n\trequester\x18\x04 \x01(\t\x12\x0e\n\x06wait_s\x18\x05 \x01(\x01\"v\n\rCommitRequest\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x13\n\x0broster_hash\x18\x02 \x01(\t\x12\x0f\n\x07peer_id\x18\x03 \x01(\t\x12\n\n\x02ok\x18\x04 \x01(\x08\x12\x14\n\x0cshard_sha256\x18\x05 \x03(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\"?\n\x0b\x43ommitReply\x12\r\n\x05\x61pply\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x11\n\tcommitted\x18\x03 \x03(\t\"D\n\x0cStateRequest\x12\x11\n\tmin_round\x18\x01 \x01(\x03\x12\x11\n\trequester\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"?\n\nStateChunk\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.diloco.StateHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x89\x01\n\x0bStateHeader\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x16\n\x0eglobal_samples\x18\x02 \x01(\x03\x12\r\n\x05numel\x18\x03 \x01(\x03\x12\x11\n\tnum_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x0e\n\x06\x64igest\x18\x06 \x01(\t\x12\x11\n\tspec_hash\x18\x07 \x01(\t\"\x0f\n\rHealthRequest\"a\n\x0bHealthReply\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x11\n\tspec_hash\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t2\xcf\x02\n\x04Peer\x12.\n\x04Join\x12\x13.diloco.JoinRequest\x1a\x11.diloco.JoinReply\x12;\n\nContribute\x12\x12.diloco.ShardChunk\x1a\x17.diloco.ContributeReply(\x01\x12\x36\n\x08GetShard\x12\x14.diloco.ShardRequest\x1a\x12.diloco.ShardChunk0\x01\x12\x34\n\x06\x43ommit\x12\x15.diloco.CommitRequest\x1a\x13.diloco.CommitReply\x12\x36\n\x08GetState\x12\x14.diloco.StateRequest\x1a\x12.diloco.StateChunk0\x01\x12\x34\n\x06Health\x12\x15.diloco.HealthRequest\x1a\x13.diloco.HealthReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\npeer.proto\x12\x06\x64iloco\"\x8f\x01\n\x06Member\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12\x0f\n\x07samples\x18\x04 \x01(\x03\x12\x13\n\x0b\x63lient_mode\x18\x05 \x01(\x08\x12\x16\n\x0e\x63\x61rried_weight\x18\x06 \x01(\x01\x12\x15\n\rcarried_round\x18\x07 \x01(\x03\"m\n\x0bJoinRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x11\n\tspec_hash\x18\x03 \x01(\t\x12\x1e\n\x06member\x18\x04 \x01(\x0b\x32\x0e.diloco.Member\x12\x0c\n\x04skip\x18\x05 \x03(\t\"\x9a\x01\n\x06Roster\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0e\n\x06leader\x18\x02 \x01(\t\x12\x1f\n\x07members\x18\x03 \x03(\x0b\x32\x0e.diloco.Member\x12\x14\n\x0cshard_bounds\x18\x04 \x03(\x03\x12\x0e\n\x06owners\x18\x05 \x03(\t\x12\r\n\x05\x63odec\x18\x06 \x01(\t\x12\r\n\x05numel\x18\x07 \x01(\x03\x12\x0c\n\x04hash\x18\x08 \x01(\t\"\xfb\x01\n\tJoinReply\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.diloco.JoinReply.Status\x12\x1e\n\x06roster\x18\x02 \x01(\x0b\x32\x0e.diloco.Roster\x12\x18\n\x10redirect_address\x18\x03 \x01(\t\x12\x18\n\x10redirect_peer_id\x18\x04 \x01(\t\x12\x15\n\rcurrent_round\x18\x05 \x01(\x03\x12\x0e\n\x06reason\x18\x06 \x01(\t\"I\n\x06Status\x12\x06\n\x02OK\x10\x00\x12\x0c\n\x08REDIRECT\x10\x01\x12\n\n\x06\x43LOSED\x10\x02\x12\x0f\n\x0bWRONG_ROUND\x10\x03\x12\x0c\n\x08REJECTED\x10\x04\"?\n\nShardChunk\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.diloco.ShardHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\xce\x01\n\x0bShardHeader\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x13\n\x0broster_hash\x18\x02 \x01(\t\x12\x0e\n\x06sender\x18\x03 \x01(\t\x12\r\n\x05shard\x18\x04 \x01(\x05\x12\r\n\x05\x63odec\x18\x05 \x01(\t\x12\r\n\x05numel\x18\x06 \x01(\x03\x12\x11\n\tnum_bytes\x18\x07 \x01(\x03\x12\x0e\n\x06sha256\x18\x08 \x01(\t\x12\x14\n\x0c\x63ontributors\x18\t \x03(\t\x12\x0f\n\x07weights\x18\n \x03(\x01\x12\x14\n\x0ctotal_weight\x18\x0b \x01(\x01\"3\n\x0f\x43ontributeReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"d\n\x0cShardRequest\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x13\n\x0broster_hash\x18\x02 \x01(\t\x12\r\n\x05shard\x18\x03 \x01(\x05\x12\x11\n\trequester\x18\x04 \x01(\t\x12\x0e\n\x06wait_s\x18\x05 \x01(\x01\"v\n\rCommitRequest\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x13\n\x0broster_hash\x18\x02 \x01(\t\x12\x0f\n\x07peer_id\x18\x03 \x01(\t\x12\n\n\x02ok\x18\x04 \x01(\x08\x12\x14\n\x0cshard_sha256\x18\x05 \x03(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\"?\n\x0b\x43ommitReply\x12\r\n\x05\x61pply\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x11\n\tcommitted\x18\x03 \x03(\t\"D\n\x0cStateRequest\x12\x11\n\tmin_round\x18\x01 \x01(\x03\x12\x11\n\trequester\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"?\n\nStateChunk\x12#\n\x06header\x18\x01 \x01(\x0b\x32\x13.diloco.StateHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x89\x01\n\x0bStateHeader\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x16\n\x0eglobal_samples\x18\x02 \x01(\x03\x12\r\n\x05numel\x18\x03 \x01(\x03\x12\x11\n\tnum_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x0e\n\x06\x64igest\x18\x06 \x01(\t\x12\x11\n\tspec_hash\x18\x07 \x01(\t\"\x0f\n\rHealthRequest\"a\n\x0bHealthReply\x12\x0f\n\x07peer_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x03\x12\x11\n\tspec_hash\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t2\xcf\x02\n\x04Peer\x12.\n\x04Join\x12\x13.diloco.JoinRequest\x1a\x11.diloco.JoinReply\x12;\n\nContribute\x12\x12.diloco.ShardChunk\x1a\x17.diloco.ContributeReply(\x01\x12\x36\n\x08GetShard\x12\x14.diloco.ShardRequest\x1a\x12.diloco.ShardChunk0\x01\x12\x34\n\x06\x43ommit\x12\x15.diloco.CommitRequest\x1a\x13.diloco.CommitReply\x12\x36\n\x08GetState\x12\x14.diloco.StateRequest\x1a\x12.diloco.StateChunk0\x01\x12\x34\n\x06Health\x12\x15.diloco.HealthRequest\x1a\x13.diloco.HealthReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'peer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MEMBER']._serialized_start=22
-  _globals['_MEMBER']._serialized_end=118
-  _globals['_JOINREQUEST']._serialized_start=120
-  _globals['_JOINREQUEST']._serialized_end=229
-  _globals['_ROSTER']._serialized_start=232
-  _globals['_ROSTER']._serialized_end=386
-  _globals['_JOINREPLY']._serialized_start=389
-  _globals['_JOINREPLY']._serialized_end=640
-  _globals['_JOINREPLY_STATUS']._serialized_start=567
-  _globals['_JOINREPLY_STATUS']._serialized_end=640
-  _globals['_SHARDCHUNK']._serialized_start=642
-  _globals['_SHARDCHUNK']._serialized_end=705
-  _globals['_SHARDHEADER']._serialized_start=708
-  _globals['_SHARDHEADER']._serialized_end=914
-  _globals['_CONTRIBUTEREPLY']._serialized_start=916
-  _globals['_CONTRIBUTEREPLY']._serialized_end=967
-  _globals['_SHARDREQUEST']._serialized_start=969
-  _globals['_SHARDREQUEST']._serialized_end=1069
-  _globals['_COMMITREQUEST']._serialized_start=1071
-  _globals['_COMMITREQUEST']._serialized_end=1189
-  _globals['_COMMITREPLY']._serialized_start=1191
-  _globals['_COMMITREPLY']._serialized_end=1254
-  _globals['_STATEREQUEST']._serialized_start=1256
-  _globals['_STATEREQUEST']._serialized_end=1324
-  _globals['_STATECHUNK']._serialized_start=1326
-  _globals['_STATECHUNK']._serialized_end=1389
-  _globals['_STATEHEADER']._serialized_start=1392
-  _globals['_STATEHEADER']._serialized_end=1529
-  _globals['_HEALTHREQUEST']._serialized_start=1531
-  _globals['_HEALTHREQUEST']._serialized_end=1546
-  _globals['_HEALTHREPLY']._serialized_start=1548
-  _globals['_HEALTHREPLY']._serialized_end=1645
-  _globals['_PEER']._serialized_start=1648
-  _globals['_PEER']._serialized_end=1983
+  _globals['_MEMBER']._serialized_start=23
+  _globals['_MEMBER']._serialized_end=166
+  _globals['_JOINREQUEST']._serialized_start=168
+  _globals['_JOINREQUEST']._serialized_end=277
+  _globals['_ROSTER']._serialized_start=280
+  _globals['_ROSTER']._serialized_end=434
+  _globals['_JOINREPLY']._serialized_start=437
+  _globals['_JOINREPLY']._serialized_end=688
+  _globals['_JOINREPLY_STATUS']._serialized_start=615
+  _globals['_JOINREPLY_STATUS']._serialized_end=688
+  _globals['_SHARDCHUNK']._serialized_start=690
+  _globals['_SHARDCHUNK']._serialized_end=753
+  _globals['_SHARDHEADER']._serialized_start=756
+  _globals['_SHARDHEADER']._serialized_end=962
+  _globals['_CONTRIBUTEREPLY']._serialized_start=964
+  _globals['_CONTRIBUTEREPLY']._serialized_end=1015
+  _globals['_SHARDREQUEST']._serialized_start=1017
+  _globals['_SHARDREQUEST']._serialized_end=1117
+  _globals['_COMMITREQUEST']._serialized_start=1119
+  _globals['_COMMITREQUEST']._serialized_end=1237
+  _globals['_COMMITREPLY']._serialized_start=1239
+  _globals['_COMMITREPLY']._serialized_end=1302
+  _globals['_STATEREQUEST']._serialized_start=1304
+  _globals['_STATEREQUEST']._serialized_end=1372
+  _globals['_STATECHUNK']._serialized_start=1374
+  _globals['_STATECHUNK']._serialized_end=1437
+  _globals['_STATEHEADER']._serialized_start=1440
+  _globals['_STATEHEADER']._serialized_end=1577
+  _globals['_HEALTHREQUEST']._serialized_start=1579
+  _globals['_HEALTHREQUEST']._serialized_end=1594
+  _globals['_HEALTHREPLY']._serialized_start=1596
+  _globals['_HEALTHREPLY']._serialized_end=1693
+  _globals['_PEER']._serialized_start=1696
+  _globals['_PEER']._serialized_end=2031
 # @@protoc_insertion_point(module_scope)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -21,6 +22,7 @@ from peer.faults import FaultPlan
 from peer.net import allreduce as ar
 from peer.net import swarm
 from peer.net.client import Channels, describe_rpc_error
+from peer.net.deadlines import Deadlines
 from peer.net.loop import Deadline
 from peer.net.round import LeaderGroup, leader_rank
 from peer.net.server import Reject
@@ -28,7 +30,7 @@ from peer.net.state_sync import StateSnapshot
 
 log = logging.getLogger(__name__)
 REFRESH_S = 0.5
-PROBE_TIMEOUT_S = 2.0   # a leader that does not answer Health within this is passed over
+PROBE_TIMEOUT_S = 3.0   # a leader that does not answer Health within this is passed over
 SPEC_REFRESH_S = 10.0   # every peer re-publishes the run spec, so it outlives the peer that started it
 
 
@@ -61,6 +63,24 @@ class Outcome:
     dropped: list[str] = field(default_factory=list)
 
 
+MAX_CARRY_ROUNDS = 3    # carried work older than this many rounds is refused
+
+
+def check_member(m: pb.Member, round_: int) -> str:
+    """Why a joiner's claim is not acceptable ("" when it is): weights finite and positive,
+    carried work no heavier than the fresh work and from one of the last few rounds."""
+    if not (math.isfinite(m.weight) and m.weight > 0 and m.samples >= 0):
+        return f"weight {m.weight} / samples {m.samples} are not a positive, finite claim"
+    fresh = m.weight - m.carried_weight
+    if m.carried_weight < 0 or m.carried_weight > fresh:
+        return f"carried weight {m.carried_weight} exceeds its fresh weight {fresh}"
+    if m.carried_weight > 0 and not round_ - MAX_CARRY_ROUNDS <= m.carried_round < round_:
+        return f"carried work from round {m.carried_round} is not from the last {MAX_CARRY_ROUNDS} rounds"
+    if not m.peer_id or (not m.client_mode and not m.address):
+        return "a serving member needs a peer id and an address"
+    return ""
+
+
 class NetCore:
     def __init__(self, dht: hivemind.DHT, cfg: PeerConfig, peer_id: str):
         self.dht, self.cfg, self.peer_id = dht, cfg, peer_id
@@ -81,6 +101,7 @@ class NetCore:
         self.ef, self.owner_ef = ErrorFeedback(), ErrorFeedback()
         self.last_refresh_error = ""
         self.faults = FaultPlan.from_env()
+        self.deadlines = Deadlines(cfg.timeout_floor_s, cfg.timeout_ceiling_s)
         self.spec_record: dict | None = None  # the adopted spec proposal, re-published by every peer
         self.spec_published_at = 0.0
 
@@ -101,7 +122,11 @@ class NetCore:
             await swarm.store(self.dht, swarm.spec_key(self.run_id), self.peer_id, self.spec_record, 5.0)
             self.spec_published_at = time.monotonic()
         view = await swarm.read_peers(self.dht, self.run_id, 5.0)
-        self.view = {p: r for p, r in view.items() if p != self.peer_id and r.spec == self.spec_hash}
+        merged = {p: r for p, r in self.view.items() if r.fresh()}  # a read may miss a record: keep the last
+        for p, r in view.items():
+            if p != self.peer_id and r.spec == self.spec_hash and (p not in merged or r.t >= merged[p].t):
+                merged[p] = r
+        self.view = merged
         mine = [r for r in self.view.values() if r.fresh() and r.round == self.round]
         self.others = (time.monotonic(), sum(r.steps_now() for r in mine), sum(r.rate for r in mine))
         log.debug("view: %d peers, %d in round %d with %.0f steps at %.1f steps/s", len(self.view), len(mine),
@@ -172,6 +197,10 @@ class NetCore:
         if best and best[0][0] != self.peer_id:
             return pb.JoinReply(status=pb.JoinReply.REDIRECT, redirect_peer_id=best[0][0],
                                 redirect_address=best[0][1], current_round=self.round)
+        why = check_member(req.member, r)
+        if why:
+            log.warning("round %d: rejected Join of %s: %s", r, req.member.peer_id[-6:], why)
+            return pb.JoinReply(status=pb.JoinReply.REJECTED, reason=why, current_round=self.round)
         ctx = self.ctx(r)
         assert ctx is not None
         if ctx.group is None:
@@ -184,6 +213,11 @@ class NetCore:
         while not group.maybe_close(self.expected_members(r), self.cfg.join_window_s):
             if deadline.expired():
                 raise TimeoutError(f"round {r}: group did not close")
+            best = self.candidates(r, set(req.skip))
+            if best and best[0][0] != self.peer_id:  # our view now knows a better leader: hand over
+                group.members.pop(req.member.peer_id, None)
+                return pb.JoinReply(status=pb.JoinReply.REDIRECT, redirect_peer_id=best[0][0],
+                                    redirect_address=best[0][1], current_round=self.round)
             await asyncio.sleep(0.05)
         roster = await group.roster
         if req.member.peer_id not in {m.peer_id for m in roster.members}:
@@ -316,5 +350,6 @@ class NetCore:
         return pb.HealthReply(peer_id=self.peer_id, run_id=self.run_id, round=self.round, spec_hash=self.spec_hash)
 
     def transfer_timeout_s(self) -> float:
-        """Seconds any one transfer of a round may take: 4 bytes a value at >= 2 MB/s, 10 s at least."""
-        return min(300.0, 10.0 + 4 * self.numel / 2e6)
+        """Seconds any one transfer of a round may take, from the measured rate (see deadlines.py)."""
+        codec = get_codec(self.spec.codec) if self.spec else None
+        return self.deadlines.transfer_s(codec.encoded_size(self.numel) if codec else 4 * self.numel)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import grpc
 import torch
@@ -19,11 +20,13 @@ from peer.net.loop import Deadline
 log = logging.getLogger(__name__)
 
 
-async def run_round(core: NetCore, r: int, delta: torch.Tensor, weight: float, samples: int) -> Outcome:
+async def run_round(core: NetCore, r: int, delta: torch.Tensor, weight: float, samples: int,
+                    carried: tuple[float, int] = (0.0, -1)) -> Outcome:
     """Never raises for a network failure: the Outcome says what happened."""
     deadline = Deadline(core.cfg.join_window_s + 20 + 3 * core.transfer_timeout_s())
     member = pb.Member(peer_id=core.peer_id, address="" if core.cfg.client_mode else core.address,
-                       weight=weight, samples=samples, client_mode=core.cfg.client_mode)
+                       weight=weight, samples=samples, client_mode=core.cfg.client_mode,
+                       carried_weight=carried[0], carried_round=carried[1])
     try:
         roster = await core.join_round(r, member, deadline)
     except (TimeoutError, RuntimeError) as e:
@@ -81,8 +84,10 @@ async def send_shard(core: NetCore, ctx, roster: pb.Roster, j: int, payload: byt
         return
     address = next(m.address for m in roster.members if m.peer_id == owner)
     try:
+        started = time.monotonic()
         reply = await core.channels.stub(address).Contribute(
             iter(ar.chunks(header, payload)), timeout=min(deadline.left(0.1), core.transfer_timeout_s()))
+        core.deadlines.observe(len(payload), time.monotonic() - started)
         ctx.bytes_sent += len(payload)
         if not reply.accepted:
             log.warning("round %d: owner %s refused shard %d: %s", roster.round, owner[-6:], j, reply.reason)
@@ -109,7 +114,9 @@ async def fetch_shard(core: NetCore, ctx, roster: pb.Roster, j: int, deadline: D
             why = ar.check_header(first.header, roster, codec, reduced=True)
             if why:
                 raise ValueError(f"owner {owner[-6:]}: {why}")
+            started = time.monotonic()  # the owner may hold the call until the shard is reduced: time the bytes
             payload = await ar.read_payload(first, ar.rest_of(call), first.header.num_bytes)
+            core.deadlines.observe(len(payload) - len(first.data), time.monotonic() - started)
         except grpc.aio.AioRpcError as e:
             raise RuntimeError(f"owner {owner[-6:]}: {describe_rpc_error(e)}") from None
         header = first.header

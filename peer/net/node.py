@@ -177,13 +177,15 @@ class Node:
         remaining = spec.target_steps - c.steps - their_steps - their_rate * (now - when)
         return remaining < 1 + their_rate * step_s
 
-    def average(self, round_: int, delta: torch.Tensor, weight: float, samples: int) -> Outcome:
-        """Hands over `delta` (the trainer no longer touches it) and returns the round's outcome."""
+    def average(self, round_: int, delta: torch.Tensor, weight: float, samples: int,
+                carried: tuple[float, int] = (0.0, -1)) -> Outcome:
+        """Hands over `delta` (the trainer no longer touches it) and returns the round's outcome.
+        `carried` is the part of `weight` that is work of a missed round, and that round."""
         self.core.training = False
         self.net.submit(self.core.publish())
         limit = self.cfg.join_window_s + 40 + 3 * self.core.transfer_timeout_s()
         try:
-            return self.net.call(run_round(self.core, round_, delta, weight, samples), limit)
+            return self.net.call(run_round(self.core, round_, delta, weight, samples, carried), limit)
         except TimeoutError as e:
             return Outcome("aborted", reason=str(e))
 

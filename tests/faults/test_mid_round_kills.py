@@ -73,3 +73,48 @@ def test_kill_mid_round(swarm, point, timeout_s):
 def test_loss_still_falls(swarm):
     rows = swarm.metrics("a")
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"] - 0.3
+
+
+def _next_leader(swarm: Swarm, round_: int, peers: dict[str, str]) -> str:
+    from peer.net.round import leader_rank
+
+    return min(peers, key=lambda n: leader_rank("faults", round_, peers[n]))
+
+
+@pytest.mark.parametrize("role", ["member", "leader"])
+def test_stopped_peer_is_dropped_then_catches_up(swarm, role):
+    """SIGSTOP a member (or the next round's leader) for two rounds: the others drop it at the
+    deadline and go on; after SIGCONT it catches up and takes part again by itself."""
+    import os
+    import signal
+
+    ids = {n: swarm.metrics(n)[-1]["peer_id"] for n in STABLE}
+    last = max(swarm.metrics("a")[-1]["round"], swarm.metrics("b")[-1]["round"])
+    victim = _next_leader(swarm, last + 2, ids) if role == "leader" else "c"
+    others = [n for n in STABLE if n != victim]
+    if role == "leader":  # stop it while it trains the round it would lead
+        swarm.wait_round(others[0], last + 1, 60)
+    pid = swarm.procs[victim].pid
+    os.kill(pid, signal.SIGSTOP)
+    stopped_at = time.time()
+    try:
+        done = len(swarm.metrics(others[0]))
+        swarm.wait_rounds(others[0], done + 2, 120)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    during = [r for r in swarm.metrics(others[0]) if r["time"] > stopped_at]
+    assert [r["group_size"] for r in during if r["outcome"] == "applied"][-1] == 2
+    slowest = max(r["round_seconds"] for r in during)
+    print(f"{role} stopped: rounds during {[(r['outcome'], r['group_size'], round(r['round_seconds'], 1)) for r in during]}")
+    assert slowest < 60
+    woke = time.time()
+    deadline = time.monotonic() + 120
+    while True:  # it takes part again: a round applied by all three with one digest
+        rows = {n: swarm.by_round(n) for n in STABLE}
+        back = [r for r, row in rows[victim].items() if row["time"] > woke and row["outcome"] == "applied"
+                and all(r in rows[n] and rows[n][r]["digest"] == row["digest"] for n in others)
+                and row["group_size"] == 3]
+        if back:
+            break
+        assert time.monotonic() < deadline, f"{victim} did not rejoin:\n{swarm.log(victim)[-3000:]}"
+        time.sleep(0.5)

@@ -67,3 +67,16 @@ def test_peer_command_exits_2(argv, needle):
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], p.stderr
+
+
+def test_environment_variables_sit_between_config_file_and_flags(tmp_path, monkeypatch):
+    f = tmp_path / "peer.toml"
+    f.write_text("timeout_floor_s = 3.0\nbatch_size = 4\n")
+    monkeypatch.setenv("DILOCO_TIMEOUT_FLOOR_S", "7")
+    monkeypatch.setenv("DILOCO_BATCH_SIZE", "5")
+    monkeypatch.setenv("DILOCO_INITIAL_PEERS", "/ip4/10.0.0.1/tcp/1/p2p/QmA /ip4/10.0.0.2/tcp/1/p2p/QmB")
+    cfg, _ = parse_config(["--config", str(f), "--batch-size", "6"])
+    assert cfg.timeout_floor_s == 7.0 and cfg.batch_size == 6 and len(cfg.initial_peers) == 2
+    monkeypatch.setenv("DILOCO_TIMEOUT_CEILING_S", "2")
+    with pytest.raises(ConfigError, match="--timeout-floor-s: 7.0 is not valid"):
+        parse_config([])

@@ -1,0 +1,77 @@
+"""Effect of --stale-work (drop vs carry) on the eval loss: 3 peers of the tiny model, one of
+which misses most rounds (it sleeps before joining, from a test fault plan), for a fixed
+number of rounds; prints the eval loss the swarm reaches with each setting. Not a test.
+
+    .venv/bin/python bench/stale_work.py [--rounds 12] [--repeats 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+LOCAL = ["--dht-host-maddrs", "/ip4/127.0.0.1/tcp/0", "--host", "127.0.0.1", "--threads", "1"]
+LATE = '[{"point": "before_average", "action": "sleep", "seconds": 3.5}]'
+
+
+def run(root: Path, mode: str, rounds: int, seed: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    procs = []
+    try:
+        boot = root / "bootstrap.log"
+        procs.append(subprocess.Popen([sys.executable, "-m", "bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"],
+                                      stdout=open(boot, "wb"), stderr=subprocess.STDOUT, env=env))
+        deadline = time.monotonic() + 60
+        while not (m := re.search(r"Join through: (\S+)", boot.read_text())):
+            if time.monotonic() > deadline:
+                raise TimeoutError("bootstrap node did not start")
+            time.sleep(0.2)
+        spec = ["--model", "tiny", "--codec", "int8", "--target-steps", "120", "--min-peers", "3",
+                "--join-window-s", "1.5", "--stale-work", mode, "--batch-size", "4", "--eval-batches", "16",
+                "--run-id", f"stale-{mode}", "--model-seed", str(seed)]
+        for i in range(3):
+            extra = {"DILOCO_FAULTS": LATE} if i == 2 else {}
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "peer.cli", *LOCAL, *spec, "--initial-peers", m.group(1), "--seed", str(seed + i),
+                 "--max-rounds", str(rounds if i < 2 else rounds + 5), "--metrics-file", str(root / f"p{i}.jsonl")],
+                stdout=open(root / f"p{i}.log", "wb"), stderr=subprocess.STDOUT, env={**env, **extra}))
+        for p in procs[1:3]:
+            p.wait(timeout=1800)
+        rows = [json.loads(x) for x in (root / "p0.jsonl").read_text().splitlines()]
+        late = [json.loads(x) for x in (root / "p2.jsonl").read_text().splitlines()]
+        return {"eval": rows[-1]["eval_loss"], "missed": sum(r["outcome"] == "excluded" for r in late),
+                "late_rounds": len(late), "carried": (root / "p2.log").read_text().count("carrying")}
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait(15)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--repeats", type=int, default=1)
+    args = ap.parse_args()
+    print(f"3 peers (tiny, int8), one misses rounds; eval loss after {args.rounds} rounds")
+    for mode in ("drop", "carry"):
+        results = []
+        for rep in range(args.repeats):
+            with tempfile.TemporaryDirectory() as tmp:
+                results.append(run(Path(tmp), mode, args.rounds, seed=rep))
+        evals = [r["eval"] for r in results]
+        print(f"{mode:5}: eval loss {statistics.mean(evals):.4f} (runs: {', '.join(f'{e:.4f}' for e in evals)}); "
+              f"late peer missed {sum(r['missed'] for r in results)} of {sum(r['late_rounds'] for r in results)} "
+              f"rounds, carried {sum(r['carried'] for r in results)} times")
+
+
+if __name__ == "__main__":
+    main()

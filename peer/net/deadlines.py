@@ -1,0 +1,40 @@
+"""Communication deadlines derived from what this peer measured (transfer rates), kept
+between a floor and a ceiling the user sets; the values in force are logged when they change."""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
+ASSUMED_RATE_BPS = 2e6    # before any transfer was measured: a slow home uplink
+SLACK = 4.0               # a transfer may take this many times its measured duration ...
+MARGIN_S = 2.0            # ... plus this much
+MIN_SAMPLE_BYTES = 64 << 10  # smaller transfers measure latency, not rate
+
+
+class Deadlines:
+    def __init__(self, floor_s: float, ceiling_s: float):
+        self.floor_s, self.ceiling_s = floor_s, ceiling_s
+        self.rate_bps: float | None = None
+        self.num_samples = 0
+        self._logged_s: float | None = None
+
+    def observe(self, num_bytes: int, seconds: float) -> None:
+        """Records one finished transfer (an exponential moving average of its rate)."""
+        if num_bytes < MIN_SAMPLE_BYTES or seconds <= 0:
+            return
+        rate = num_bytes / seconds
+        self.rate_bps = rate if self.rate_bps is None else 0.7 * self.rate_bps + 0.3 * rate
+        self.num_samples += 1
+
+    def transfer_s(self, num_bytes: int) -> float:
+        """How long moving `num_bytes` may take before the peer gives up on it."""
+        rate = self.rate_bps or ASSUMED_RATE_BPS
+        seconds = min(self.ceiling_s, max(self.floor_s, SLACK * num_bytes / rate + MARGIN_S))
+        if self._logged_s is None or abs(seconds - self._logged_s) > 0.25 * self._logged_s:
+            measured = (f"measured {self.rate_bps / 1e6:.1f} MB/s over {self.num_samples} transfers"
+                        if self.rate_bps else f"assumed {ASSUMED_RATE_BPS / 1e6:.0f} MB/s, nothing measured yet")
+            log.info("deadline for a transfer of %.1f MB is now %.1f s (%s; floor %.0f s, ceiling %.0f s)",
+                     num_bytes / 1e6, seconds, measured, self.floor_s, self.ceiling_s)
+            self._logged_s = seconds
+        return seconds
