@@ -25,13 +25,13 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.procs import _describe, _is_gone, descendants, python_module, start_proc, wait_for_line  # noqa: E402
+from tests import procs  # noqa: E402
 
 LOCAL = ["--dht-host-maddrs", "/ip4/127.0.0.1/tcp/0", "--host", "127.0.0.1", "--threads", "1"]
 RUN = ["--model", "tiny", "--codec", "int8", "--target-steps", "150", "--min-peers", "3", "--batch-size", "4",
        "--eval-batches", "1", "--join-window-s", "4", "--run-id", "chaos"]
 POINTS = ("after_join", "after_send", "serving_shard", "leader_commit")
-MIN_ALIVE, HANG_S, EXTRA_DEADLINE_S, GAP_DEADLINE_S, SETTLE_S = 3, 120, 240, 180, 300
+MIN_ALIVE, HANG_S, EXTRA_DEADLINE_S, GAP_S, SETTLE_S = 3, 120, 240, 180, 300   # GAP_S: most s between faults
 
 
 class Peer:
@@ -51,16 +51,15 @@ class Chaos:
         self.peers: dict[str, Peer] = {}
         self.cache: dict[str, tuple[int, list[dict]]] = {}   # metrics rows read so far: (offset, rows)
         self.gen: dict[int, int] = {}                         # restarts per slot
-        self.faults: list[dict] = []
         self.timers: list[tuple[float, str, str]] = []       # (due, "restart" | "cont", peer name)
-        self.hangs, self.orphans = [], []
         self.res: list[tuple[float, int, int]] = []          # p0: (time, threads, open fds)
+        self.faults, self.hangs, self.orphans = [], [], []
         self.last_sample, self.boot, self.t_end = 0.0, None, 0.0
 
     def start_peer(self, name: str, slot: int | None, env: dict | None = None) -> Peer:
-        args = [*LOCAL, *RUN, "--initial-peers", self.addr, "--metrics-file", str(self.root / f"{name}.jsonl")]
-        proc = start_proc(python_module("peer.cli", *args), {"OMP_NUM_THREADS": "1", **(env or {})},
-                          self.root / f"{name}.log")
+        args = [*LOCAL, *RUN, "--initial-peers", self.addr, "--metrics-file", f"{self.root}/{name}.jsonl"]
+        proc = procs.start_proc(procs.python_module("peer.cli", *args),
+                                {"OMP_NUM_THREADS": "1", **(env or {})}, self.root / f"{name}.log")
         self.peers[name] = peer = Peer(name, proc, slot)
         return peer
 
@@ -84,7 +83,7 @@ class Chaos:
         return [p for p in self.live() if p.slot is not None and not p.stopped]
 
     def applied_after(self, t: float) -> bool:
-        return any(r["outcome"] == "applied" and r["time"] > t for name in self.peers for r in self.rows(name))
+        return any(r["outcome"] == "applied" and r["time"] > t for n in self.peers for r in self.rows(n))
 
     def inject(self) -> bool:
         now, kind, secs = time.time(), self.rng.choice(["kill", "stop", "net"]), self.rng.uniform(5, 20)
@@ -105,13 +104,15 @@ class Chaos:
             victim.stopped = kind == "stop"
             self.timers.append((now + secs, "restart" if kind == "kill" else "cont", victim.name))
             detail, effect = f"{'restart' if kind == 'kill' else 'SIGCONT'} in {secs:.0f} s", now
-        self.faults.append({"kind": kind, "victim": victim.name, "t": now, "effect": effect, "detail": detail})
-        print(f"[{now - self.t0:5.0f} s] fault {len(self.faults)}: {kind} {victim.name} ({detail})", flush=True)
+        self.faults.append({"kind": kind, "victim": victim.name, "t": now, "effect": effect,
+                            "detail": detail})
+        print(f"[{now - self.t0:5.0f} s] fault {len(self.faults)}: {kind} {victim.name} ({detail})",
+              flush=True)
         return True
 
     def sample(self, p: Peer) -> None:
         try:
-            me, kids = psutil.Process(p.proc.pid), descendants(p.proc.pid)
+            me, kids = psutil.Process(p.proc.pid), procs.descendants(p.proc.pid)
             p.kids.update({k.pid: k for k in kids if k.pid not in p.kids})
             rss = me.memory_info().rss + sum(k.memory_info().rss for k in kids)
             if p.name == "p0":
@@ -128,10 +129,9 @@ class Chaos:
             if due[1] == "restart":
                 self.gen[peer.slot] = self.gen.get(peer.slot, 0) + 1
                 self.start_peer(f"p{peer.slot}.{self.gen[peer.slot]}", peer.slot)
-                continue
-            if peer.proc.poll() is None:
+            elif peer.proc.poll() is None:
                 os.kill(peer.proc.pid, signal.SIGCONT)
-            peer.stopped, peer.progress = False, now
+                peer.stopped, peer.progress = False, now
         if now - self.last_sample >= 2:
             self.last_sample = now
             for p in self.live():
@@ -144,11 +144,14 @@ class Chaos:
                         f["effect"] = f["effect"] or (now if f["victim"] == p.name else None)
                 if now - p.died > 15 and not p.orphans_checked:   # README: children die with their peer
                     p.orphans_checked = True
-                    self.orphans += [f"orphan of {p.name}: {_describe(k)}" for k in p.kids.values() if not _is_gone(k)]
+                    self.orphans += [f"orphan of {p.name}: {procs._describe(k)}" for k in p.kids.values()
+                                     if not procs._is_gone(k)]
                 continue
             if p.slot is None and now - p.started > EXTRA_DEADLINE_S:
                 os.kill(p.proc.pid, signal.SIGKILL)
-                next(f for f in self.faults if f["victim"] == p.name)["detail"] += " (never reached; killed by us)"
+                next(f for f in self.faults if f["victim"] == p.name)["detail"] += " (never got there)"
+                p.proc.wait(10)
+                continue
             p.progress = max([p.progress] + [r["time"] for r in self.rows(p.name)[-1:]])
             if not p.stopped and now - p.progress > HANG_S and not p.hung:   # one line per episode
                 self.hangs.append(f"HANG {p.name}: no round for {HANG_S} s at {now - self.t0:.0f} s")
@@ -157,24 +160,23 @@ class Chaos:
 
     def run(self) -> None:
         print(f"logs and metrics in {self.root}", flush=True)
-        self.boot = start_proc(python_module("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"), None,
-                               self.root / "bootstrap.log")
-        self.addr = wait_for_line(self.boot, r"^Join through: (\S+)", 60).group(1)
+        boot = procs.python_module("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0")
+        self.boot = procs.start_proc(boot, None, self.root / "bootstrap.log")
+        self.addr = procs.wait_for_line(self.boot, r"^Join through: (\S+)", 60).group(1)
         for i in range(self.args.peers):
             self.start_peer(f"p{i}", i)
-        end_at = self.t0 + 60 * self.args.minutes
-        while not self.rows("p0") and time.time() < min(end_at, self.t0 + 300):
-            self.watch()
-            time.sleep(0.5)
-        base, gap, gap_deadline = len(self.rows("p0")), self.rng.randint(1, 3), time.time() + GAP_DEADLINE_S
+        end_at = self.t0 + 60 * self.args.minutes   # p0 is never faulted: its rounds pace the faults
+        base, gap, gap_end = len(self.rows("p0")), self.rng.randint(1, 3), time.time() + GAP_S
         while len(self.faults) < self.args.faults and time.time() < end_at:
             self.watch()
-            if (len(self.rows("p0")) >= base + gap or time.time() > gap_deadline) and self.inject():
-                base, gap, gap_deadline = len(self.rows("p0")), self.rng.randint(1, 3), time.time() + GAP_DEADLINE_S
+            if (len(self.rows("p0")) >= base + gap or time.time() > gap_end) and self.inject():
+                base, gap, gap_end = len(self.rows("p0")), self.rng.randint(1, 3), time.time() + GAP_S
             time.sleep(0.5)
         settle = time.time() + SETTLE_S   # restarts and SIGCONTs due, extras dead, then an applied round
-        while time.time() < settle and (self.timers or any(p.slot is None for p in self.live()) or
-                                        not self.applied_after(max([f["effect"] or 0 for f in self.faults] + [0]))):
+        last = max([f["effect"] or 0 for f in self.faults] + [0])
+        while time.time() < settle and (self.timers or any(p.slot is None for p in self.live())
+                                        or not self.applied_after(last)):
+            last = max([f["effect"] or 0 for f in self.faults] + [0])
             self.watch()
             time.sleep(0.5)
 
@@ -184,11 +186,13 @@ class Chaos:
             self.sample(p)
             if p.stopped:
                 os.kill(p.proc.pid, signal.SIGCONT)
-        procs = [(p.name, p.proc) for p in self.live()] + ([("bootstrap", self.boot)] if self.boot else [])
-        for _, proc in procs:
+        stopping = [(p.name, p.proc) for p in self.live()] + [("bootstrap", self.boot)] * bool(self.boot)
+        kids = [(p.name, k) for p in self.peers.values() for k in p.kids.values()]
+        kids += [("bootstrap", k) for k in procs.descendants(self.boot.pid)] if self.boot else []
+        for _, proc in stopping:
             proc.send_signal(signal.SIGTERM)
         deadline = time.time() + 15
-        for name, proc in procs:
+        for name, proc in stopping:
             try:
                 code = proc.wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
@@ -196,10 +200,12 @@ class Chaos:
                 code = f"{proc.wait(10)}: SIGKILLed, still running 15 s after SIGTERM"
             if code != 0:
                 print(f"stop: {name} exited {code}")
-        time.sleep(5)
-        left = [(p.name, k) for p in self.peers.values() for k in p.kids.values() if not _is_gone(k)]
+        deadline = time.time() + 10
+        while any(not procs._is_gone(k) for _, k in kids) and time.time() < deadline:
+            time.sleep(0.2)
+        left = [(name, k) for name, k in kids if not procs._is_gone(k)]
         for name, k in left:
-            print(f"ORPHAN after stop, of {name}: {_describe(k)}")
+            print(f"ORPHAN after stop, of {name}: {procs._describe(k)}")
             k.kill()
         print(f"stopped everything; orphans after stop: {len(left)}")
 
@@ -220,7 +226,10 @@ def report(c: Chaos) -> None:
             if name in longest:
                 seen.setdefault(r["round"], set()).add(r["outcome"])
     split = [n for n, rs in by_round.items() if {"applied", "aborted"} <= {r["outcome"] for _, r in rs}]
-    diverged = [n for n, rs in by_round.items() if len({r["digest"] for _, r in rs if r["outcome"] == "applied"}) > 1]
+    solo = [f"round {r['round']}: {name} applied in a group of 1" for name, rs in rows.items() for r in rs
+            if r["outcome"] == "applied" and r["group_size"] == 1]   # there were always >= 3 peers up
+    diverged = [n for n, rs in by_round.items()
+                if len({r["digest"] for _, r in rs if r["outcome"] == "applied"}) > 1]
     kinds = {k: [f for f in c.faults if f["kind"] == k] for k in ("kill", "stop", "net")}
     survived = [sum(1 for f in fs if f["effect"] and c.applied_after(f["effect"])) for fs in kinds.values()]
     to_next, to_applied = [], []
@@ -228,26 +237,29 @@ def report(c: Chaos) -> None:
         after = [rs for rs in ([r for r in rows[n] if r["time"] > f["t"]] for n in clean) if rs]
         if after:
             to_next.append(max(rs[0]["time"] for rs in after) - f["t"])
-            applied = [r["time"] for rs in after for r in rs if r["outcome"] == "applied"]
-            to_applied += [min(applied) - f["t"]] if applied else []
+            ends = [next((r["time"] for r in rs if r["outcome"] == "applied"), None) for rs in after]
+            to_applied += [max(ends) - f["t"]] if all(ends) else []
     tracebacks = sum((c.root / f"{n}.log").read_text(errors="replace").count("Traceback") for n in c.peers)
+    applied = sum("applied" in s for s in seen.values())
+    aborted = sum("aborted" in s and "applied" not in s for s in seen.values())
     table = [
         ("longest-living peers (never killed)", ", ".join(longest) or "none"),
         ("rounds applied / aborted / only excluded, as they saw them",
-         f"{sum('applied' in s for s in seen.values())} / {sum(s >= {'aborted'} and 'applied' not in s for s in seen.values())}"
-         f" / {sum(s == {'excluded'} for s in seen.values())}"),
-        ("faults injected: all (kill, stop, net)", f"{len(c.faults)} ({', '.join(str(len(v)) for v in kinds.values())})"),
-        ("faults survived: all (kill, stop, net)", f"{sum(survived)} ({', '.join(map(str, survived))})"),
+         f"{applied} / {aborted} / {sum(s == {'excluded'} for s in seen.values())}"),
+        ("faults injected: all (kill, stop, net)", f"{len(c.faults)} {tuple(map(len, kinds.values()))}"),
+        ("faults survived: all (kill, stop, net)", f"{sum(survived)} {tuple(survived)}"),
         ("hangs: no round for 120 s, live and not stopped", len(c.hangs)),
         ("rounds with two applied digests (must be 0)", len(diverged)),
         ("rounds both applied and aborted (must be 0)", len(split)),
-        ("sum of the peers' own divergence counters", sum(rs[-1]["divergences"] for rs in rows.values() if rs)),
+        ("rounds applied by a group of 1 (swarm always >= 3 up)", len(solo)),
+        ("sum of the peers' own divergence counters", sum(r[-1]["divergences"] for r in rows.values() if r)),
         ("SIGKILL -> next round ends on survivors: median / max", fmt(to_next)),
         ("SIGKILL -> next applied round: median / max", fmt(to_applied)),
         ("orphans 15 s after a peer died", len(c.orphans)),
         ("tracebacks in peer logs", tracebacks),
     ]
-    print(f"\nchaos: {c.args.peers} peers, {(c.t_end - c.t0) / 60:.1f} min, seed {c.args.seed}, logs in {c.root}")
+    print(f"\nchaos: {c.args.peers} peers, {(c.t_end - c.t0) / 60:.1f} min, seed {c.args.seed}, "
+          f"logs in {c.root}")
     for key, value in table:
         print(f"  {key:<56} {value}")
     print("  peak RSS with children, MB: slot, first minute of its first process, last minute of its last")
@@ -256,20 +268,21 @@ def report(c: Chaos) -> None:
         first = [m for t, m in ps[0].mem if t - ps[0].started <= 60]
         last = [m for t, m in ps[-1].mem if t >= c.t_end - 60]
         print(f"    p{slot}  {max(first, default=0) / 2**20:6.0f}  {max(last, default=0) / 2**20:6.0f}")
-    for label, xs in (("first", [x for x in c.res if x[0] - c.t0 <= 60]), ("last", [x for x in c.res if x[0] >= c.t_end - 60])):
+    for label, xs in (("first", [x for x in c.res if x[0] - c.t0 <= 60]),
+                      ("last", [x for x in c.res if x[0] >= c.t_end - 60])):
         if xs:
             print(f"  p0, {label} minute: threads {max(x[1] for x in xs)}, open fds {max(x[2] for x in xs)}")
     for n in sorted(set(diverged) | set(split)):
-        print(f"  ! round {n}: " + "; ".join(f"{name} {r['outcome']} {r['group_size']} peers {r['digest'][:12]}"
-                                             for name, r in by_round[n]))
-    for line in c.hangs + c.orphans:
+        print(f"  ! round {n}: " + "; ".join(f"{name} {r['outcome']}, {r['group_size']} peers, "
+                                             f"{r['digest'][:12]}" for name, r in by_round[n]))
+    for line in solo + c.hangs + c.orphans:
         print("  ! " + line)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for flag, kind, default in (("peers", int, 5), ("faults", int, 100), ("minutes", float, 60), ("seed", int, 0),
-                                ("root", str, "")):   # root: logs and metrics (default: a new temp directory)
+    for flag, kind, default in (("peers", int, 5), ("faults", int, 100), ("minutes", float, 60),
+                                ("seed", int, 0), ("root", str, "")):   # root: default a new temp dir
         ap.add_argument(f"--{flag}", type=kind, default=default)
     args = ap.parse_args()
     if args.peers <= MIN_ALIVE:

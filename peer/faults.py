@@ -18,7 +18,7 @@ POINTS = ("inner_step", "before_average", "after_round",   # trainer thread
 @dataclass(frozen=True)
 class Fault:
     point: str
-    action: str            # "sleep" (seconds) or "kill" (SIGKILL to itself)
+    action: str            # "sleep" (seconds), "kill" (SIGKILL to itself) or "sigterm" (SIGTERM to itself)
     round: int | None = None   # None = every round
     seconds: float = 0.0
 
@@ -35,7 +35,7 @@ class FaultPlan:
         faults = []
         for item in json.loads(raw):
             fault = Fault(**item)
-            if fault.point not in POINTS or fault.action not in ("sleep", "kill"):
+            if fault.point not in POINTS or fault.action not in ("sleep", "kill", "sigterm"):
                 raise ValueError(f"DILOCO_FAULTS: bad fault {item}")
             faults.append(fault)
         log.warning("test fault plan active: %s", faults)
@@ -47,5 +47,5 @@ class FaultPlan:
                 if f.action == "sleep":
                     time.sleep(f.seconds)
                 else:
-                    log.warning("fault plan: killing myself at %s of round %d", point, round_)
-                    os.kill(os.getpid(), signal.SIGKILL)
+                    log.warning("fault plan: %s to myself at %s of round %d", f.action, point, round_)
+                    os.kill(os.getpid(), signal.SIGKILL if f.action == "kill" else signal.SIGTERM)

@@ -79,6 +79,8 @@ def run(cfg: PeerConfig, explicit: set[str]) -> int:
         return trainer.run()
     except Interrupted as e:
         log.info("%s received: leaving the swarm", e)
+        if node is not None:
+            node.drain(timeout_s=node.core.transfer_timeout_s())
         if trainer is not None:
             trainer.save_checkpoint("on exit")
         return EXIT_OK

@@ -239,7 +239,9 @@ class Trainer:
         # leader died): nobody applied unless a peer publishes round r+1 within a few seconds
         wait_s = STATE_TIMEOUT_S if outcome.kind == "excluded" else UNDECIDED_WAIT_S
         try:
-            return self.node.download_state(r + 1, wait_s)
+            new = self.node.download_state(r + 1, wait_s)
+            outcome.kind, outcome.reason = "excluded", f"{outcome.reason}; took the swarm's state instead"
+            return new
         except TimeoutError as e:
             log.warning("round %d: catching up failed (%s); going on from our own state", r, e)
             return GlobalState(state.theta, state.momentum, r + 1, state.global_samples)
@@ -284,7 +286,7 @@ class Trainer:
                "weight": weight, "total_weight": o.total_weight, "steps": stats.steps, "samples": stats.samples,
                "loss": _num(stats.loss), "eval_loss": _num(eval_loss), "samples_per_s": sps,
                "bytes_sent": o.bytes_sent, "bytes_received": o.bytes_received, "round_seconds": round_s,
-               "average_seconds": avg_s, "digest": state.digest(), "global_samples": state.global_samples,
+               "average_seconds": avg_s, "digest": state.digest(), "state_round": state.round, "global_samples": state.global_samples,
                "leader": o.roster.leader if o.roster is not None else "",
                "contributors": o.contributors, "dropped": o.dropped, "divergences": self.divergences,
                "time": time.time()}

@@ -87,6 +87,14 @@ class OwnedShard:
     all_in: asyncio.Event = field(default_factory=asyncio.Event)
     pending_residual: tuple | None = None   # (key, target, decoded): applied if the round commits
     task: asyncio.Future | None = None      # the reduction, referenced so it cannot be collected
+    served: set[str] = field(default_factory=set)  # members that fetched the result
+
+    def pending_fetches(self) -> set[str]:
+        """Members that have not fetched the result yet (empty when reducing failed)."""
+        if self.result.done() and self.result.exception() is not None:
+            return set()
+        members = {m.peer_id for m in self.roster.members}
+        return members - self.served - {self.roster.owners[self.index]}
 
     @property
     def bounds(self) -> tuple[int, int]:

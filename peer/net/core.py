@@ -203,6 +203,10 @@ class NetCore:
             return pb.JoinReply(status=pb.JoinReply.REJECTED, reason=why, current_round=self.round)
         ctx = self.ctx(r)
         assert ctx is not None
+        if ctx.roster.done() and (ctx.group is None or not ctx.group.closed):
+            # we are a member of a group another leader closed: a second group would split the round
+            return pb.JoinReply(status=pb.JoinReply.CLOSED, current_round=self.round,
+                                reason=f"round {r} closed (led by {ctx.roster.result().leader[-6:]})")
         if ctx.group is None:
             ctx.group = LeaderGroup(r, self.peer_id, self.spec.codec, self.numel)
         group = ctx.group
@@ -290,7 +294,10 @@ class NetCore:
         return ctx, roster
 
     async def handle_contribute(self, stream) -> pb.ContributeReply:
-        first = await asyncio.wait_for(stream.__anext__(), 30)
+        try:
+            first = await asyncio.wait_for(stream.__anext__(), self.transfer_timeout_s())
+        except StopAsyncIteration:
+            raise Reject(grpc.StatusCode.INVALID_ARGUMENT, "empty Contribute stream") from None
         h = first.header
         ctx, roster = await self.roster_of(h.round, h.roster_hash)
         codec = get_codec(roster.codec)
@@ -317,6 +324,7 @@ class NetCore:
         except RuntimeError as e:
             raise Reject(grpc.StatusCode.ABORTED, f"round {req.round}: {e}") from None
         self.faults.hit("serving_shard", req.round)
+        shard.served.add(req.requester)
         ctx.bytes_sent += len(payload)
         return ar.chunks(header, payload)
 
@@ -345,6 +353,25 @@ class NetCore:
             raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"offset {req.offset} is outside the state")
         self.faults.hit("serving_state", snap.header.round)
         return snap
+
+    async def drain(self, deadline: Deadline) -> None:
+        """Waits until the members fetched every shard result this peer owns (SIGTERM)."""
+        said = False
+        ctx = self.rounds.get(self.round)  # rounds before it committed: every member fetched them
+        while ctx is not None and not deadline.expired():
+            waiting = {j: shard.pending_fetches() for j, shard in ctx.owned.items()}
+            waiting = {j: v for j, v in waiting.items() if v}
+            deciding = ctx.group is not None and ctx.group.closed and not ctx.group.decision.done()
+            if not waiting and not deciding:
+                return
+            if not said:
+                log.info("round %d: leaving after serving %s", self.round, "; ".join(
+                    f"shard {j} to {', '.join(p[-6:] for p in sorted(v))}" for j, v in waiting.items()))
+                said = True
+            await asyncio.sleep(0.1)
+        if ctx is None:
+            return
+        raise TimeoutError("members did not fetch every owned shard before the deadline")
 
     def health(self) -> pb.HealthReply:
         return pb.HealthReply(peer_id=self.peer_id, run_id=self.run_id, round=self.round, spec_hash=self.spec_hash)

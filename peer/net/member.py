@@ -28,6 +28,10 @@ async def run_round(core: NetCore, r: int, delta: torch.Tensor, weight: float, s
                        weight=weight, samples=samples, client_mode=core.cfg.client_mode,
                        carried_weight=carried[0], carried_round=carried[1])
     try:
+        await core.refresh()  # a view from before a long step or a SIGSTOP would mislead the join
+    except Exception as e:
+        log.warning("round %d: DHT refresh before joining failed: %s; using the last view", r, e)
+    try:
         roster = await core.join_round(r, member, deadline)
     except (TimeoutError, RuntimeError) as e:
         return Outcome("excluded", reason=str(e))

@@ -129,12 +129,34 @@ class Node:
                             key=lambda r: (-r.state_round, r.peer_id))
             if donors:
                 try:
-                    return await download(self.core.channels, [(r.peer_id, r.addr) for r in donors], min_round,
-                                          self.peer_id, self.core.numel, self.core.spec_hash, deadline)
+                    state = await download(self.core.channels, [(r.peer_id, r.addr) for r in donors], min_round,
+                                           self.peer_id, self.core.numel, self.core.spec_hash, deadline)
+                    why = await self._disputed(state)
+                    if not why:
+                        return state
+                    last_error = why
+                    log.warning("downloaded state rejected: %s; asking again", why)
                 except RuntimeError as e:
                     last_error = str(e)
             await asyncio.sleep(0.5)
         raise TimeoutError(f"no state of round >= {min_round} within the deadline: {last_error}")
+
+    async def _disputed(self, state: GlobalState) -> str:
+        """Why a downloaded state is not the one most peers published ("" when it is, or when
+        fewer than two peers published a digest for its round yet)."""
+        raw = await swarm.read(self.dht, swarm.digest_key(self.cfg.run_id, state.round), 5.0)
+        best, count = swarm.majority_digest({p: d for p, d in raw.items() if isinstance(d, str)})
+        if best is None or count < 2 or best == state.digest():
+            return ""
+        return (f"the state of round {state.round} has digest {state.digest()[:12]}, "
+                f"{count} peers published {best[:12]}")
+
+    def drain(self, timeout_s: float) -> None:
+        """Before leaving: serves the shards this peer owns until every member fetched them."""
+        try:
+            self.net.call(self.core.drain(Deadline(timeout_s)), timeout_s + 2)
+        except Exception as e:
+            log.warning("stopped serving owned shards early: %s", e)
 
     def refresh(self) -> None:
         """Publishes our record and reads everyone's now, not at the next refresh tick."""
@@ -154,9 +176,22 @@ class Node:
             time.sleep(0.2)
 
     def begin_round(self, round_: int) -> None:
+        """Starts training for `round_` once the peers still finishing the round before have
+        moved on (at most a join window): a peer that started early would fill the round's
+        target alone and leave the others no step to contribute."""
         c = self.core
-        c.round, c.steps, c.samples, c.rate, c.training = round_, 0, 0, 0.0, True
-        c.others = (time.monotonic(), 0.0, 0.0)
+        c.round, c.steps, c.samples, c.rate, c.training = round_, 0, 0, 0.0, False
+        self.net.submit(c.publish())
+        deadline = Deadline(self.cfg.join_window_s)
+        while not deadline.expired():
+            behind = [r for r in c.live_peers(round_ - 1) if r.addr or r.client]
+            if not behind:
+                break
+            time.sleep(0.1)
+        else:
+            log.info("round %d: starting although %s still finish round %d", round_,
+                     ", ".join(r.peer_id[-6:] for r in behind), round_ - 1)
+        c.training, c.others = True, (time.monotonic(), 0.0, 0.0)
         self.round_started = time.monotonic()
         self.net.submit(c.publish())
 

@@ -72,6 +72,15 @@ class Swarm:
             time.sleep(0.1)
         return rows[round_]
 
+    def split_states(self, names) -> dict[int, set[str]]:
+        """State rounds for which the peers' metrics report more than one digest (must be empty:
+        whatever path a peer took to a round's state, it holds the same bytes)."""
+        seen: dict[int, set[str]] = {}
+        for name in names:
+            for row in self.metrics(name):
+                seen.setdefault(row["state_round"], set()).add(row["digest"])
+        return {r: d for r, d in seen.items() if len(d) > 1}
+
     def wait_exit(self, name: str, timeout_s: float) -> int:
         return self.procs[name].wait(timeout=timeout_s)
 
