@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -103,10 +104,11 @@ async def download(channels: Channels, donors: list[tuple[str, str]], min_round:
         peer_id, address = queue[0]
         req = pb.StateRequest(min_round=min_round, requester=me, offset=len(partial))
         try:
+            started = time.monotonic()
             state = await download_from(channels, address, req, expected_numel, spec_hash, partial, known_sha,
                                         deadline)
-            log.info("downloaded the state of round %d from %s (%s): %.1f MB",
-                     state.round, peer_id[-6:], address, 8 * expected_numel / 1e6)
+            log.info("downloaded the state of round %d from %s (%s): %.1f MB in %.2f s",
+                     state.round, peer_id[-6:], address, 8 * expected_numel / 1e6, time.monotonic() - started)
             return state
         except _OtherState:
             partial.clear()
