@@ -200,6 +200,8 @@ class Trainer:
         else:
             outcome = self.node.average(r, delta.clone(), weight, stats.samples, carried)
         new_state = self.adopt(self.finish(state, outcome))
+        if outcome.kind == "applied" or outcome.decided:
+            self.node.record_update(r, outcome, new_state.digest())
         self.carry_over(r, delta, weight, carried[1], outcome, new_state)
         avg_s = time.monotonic() - t_avg
         self.dump(r, state, delta, weight, outcome, new_state)
@@ -239,7 +241,7 @@ class Trainer:
         # leader died): nobody applied unless a peer publishes round r+1 within a few seconds
         wait_s = STATE_TIMEOUT_S if outcome.kind == "excluded" else UNDECIDED_WAIT_S
         try:
-            new = self.node.download_state(r + 1, wait_s)
+            new = self.node.catch_up(state, r + 1, wait_s)
             outcome.kind, outcome.reason = "excluded", f"{outcome.reason}; took the swarm's state instead"
             return new
         except TimeoutError as e:

@@ -222,3 +222,43 @@ class HealthReply(_message.Message):
     spec_hash: str
     version: str
     def __init__(self, peer_id: _Optional[str] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., spec_hash: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class UpdatesRequest(_message.Message):
+    __slots__ = ("from_round", "to_round", "requester")
+    FROM_ROUND_FIELD_NUMBER: _ClassVar[int]
+    TO_ROUND_FIELD_NUMBER: _ClassVar[int]
+    REQUESTER_FIELD_NUMBER: _ClassVar[int]
+    from_round: int
+    to_round: int
+    requester: str
+    def __init__(self, from_round: _Optional[int] = ..., to_round: _Optional[int] = ..., requester: _Optional[str] = ...) -> None: ...
+
+class UpdateHeader(_message.Message):
+    __slots__ = ("round", "applied", "codec", "shard_bounds", "shard_bytes", "samples", "num_bytes", "sha256", "digest_after")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    SHARD_BOUNDS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_AFTER_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    applied: bool
+    codec: str
+    shard_bounds: _containers.RepeatedScalarFieldContainer[int]
+    shard_bytes: _containers.RepeatedScalarFieldContainer[int]
+    samples: int
+    num_bytes: int
+    sha256: str
+    digest_after: str
+    def __init__(self, round: _Optional[int] = ..., applied: _Optional[bool] = ..., codec: _Optional[str] = ..., shard_bounds: _Optional[_Iterable[int]] = ..., shard_bytes: _Optional[_Iterable[int]] = ..., samples: _Optional[int] = ..., num_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., digest_after: _Optional[str] = ...) -> None: ...
+
+class UpdateChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: UpdateHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...

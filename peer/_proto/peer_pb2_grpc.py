@@ -64,6 +64,11 @@ class PeerStub:
                 request_serializer=peer__pb2.HealthRequest.SerializeToString,
                 response_deserializer=peer__pb2.HealthReply.FromString,
                 _registered_method=True)
+        self.GetUpdates = channel.unary_stream(
+                '/diloco.Peer/GetUpdates',
+                request_serializer=peer__pb2.UpdatesRequest.SerializeToString,
+                response_deserializer=peer__pb2.UpdateChunk.FromString,
+                _registered_method=True)
 
 
 class PeerServicer:
@@ -112,6 +117,14 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUpdates(self, request, context):
+        """Catch-up by replay: the averaged updates of the recent rounds, for a peer a few
+        rounds behind (much smaller than the state).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +157,11 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=peer__pb2.HealthRequest.FromString,
                     response_serializer=peer__pb2.HealthReply.SerializeToString,
+            ),
+            'GetUpdates': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetUpdates,
+                    request_deserializer=peer__pb2.UpdatesRequest.FromString,
+                    response_serializer=peer__pb2.UpdateChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +326,33 @@ class Peer:
             '/diloco.Peer/Health',
             peer__pb2.HealthRequest.SerializeToString,
             peer__pb2.HealthReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUpdates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/diloco.Peer/GetUpdates',
+            peer__pb2.UpdatesRequest.SerializeToString,
+            peer__pb2.UpdateChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,6 +24,7 @@ from peer.net import swarm
 from peer.net.client import Channels, describe_rpc_error
 from peer.net.deadlines import Deadlines
 from peer.net.loop import Deadline
+from peer.net.replay import UpdateLog
 from peer.net.round import LeaderGroup, leader_rank
 from peer.net.server import Reject
 from peer.net.state_sync import StateSnapshot
@@ -61,6 +62,7 @@ class Outcome:
     bytes_sent: int = 0
     bytes_received: int = 0
     dropped: list[str] = field(default_factory=list)
+    payloads: list[bytes] = field(default_factory=list)   # the reduced shards' bytes, in shard order
 
 
 MAX_CARRY_ROUNDS = 3    # carried work older than this many rounds is refused
@@ -100,6 +102,7 @@ class NetCore:
         self.snapshot: StateSnapshot | None = None
         self.ef, self.owner_ef = ErrorFeedback(), ErrorFeedback()
         self.last_refresh_error = ""
+        self.updates = UpdateLog()
         self.faults = FaultPlan.from_env()
         self.deadlines = Deadlines(cfg.timeout_floor_s, cfg.timeout_ceiling_s)
         self.spec_record: dict | None = None  # the adopted spec proposal, re-published by every peer
@@ -372,6 +375,13 @@ class NetCore:
         if ctx is None:
             return
         raise TimeoutError("members did not fetch every owned shard before the deadline")
+
+    async def handle_get_updates(self, req: pb.UpdatesRequest) -> list[pb.UpdateChunk]:
+        chunks = self.updates.chunks(req.from_round, req.to_round)
+        if chunks is None:
+            raise Reject(grpc.StatusCode.FAILED_PRECONDITION,
+                         f"updates {req.from_round}..{req.to_round - 1} wanted, this peer keeps {self.updates.span()}")
+        return chunks
 
     def health(self) -> pb.HealthReply:
         return pb.HealthReply(peer_id=self.peer_id, run_id=self.run_id, round=self.round, spec_hash=self.spec_hash)

@@ -70,6 +70,7 @@ async def run_round(core: NetCore, r: int, delta: torch.Tensor, weight: float, s
     members = {m.peer_id: m for m in roster.members}
     out.kind, out.reason = "applied", decision.reason
     out.avg = torch.cat([s.values for s in shards])
+    out.payloads = [s.payload for s in shards]
     out.contributors = sorted(everywhere)
     out.dropped = sorted(set(members) - everywhere)
     out.total_weight = float(sum(members[p].weight for p in out.contributors))

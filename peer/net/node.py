@@ -17,6 +17,7 @@ from peer.net import swarm
 from peer.net.core import NetCore, Outcome
 from peer.net.loop import Deadline, NetLoop
 from peer.net.member import run_round
+from peer.net.replay import KEEP_ROUNDS, replay
 from peer.net.server import start_server
 from peer.net.state_sync import StateSnapshot, download
 from peer.outer import GlobalState
@@ -140,6 +141,46 @@ class Node:
                     last_error = str(e)
             await asyncio.sleep(0.5)
         raise TimeoutError(f"no state of round >= {min_round} within the deadline: {last_error}")
+
+    def catch_up(self, state: GlobalState, min_round: int, timeout_s: float) -> GlobalState:
+        """The swarm's state of round >= min_round: by replaying the recent updates when a donor
+        keeps them all (a few rounds behind), else by downloading the state."""
+        return self.net.call(self._catch_up(state, min_round, Deadline(timeout_s)), timeout_s + 5)
+
+    async def _catch_up(self, state: GlobalState, min_round: int, deadline: Deadline) -> GlobalState:
+        spec = self.core.spec
+        assert spec is not None
+        donors: list = []
+        while not deadline.expired():
+            await self.core.refresh()
+            donors = sorted((r for r in self.core.live_peers() if r.state_round >= min_round and r.addr),
+                            key=lambda r: (-r.state_round, r.peer_id))
+            if donors:
+                break
+            await asyncio.sleep(0.5)
+        for donor in donors[:2]:
+            if donor.state_round - state.round > KEEP_ROUNDS:
+                break
+            try:
+                new = await replay(self.core.channels, (donor.peer_id, donor.addr), state, donor.state_round,
+                                   spec.outer_lr, spec.outer_momentum, deadline)
+                why = await self._disputed(new)
+                if not why:
+                    return new
+                log.warning("replayed state rejected: %s", why)
+            except (ValueError, asyncio.TimeoutError) as e:
+                log.info("replaying the updates of %s failed (%s); trying another way", donor.peer_id[-6:], e)
+        return await self._download(min_round, deadline)
+
+    def record_update(self, round_: int, outcome: Outcome, digest_after: str) -> None:
+        """Keeps the update of a round this peer applied (or saw aborted) for replay by others."""
+        roster = outcome.roster
+        if roster is None or outcome.kind not in ("applied", "aborted"):
+            return
+        applied = outcome.kind == "applied"
+        self.net.loop.call_soon_threadsafe(
+            self.core.updates.add, round_, applied, roster.codec, list(roster.shard_bounds),
+            outcome.payloads if applied else [], outcome.samples if applied else 0, digest_after)
 
     async def _disputed(self, state: GlobalState) -> str:
         """Why a downloaded state is not the one most peers published ("" when it is, or when

@@ -62,6 +62,11 @@ class Servicer(peer_pb2_grpc.PeerServicer):
         for chunk in snapshot.chunks(request.offset):
             await context.write(chunk)
 
+    async def GetUpdates(self, request: pb.UpdatesRequest, context):
+        chunks = await self._guard(context, "GetUpdates", self.core.handle_get_updates(request))
+        for chunk in chunks or ():
+            await context.write(chunk)
+
     async def Health(self, request: pb.HealthRequest, context):
         return self.core.health()
 
