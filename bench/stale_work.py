@@ -1,5 +1,5 @@
 """Effect of --stale-work (drop vs carry) on the eval loss: 3 peers of the tiny model, one of
-which misses most rounds (it sleeps before joining, from a test fault plan), for a fixed
+which misses every other round (it sleeps before joining, from a test fault plan), for a fixed
 number of rounds; prints the eval loss the swarm reaches with each setting. Not a test.
 
     .venv/bin/python bench/stale_work.py [--rounds 12] [--repeats 1]
@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 LOCAL = ["--dht-host-maddrs", "/ip4/127.0.0.1/tcp/0", "--host", "127.0.0.1", "--threads", "1"]
-LATE = '[{"point": "before_average", "action": "sleep", "seconds": 3.5}]'
+# the late peer arrives after the group closed in every other round (even rounds)
+LATE = json.dumps([{"point": "before_average", "action": "sleep", "seconds": 3.5, "round": r} for r in range(0, 60, 2)])
 
 
 def run(root: Path, mode: str, rounds: int, seed: int) -> dict:
