@@ -7,46 +7,23 @@ node + peers on 127.0.0.1), once per codec. Prints a table; not a test.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-LOCAL = ["--dht-host-maddrs", "/ip4/127.0.0.1/tcp/0", "--host", "127.0.0.1", "--threads", "1"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from local_swarm import LocalSwarm  # noqa: E402
 
 
 def run_swarm(root: Path, codec: str, model: str, rounds: int, peers: int, target: int) -> list[list[dict]]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    procs = []
-    try:
-        boot_log = root / "bootstrap.log"
-        procs.append(subprocess.Popen([sys.executable, "-m", "bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"],
-                                      stdout=open(boot_log, "wb"), stderr=subprocess.STDOUT, env=env))
-        deadline = time.monotonic() + 60
-        while not (m := re.search(r"Join through: (\S+)", boot_log.read_text())):
-            if time.monotonic() > deadline:
-                raise TimeoutError("bootstrap node did not start")
-            time.sleep(0.2)
-        run = ["--model", model, "--codec", codec, "--target-steps", str(target), "--min-peers", str(peers),
-               "--max-rounds", str(rounds), "--eval-batches", "1", "--batch-size", "4", "--run-id", f"bench-{codec}"]
-        for i in range(peers):
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "peer.cli", *LOCAL, *run, "--initial-peers", m.group(1),
-                 "--metrics-file", str(root / f"p{i}.jsonl")],
-                stdout=open(root / f"p{i}.log", "wb"), stderr=subprocess.STDOUT, env=env))
-        for p in procs[1:]:
-            p.wait(timeout=1800)
-        return [[json.loads(x) for x in (root / f"p{i}.jsonl").read_text().splitlines()] for i in range(peers)]
-    finally:
+    run = ["--model", model, "--codec", codec, "--target-steps", str(target), "--min-peers", str(peers),
+           "--max-rounds", str(rounds), "--eval-batches", "1", "--batch-size", "4", "--run-id", f"bench-{codec}"]
+    with LocalSwarm(root) as swarm:
+        procs = [swarm.peer(f"p{i}", run) for i in range(peers)]
         for p in procs:
-            if p.poll() is None:
-                p.terminate()
-                p.wait(15)
+            p.wait(timeout=1800)
+        return [swarm.metrics(f"p{i}") for i in range(peers)]
 
 
 def main() -> None:

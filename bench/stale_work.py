@@ -9,52 +9,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-LOCAL = ["--dht-host-maddrs", "/ip4/127.0.0.1/tcp/0", "--host", "127.0.0.1", "--threads", "1"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from local_swarm import LocalSwarm  # noqa: E402
+
 # the late peer arrives after the group closed in every other round (even rounds)
 LATE = json.dumps([{"point": "before_average", "action": "sleep", "seconds": 3.5, "round": r} for r in range(0, 60, 2)])
 
 
 def run(root: Path, mode: str, rounds: int, seed: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    procs = []
-    try:
-        boot = root / "bootstrap.log"
-        procs.append(subprocess.Popen([sys.executable, "-m", "bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0"],
-                                      stdout=open(boot, "wb"), stderr=subprocess.STDOUT, env=env))
-        deadline = time.monotonic() + 60
-        while not (m := re.search(r"Join through: (\S+)", boot.read_text())):
-            if time.monotonic() > deadline:
-                raise TimeoutError("bootstrap node did not start")
-            time.sleep(0.2)
-        spec = ["--model", "tiny", "--codec", "int8", "--target-steps", "120", "--min-peers", "3",
-                "--join-window-s", "1.5", "--stale-work", mode, "--batch-size", "4", "--eval-batches", "16",
-                "--run-id", f"stale-{mode}", "--model-seed", str(seed)]
-        for i in range(3):
-            extra = {"DILOCO_FAULTS": LATE} if i == 2 else {}
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "peer.cli", *LOCAL, *spec, "--initial-peers", m.group(1), "--seed", str(seed + i),
-                 "--max-rounds", str(rounds if i < 2 else rounds + 5), "--metrics-file", str(root / f"p{i}.jsonl")],
-                stdout=open(root / f"p{i}.log", "wb"), stderr=subprocess.STDOUT, env={**env, **extra}))
-        for p in procs[1:3]:
+    spec = ["--model", "tiny", "--codec", "int8", "--target-steps", "120", "--min-peers", "3",
+            "--join-window-s", "1.5", "--stale-work", mode, "--batch-size", "4", "--eval-batches", "16",
+            "--run-id", f"stale-{mode}", "--model-seed", str(seed)]
+    with LocalSwarm(root) as swarm:
+        procs = [swarm.peer(f"p{i}", [*spec, "--seed", str(seed + i), "--max-rounds", str(rounds if i < 2 else rounds + 5)],
+                            {"DILOCO_FAULTS": LATE} if i == 2 else {}) for i in range(3)]
+        for p in procs[:2]:
             p.wait(timeout=1800)
-        rows = [json.loads(x) for x in (root / "p0.jsonl").read_text().splitlines()]
-        late = [json.loads(x) for x in (root / "p2.jsonl").read_text().splitlines()]
-        return {"eval": rows[-1]["eval_loss"], "missed": sum(r["outcome"] == "excluded" for r in late),
+        late = swarm.metrics("p2")
+        return {"eval": swarm.metrics("p0")[-1]["eval_loss"], "missed": sum(r["outcome"] == "excluded" for r in late),
                 "late_rounds": len(late), "carried": (root / "p2.log").read_text().count("carrying")}
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-                p.wait(15)
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 POINTS = ("inner_step", "before_average", "after_round",   # trainer thread
-          "after_join", "after_send", "serving_shard", "leader_commit", "serving_state")  # network loop: kill only
+          "after_join", "after_send", "serving_shard", "served_shard", "leader_commit", "serving_state")  # network loop: kill only
 
 
 @dataclass(frozen=True)
@@ -21,11 +21,13 @@ class Fault:
     action: str            # "sleep" (seconds), "kill" (SIGKILL to itself) or "sigterm" (SIGTERM to itself)
     round: int | None = None   # None = every round
     seconds: float = 0.0
+    skip: int = 0              # let this many hits pass before acting
 
 
 class FaultPlan:
     def __init__(self, faults: list[Fault]):
         self.faults = faults
+        self.hits = [0] * len(faults)
 
     @classmethod
     def from_env(cls) -> FaultPlan:
@@ -42,8 +44,11 @@ class FaultPlan:
         return cls(faults)
 
     def hit(self, point: str, round_: int) -> None:
-        for f in self.faults:
+        for i, f in enumerate(self.faults):
             if f.point == point and (f.round is None or f.round == round_):
+                self.hits[i] += 1
+                if self.hits[i] <= f.skip:
+                    continue
                 if f.action == "sleep":
                     time.sleep(f.seconds)
                 else:

@@ -43,6 +43,7 @@ class RoundCtx:
     roster: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     group: LeaderGroup | None = None
     owned: dict[int, ar.OwnedShard] = field(default_factory=dict)
+    fetched: dict[int, tuple[pb.ShardHeader, bytes]] = field(default_factory=dict)  # results we pulled
     bytes_sent: int = 0
     bytes_received: int = 0
 
@@ -318,8 +319,12 @@ class NetCore:
     async def handle_get_shard(self, req: pb.ShardRequest) -> list[pb.ShardChunk]:
         ctx, roster = await self.roster_of(req.round, req.roster_hash)
         shard = ctx.owned.get(req.shard)
-        if shard is None:
-            raise Reject(grpc.StatusCode.NOT_FOUND, f"round {req.round}: shard {req.shard} is not owned here")
+        if shard is None:  # serve it again if we pulled it: its owner may have died
+            if req.shard not in ctx.fetched:
+                raise Reject(grpc.StatusCode.NOT_FOUND, f"round {req.round}: shard {req.shard} is not held here")
+            header, payload = ctx.fetched[req.shard]
+            ctx.bytes_sent += len(payload)
+            return ar.chunks(header, payload)
         try:
             header, payload = await asyncio.wait_for(asyncio.shield(shard.result), min(req.wait_s, 600))
         except asyncio.TimeoutError:

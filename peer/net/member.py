@@ -101,33 +101,65 @@ async def send_shard(core: NetCore, ctx, roster: pb.Roster, j: int, payload: byt
 
 
 async def fetch_shard(core: NetCore, ctx, roster: pb.Roster, j: int, deadline: Deadline) -> ar.ShardResult:
-    """Pulls the reduced shard j, checks its header and bytes, and decodes it."""
+    """Pulls the reduced shard j from its owner; when the owner fails, from any member that
+    fetched it already (the same bytes: the header's sha256 is checked). Decodes it."""
     owner = roster.owners[j]
     codec = get_codec(roster.codec)
     wait_s = min(deadline.left(0.1), 2 * core.transfer_timeout_s())
     if owner == core.peer_id:
         header, payload = await asyncio.wait_for(asyncio.shield(ctx.owned[j].result), wait_s)
     else:
-        address = next(m.address for m in roster.members if m.peer_id == owner)
-        req = pb.ShardRequest(round=roster.round, roster_hash=roster.hash, shard=j, requester=core.peer_id,
-                              wait_s=wait_s)
         try:
-            call = core.channels.stub(address).GetShard(req, timeout=wait_s + 5)
-            first = await call.read()
-            if first is grpc.aio.EOF:
-                raise ValueError(f"owner {owner[-6:]} sent nothing")
-            why = ar.check_header(first.header, roster, codec, reduced=True)
-            if why:
-                raise ValueError(f"owner {owner[-6:]}: {why}")
-            started = time.monotonic()  # the owner may hold the call until the shard is reduced: time the bytes
-            payload = await ar.read_payload(first, ar.rest_of(call), first.header.num_bytes)
-            core.deadlines.observe(len(payload) - len(first.data), time.monotonic() - started)
-        except grpc.aio.AioRpcError as e:
-            raise RuntimeError(f"owner {owner[-6:]}: {describe_rpc_error(e)}") from None
-        header = first.header
+            header, payload = await pull_shard(core, roster, j, owner, wait_s)
+        except RuntimeError as e:
+            header, payload = await pull_from_members(core, roster, j, deadline, str(e))
         ctx.bytes_received += len(payload)
+    ctx.fetched[j] = (header, payload)
     values = await asyncio.get_running_loop().run_in_executor(None, codec.decode, payload, header.numel)
     return ar.ShardResult(header, payload, values)
+
+
+async def pull_shard(core: NetCore, roster: pb.Roster, j: int, source: str, wait_s: float
+                     ) -> tuple[pb.ShardHeader, bytes]:
+    """One GetShard call to `source` (the owner or a member holding the result)."""
+    address = next(m.address for m in roster.members if m.peer_id == source)
+    req = pb.ShardRequest(round=roster.round, roster_hash=roster.hash, shard=j, requester=core.peer_id, wait_s=wait_s)
+    try:
+        call = core.channels.stub(address).GetShard(req, timeout=wait_s + 5)
+        first = await call.read()
+        if first is grpc.aio.EOF:
+            raise RuntimeError(f"{source[-6:]} sent nothing")
+        why = ar.check_header(first.header, roster, get_codec(roster.codec), reduced=True)
+        if why:
+            raise RuntimeError(f"{source[-6:]}: {why}")
+        started = time.monotonic()  # the owner may hold the call until the shard is reduced: time the bytes
+        payload = await ar.read_payload(first, ar.rest_of(call), first.header.num_bytes)
+        core.deadlines.observe(len(payload) - len(first.data), time.monotonic() - started)
+    except grpc.aio.AioRpcError as e:
+        raise RuntimeError(f"{source[-6:]}: {describe_rpc_error(e)}") from None
+    except ValueError as e:
+        raise RuntimeError(f"{source[-6:]}: {e}") from None
+    return first.header, payload
+
+
+async def pull_from_members(core: NetCore, roster: pb.Roster, j: int, deadline: Deadline, owner_error: str
+                            ) -> tuple[pb.ShardHeader, bytes]:
+    """The owner of shard j failed: asks the other serving members, which may have fetched it."""
+    others = [m.peer_id for m in roster.members
+              if m.peer_id not in (core.peer_id, roster.owners[j]) and not m.client_mode]
+    errors = [f"owner {owner_error}"]
+    deadline = deadline.sub(core.transfer_timeout_s())  # they fetch at about the same time as we do
+    while others and not deadline.expired():
+        for source in others:
+            try:
+                found = await pull_shard(core, roster, j, source, min(1.0, deadline.left(0.1)))
+                log.info("round %d: shard %d served again by %s (its owner failed: %s)",
+                         roster.round, j, source[-6:], owner_error)
+                return found
+            except RuntimeError as e:
+                errors.append(str(e))
+        await asyncio.sleep(0.5)
+    raise RuntimeError("; ".join(errors[:3]))
 
 
 async def commit(core: NetCore, roster: pb.Roster, report: pb.CommitRequest, deadline: Deadline

@@ -51,6 +51,7 @@ class Servicer(peer_pb2_grpc.PeerServicer):
         chunks = await self._guard(context, "GetShard", self.core.handle_get_shard(request))
         for chunk in chunks or ():
             await context.write(chunk)
+        self.core.faults.hit("served_shard", request.round)
 
     async def Commit(self, request: pb.CommitRequest, context):
         return await self._guard(context, "Commit", self.core.handle_commit(request))

@@ -70,6 +70,25 @@ def test_kill_mid_round(swarm, point, timeout_s):
     assert slowest < 90
 
 
+def test_owner_dead_after_serving_some_members_round_still_applies(swarm):
+    """An owner that dies after serving its shard to two members: the third gets the same
+    bytes from one of them, and the round applies everywhere. (If the victim happened to
+    lead that round, no decision can come; a new victim is started.)"""
+    plan = [{"point": "served_shard", "action": "kill", "skip": 1}]
+    for attempt in range(3):
+        name = f"half-server-{attempt}"
+        proc = swarm.start_peer(name, env={"DILOCO_FAULTS": json.dumps(plan)})
+        assert proc.wait(timeout=120) == -9, swarm.log(name)[-3000:]
+        died_in = int(re.search(r"kill to myself at served_shard of round (\d+)", swarm.log(name)).group(1))
+        rows = [swarm.wait_round(n, died_in, 60) for n in STABLE]
+        victim_id = re.search(r"Join through: \S+/p2p/(\S+)", swarm.log(name)).group(1)
+        if not any(f"no decision from leader {victim_id[-6:]}" in swarm.log(n) for n in STABLE):
+            break
+    assert {r["outcome"] for r in rows} == {"applied"}, [(r["outcome"], r["group_size"]) for r in rows]
+    assert len({r["digest"] for r in rows}) == 1
+    assert any("served again by" in swarm.log(n) for n in STABLE)
+
+
 def test_loss_still_falls(swarm):
     rows = swarm.metrics("a")
     assert rows[-1]["eval_loss"] < rows[0]["eval_loss"] - 0.3
