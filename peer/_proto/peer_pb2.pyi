@@ -210,18 +210,20 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("peer_id", "run_id", "round", "spec_hash", "version")
+    __slots__ = ("peer_id", "run_id", "round", "spec_hash", "version", "group_leader")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SPEC_HASH_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    GROUP_LEADER_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     run_id: str
     round: int
     spec_hash: str
     version: str
-    def __init__(self, peer_id: _Optional[str] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., spec_hash: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+    group_leader: str
+    def __init__(self, peer_id: _Optional[str] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., spec_hash: _Optional[str] = ..., version: _Optional[str] = ..., group_leader: _Optional[str] = ...) -> None: ...
 
 class UpdatesRequest(_message.Message):
     __slots__ = ("from_round", "to_round", "requester")

@@ -25,7 +25,7 @@ from peer.net.client import Channels, describe_rpc_error
 from peer.net.deadlines import Deadlines
 from peer.net.loop import Deadline
 from peer.net.replay import UpdateLog
-from peer.net.round import LeaderGroup, leader_rank
+from peer.net.round import ClosedElsewhere, LeaderGroup, leader_rank
 from peer.net.server import Reject
 from peer.net.state_sync import StateSnapshot
 
@@ -219,6 +219,17 @@ class NetCore:
         group.add(req.member)
         deadline = Deadline(self.cfg.join_window_s + 10)
         while not group.maybe_close(self.expected_members(r), self.cfg.join_window_s):
+            missing = group.window_over(self.expected_members(r), self.cfg.join_window_s)
+            if missing and not group.probed and not group.probing:
+                group.probing = True
+                try:
+                    other = await self.group_elsewhere(r, missing)
+                finally:
+                    group.probing, group.probed = False, True
+                if other and not group.closed:
+                    log.info("round %d: %s are in a group led by %s; closing ours without forming it",
+                             r, ", ".join(p[-6:] for p in sorted(missing)), other[-6:])
+                    group.roster.set_exception(ClosedElsewhere(other))
             if deadline.expired():
                 raise TimeoutError(f"round {r}: group did not close")
             best = self.candidates(r, set(req.skip))
@@ -227,7 +238,11 @@ class NetCore:
                 return pb.JoinReply(status=pb.JoinReply.REDIRECT, redirect_peer_id=best[0][0],
                                     redirect_address=best[0][1], current_round=self.round)
             await asyncio.sleep(0.05)
-        roster = await group.roster
+        try:
+            roster = await group.roster
+        except ClosedElsewhere as e:
+            return pb.JoinReply(status=pb.JoinReply.CLOSED, current_round=self.round,
+                                reason=f"round {r} closed (led by {str(e)[-6:]})")
         if req.member.peer_id not in {m.peer_id for m in roster.members}:
             return pb.JoinReply(status=pb.JoinReply.CLOSED, current_round=self.round, reason="round closed")
         return pb.JoinReply(status=pb.JoinReply.OK, roster=roster)
@@ -338,7 +353,7 @@ class NetCore:
 
     async def handle_commit(self, req: pb.CommitRequest) -> pb.CommitReply:
         ctx = self.ctx(req.round)
-        if ctx is None or ctx.group is None or not ctx.group.closed:
+        if ctx is None or ctx.group is None or not ctx.group.closed or ctx.group.roster.exception() is not None:
             raise Reject(grpc.StatusCode.FAILED_PRECONDITION, f"round {req.round}: this peer leads no group")
         group = ctx.group
         if group.roster.result().hash != req.roster_hash:
@@ -389,7 +404,24 @@ class NetCore:
         return chunks
 
     def health(self) -> pb.HealthReply:
-        return pb.HealthReply(peer_id=self.peer_id, run_id=self.run_id, round=self.round, spec_hash=self.spec_hash)
+        ctx = self.rounds.get(self.round)
+        leader = ctx.roster.result().leader if ctx is not None and ctx.roster.done() else ""
+        return pb.HealthReply(peer_id=self.peer_id, run_id=self.run_id, round=self.round, spec_hash=self.spec_hash,
+                              group_leader=leader)
+
+    async def group_elsewhere(self, r: int, missing: set[str]) -> str:
+        """The leader of another group of round `r` that some of `missing` belong to, or ""."""
+        addrs = [rec.addr for p, rec in self.view.items() if p in missing and rec.addr][:3]
+
+        async def ask(addr: str) -> str:
+            try:
+                h = await self.channels.stub(addr).Health(pb.HealthRequest(), timeout=1.0)
+            except grpc.aio.AioRpcError:
+                return ""
+            return h.group_leader if h.round == r and h.group_leader not in ("", self.peer_id) else ""
+
+        found = [x for x in await asyncio.gather(*(ask(a) for a in addrs)) if x]
+        return found[0] if found else ""
 
     def transfer_timeout_s(self) -> float:
         """Seconds any one transfer of a round may take, from the measured rate (see deadlines.py)."""

@@ -43,6 +43,10 @@ def make_roster(round_: int, leader: str, members: list[pb.Member], codec: str, 
     return r
 
 
+class ClosedElsewhere(Exception):
+    """The peers this group waited for are in another group of the same round."""
+
+
 class LeaderGroup:
     """The leader's view of one round: who joined, the roster once closed, the commit."""
 
@@ -54,6 +58,8 @@ class LeaderGroup:
         self.reports: dict[str, pb.CommitRequest] = {}
         self.decision: asyncio.Future[pb.CommitReply] = asyncio.get_running_loop().create_future()
         self.first_report_at: float | None = None
+        self.probing = False          # asking missing members whether they are in another group
+        self.probed = False
 
     @property
     def closed(self) -> bool:
@@ -70,7 +76,7 @@ class LeaderGroup:
             return self.closed
         waited = time.monotonic() - self.first_join_at
         missing = expected - set(self.members)
-        if missing and waited < window_s:
+        if (missing and waited < window_s) or self.probing:
             return False
         if not any(not m.client_mode for m in self.members.values()):
             self.roster.set_exception(RuntimeError("no serving member joined: every joiner is in client mode"))
@@ -81,6 +87,12 @@ class LeaderGroup:
         self.roster.set_result(make_roster(self.round, self.leader, list(self.members.values()),
                                            self.codec, self.numel))
         return True
+
+    def window_over(self, expected: set[str], window_s: float) -> set[str]:
+        """The expected peers still missing once the join window has passed (else empty)."""
+        if self.closed or self.first_join_at is None or time.monotonic() - self.first_join_at < window_s:
+            return set()
+        return expected - set(self.members)
 
     def add_report(self, report: pb.CommitRequest) -> None:
         self.reports[report.peer_id] = report
