@@ -219,6 +219,9 @@ class NetCore:
         group.add(req.member)
         deadline = Deadline(self.cfg.join_window_s + 10)
         while not group.maybe_close(self.expected_members(r), self.cfg.join_window_s):
+            if self.swarm_round() > r and not group.closed:  # the swarm finished round r without this group
+                group.roster.set_exception(ClosedElsewhere(f"the swarm at round {self.swarm_round()}"))
+                break
             missing = group.window_over(self.expected_members(r), self.cfg.join_window_s)
             if missing and not group.probed and not group.probing:
                 group.probing = True
@@ -229,7 +232,7 @@ class NetCore:
                 if other and not group.closed:
                     log.info("round %d: %s are in a group led by %s; closing ours without forming it",
                              r, ", ".join(p[-6:] for p in sorted(missing)), other[-6:])
-                    group.roster.set_exception(ClosedElsewhere(other))
+                    group.roster.set_exception(ClosedElsewhere(f"its group is led by {other[-6:]}"))
             if deadline.expired():
                 raise TimeoutError(f"round {r}: group did not close")
             best = self.candidates(r, set(req.skip))
@@ -242,7 +245,7 @@ class NetCore:
             roster = await group.roster
         except ClosedElsewhere as e:
             return pb.JoinReply(status=pb.JoinReply.CLOSED, current_round=self.round,
-                                reason=f"round {r} closed (led by {str(e)[-6:]})")
+                                reason=f"round {r} closed elsewhere ({e})")
         if req.member.peer_id not in {m.peer_id for m in roster.members}:
             return pb.JoinReply(status=pb.JoinReply.CLOSED, current_round=self.round, reason="round closed")
         return pb.JoinReply(status=pb.JoinReply.OK, roster=roster)
@@ -418,6 +421,8 @@ class NetCore:
                 h = await self.channels.stub(addr).Health(pb.HealthRequest(), timeout=1.0)
             except grpc.aio.AioRpcError:
                 return ""
+            if h.round > r:  # it finished round r already
+                return h.peer_id
             return h.group_leader if h.round == r and h.group_leader not in ("", self.peer_id) else ""
 
         found = [x for x in await asyncio.gather(*(ask(a) for a in addrs)) if x]
