@@ -18,8 +18,7 @@ import torch
 from peer.checkpoint import Checkpoint, latest, save_round
 from peer.config import ConfigError, PeerConfig, RunSpec
 from peer.faults import FaultPlan
-from peer.net.core import MAX_CARRY_ROUNDS, Outcome
-from peer.net.node import Node
+from peer.net.node import MAX_CARRY_ROUNDS, Node, Outcome
 from peer.outer import GlobalState, assign_flat_, flatten_params, outer_step, pseudo_gradient
 from peer.tasks import BatchStream, ByteCorpus, build_model, eval_batches, inner_lr, start_position
 

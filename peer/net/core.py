@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 
 import grpc
 import hivemind
-import torch
 from hivemind.utils import get_dht_time
 
 from peer._proto import peer_pb2 as pb
@@ -25,7 +23,7 @@ from peer.net.client import Channels, describe_rpc_error
 from peer.net.deadlines import Deadlines
 from peer.net.loop import Deadline
 from peer.net.replay import UpdateLog
-from peer.net.round import ClosedElsewhere, LeaderGroup, leader_rank
+from peer.net.round import ClosedElsewhere, LeaderGroup, check_member, leader_rank
 from peer.net.server import Reject
 from peer.net.state_sync import StateSnapshot
 
@@ -46,42 +44,6 @@ class RoundCtx:
     fetched: dict[int, tuple[pb.ShardHeader, bytes]] = field(default_factory=dict)  # results we pulled
     bytes_sent: int = 0
     bytes_received: int = 0
-
-
-@dataclass
-class Outcome:
-    """How a round ended for this peer: applied, aborted (by everyone) or excluded."""
-
-    kind: str
-    reason: str = ""
-    decided: bool = False   # the leader's decision was heard (an abort by everyone)
-    avg: torch.Tensor | None = None
-    roster: pb.Roster | None = None
-    contributors: list[str] = field(default_factory=list)   # contributed to every shard
-    total_weight: float = 0.0
-    samples: int = 0
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    dropped: list[str] = field(default_factory=list)
-    payloads: list[bytes] = field(default_factory=list)   # the reduced shards' bytes, in shard order
-
-
-MAX_CARRY_ROUNDS = 3    # carried work older than this many rounds is refused
-
-
-def check_member(m: pb.Member, round_: int) -> str:
-    """Why a joiner's claim is not acceptable ("" when it is): weights finite and positive,
-    carried work no heavier than the fresh work and from one of the last few rounds."""
-    if not (math.isfinite(m.weight) and m.weight > 0 and m.samples >= 0):
-        return f"weight {m.weight} / samples {m.samples} are not a positive, finite claim"
-    fresh = m.weight - m.carried_weight
-    if m.carried_weight < 0 or m.carried_weight > fresh:
-        return f"carried weight {m.carried_weight} exceeds its fresh weight {fresh}"
-    if m.carried_weight > 0 and not round_ - MAX_CARRY_ROUNDS <= m.carried_round < round_:
-        return f"carried work from round {m.carried_round} is not from the last {MAX_CARRY_ROUNDS} rounds"
-    if not m.peer_id or (not m.client_mode and not m.address):
-        return "a serving member needs a peer id and an address"
-    return ""
 
 
 class NetCore:

@@ -14,8 +14,9 @@ from peer._proto import peer_pb2 as pb
 from peer.codecs import get_codec
 from peer.net import allreduce as ar
 from peer.net.client import describe_rpc_error
-from peer.net.core import NetCore, Outcome
+from peer.net.core import NetCore
 from peer.net.loop import Deadline
+from peer.net.round import Outcome
 
 log = logging.getLogger(__name__)
 

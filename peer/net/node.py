@@ -14,10 +14,11 @@ from hivemind.utils import get_dht_time
 
 from peer.config import ConfigError, PeerConfig, RunSpec, spec_conflicts
 from peer.net import swarm
-from peer.net.core import NetCore, Outcome
+from peer.net.core import NetCore
 from peer.net.loop import Deadline, NetLoop
 from peer.net.member import run_round
 from peer.net.replay import KEEP_ROUNDS, replay
+from peer.net.round import MAX_CARRY_ROUNDS, Outcome  # noqa: F401 - the trainer's view of a round
 from peer.net.server import start_server
 from peer.net.state_sync import StateSnapshot, download
 from peer.outer import GlobalState

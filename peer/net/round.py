@@ -1,6 +1,7 @@
 """Group agreement for one round: the leader's side (collect Joins, close the group, answer
-everyone with one roster; collect commit reports, answer everyone with one decision) and the
-pure helpers both sides share (leader order, roster, shard map). Runs on the network loop."""
+everyone with one roster; collect commit reports, answer everyone with one decision), the
+pure helpers both sides share (leader order, roster, shard map, checks of a joiner's claim)
+and the Outcome a round ends with for the trainer. Runs on the network loop."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import time
+from dataclasses import dataclass, field
+
+import torch
 
 from peer._proto import peer_pb2 as pb
 
@@ -122,3 +127,39 @@ def decide(roster: pb.Roster, reports: dict[str, pb.CommitRequest]) -> pb.Commit
     missing = sorted({m.peer_id for m in roster.members} - set(reports))
     reason = f"no report from {', '.join(p[-6:] for p in missing)}" if missing else ""
     return pb.CommitReply(apply=True, reason=reason, committed=sorted(reports))
+
+
+@dataclass
+class Outcome:
+    """How a round ended for this peer: applied, aborted (by everyone) or excluded."""
+
+    kind: str
+    reason: str = ""
+    decided: bool = False   # the leader's decision was heard (an abort by everyone)
+    avg: torch.Tensor | None = None
+    roster: pb.Roster | None = None
+    contributors: list[str] = field(default_factory=list)   # contributed to every shard
+    total_weight: float = 0.0
+    samples: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    dropped: list[str] = field(default_factory=list)
+    payloads: list[bytes] = field(default_factory=list)   # the reduced shards' bytes, in shard order
+
+
+MAX_CARRY_ROUNDS = 3    # carried work older than this many rounds is refused
+
+
+def check_member(m: pb.Member, round_: int) -> str:
+    """Why a joiner's claim is not acceptable ("" when it is): weights finite and positive,
+    carried work no heavier than the fresh work and from one of the last few rounds."""
+    if not (math.isfinite(m.weight) and m.weight > 0 and m.samples >= 0):
+        return f"weight {m.weight} / samples {m.samples} are not a positive, finite claim"
+    fresh = m.weight - m.carried_weight
+    if m.carried_weight < 0 or m.carried_weight > fresh:
+        return f"carried weight {m.carried_weight} exceeds its fresh weight {fresh}"
+    if m.carried_weight > 0 and not round_ - MAX_CARRY_ROUNDS <= m.carried_round < round_:
+        return f"carried work from round {m.carried_round} is not from the last {MAX_CARRY_ROUNDS} rounds"
+    if not m.peer_id or (not m.client_mode and not m.address):
+        return "a serving member needs a peer id and an address"
+    return ""
