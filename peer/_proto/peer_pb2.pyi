@@ -96,7 +96,7 @@ class ShardChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[ShardHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ShardHeader(_message.Message):
-    __slots__ = ("round", "roster_hash", "sender", "shard", "codec", "numel", "num_bytes", "sha256", "contributors", "weights", "total_weight")
+    __slots__ = ("round", "roster_hash", "sender", "shard", "codec", "numel", "num_bytes", "sha256", "contributors", "weights", "total_weight", "backup")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ROSTER_HASH_FIELD_NUMBER: _ClassVar[int]
     SENDER_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +108,7 @@ class ShardHeader(_message.Message):
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    BACKUP_FIELD_NUMBER: _ClassVar[int]
     round: int
     roster_hash: str
     sender: str
@@ -119,7 +120,8 @@ class ShardHeader(_message.Message):
     contributors: _containers.RepeatedScalarFieldContainer[str]
     weights: _containers.RepeatedScalarFieldContainer[float]
     total_weight: float
-    def __init__(self, round: _Optional[int] = ..., roster_hash: _Optional[str] = ..., sender: _Optional[str] = ..., shard: _Optional[int] = ..., codec: _Optional[str] = ..., numel: _Optional[int] = ..., num_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., contributors: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ..., total_weight: _Optional[float] = ...) -> None: ...
+    backup: bool
+    def __init__(self, round: _Optional[int] = ..., roster_hash: _Optional[str] = ..., sender: _Optional[str] = ..., shard: _Optional[int] = ..., codec: _Optional[str] = ..., numel: _Optional[int] = ..., num_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., contributors: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ..., total_weight: _Optional[float] = ..., backup: _Optional[bool] = ...) -> None: ...
 
 class ContributeReply(_message.Message):
     __slots__ = ("accepted", "reason")
@@ -130,44 +132,50 @@ class ContributeReply(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ShardRequest(_message.Message):
-    __slots__ = ("round", "roster_hash", "shard", "requester", "wait_s")
+    __slots__ = ("round", "roster_hash", "shard", "requester", "wait_s", "backup")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ROSTER_HASH_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     REQUESTER_FIELD_NUMBER: _ClassVar[int]
     WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    BACKUP_FIELD_NUMBER: _ClassVar[int]
     round: int
     roster_hash: str
     shard: int
     requester: str
     wait_s: float
-    def __init__(self, round: _Optional[int] = ..., roster_hash: _Optional[str] = ..., shard: _Optional[int] = ..., requester: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
+    backup: bool
+    def __init__(self, round: _Optional[int] = ..., roster_hash: _Optional[str] = ..., shard: _Optional[int] = ..., requester: _Optional[str] = ..., wait_s: _Optional[float] = ..., backup: _Optional[bool] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
-    __slots__ = ("round", "roster_hash", "peer_id", "ok", "shard_sha256", "reason")
+    __slots__ = ("round", "roster_hash", "peer_id", "ok", "shard_sha256", "reason", "unreachable")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ROSTER_HASH_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
     SHARD_SHA256_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    UNREACHABLE_FIELD_NUMBER: _ClassVar[int]
     round: int
     roster_hash: str
     peer_id: str
     ok: bool
     shard_sha256: _containers.RepeatedScalarFieldContainer[str]
     reason: str
-    def __init__(self, round: _Optional[int] = ..., roster_hash: _Optional[str] = ..., peer_id: _Optional[str] = ..., ok: _Optional[bool] = ..., shard_sha256: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ...) -> None: ...
+    unreachable: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, round: _Optional[int] = ..., roster_hash: _Optional[str] = ..., peer_id: _Optional[str] = ..., ok: _Optional[bool] = ..., shard_sha256: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ..., unreachable: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CommitReply(_message.Message):
-    __slots__ = ("apply", "reason", "committed")
+    __slots__ = ("apply", "reason", "committed", "shard_sha256")
     APPLY_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    SHARD_SHA256_FIELD_NUMBER: _ClassVar[int]
     apply: bool
     reason: str
     committed: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, apply: _Optional[bool] = ..., reason: _Optional[str] = ..., committed: _Optional[_Iterable[str]] = ...) -> None: ...
+    shard_sha256: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, apply: _Optional[bool] = ..., reason: _Optional[str] = ..., committed: _Optional[_Iterable[str]] = ..., shard_sha256: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StateRequest(_message.Message):
     __slots__ = ("min_round", "requester", "offset")

@@ -88,6 +88,7 @@ class OwnedShard:
     pending_residual: tuple | None = None   # (key, target, decoded): applied if the round commits
     task: asyncio.Future | None = None      # the reduction, referenced so it cannot be collected
     served: set[str] = field(default_factory=set)  # members that fetched the result
+    absent: str = ""   # a backup reduction expects no contribution from the dead owner
 
     def pending_fetches(self) -> set[str]:
         """Members that have not fetched the result yet (empty when reducing failed)."""
@@ -102,7 +103,7 @@ class OwnedShard:
 
     def add(self, sender: str, values: torch.Tensor) -> None:
         self.received[sender] = values
-        if len(self.received) == len(self.roster.members):
+        if {m.peer_id for m in self.roster.members} - {self.absent} <= set(self.received):
             self.all_in.set()
 
     async def reduce_at(self, timeout_s: float, ef: ErrorFeedback, loop_executor=None) -> None:
@@ -113,7 +114,7 @@ class OwnedShard:
             pass
         weights = {m.peer_id: m.weight for m in self.roster.members}
         contributors = sorted(self.received)
-        missing = sorted(set(weights) - set(contributors))
+        missing = sorted(set(weights) - set(contributors) - {self.absent})
         if missing:
             log.warning("round %d: shard %d reduced without %s (no whole contribution within %.1f s)",
                         self.roster.round, self.index, ", ".join(p[-6:] for p in missing), timeout_s)
@@ -127,7 +128,8 @@ class OwnedShard:
         header = pb.ShardHeader(round=self.roster.round, roster_hash=self.roster.hash, shard=self.index,
                                 codec=self.codec.name, numel=self.bounds[1] - self.bounds[0],
                                 num_bytes=len(payload), sha256=sha256(payload), contributors=contributors,
-                                weights=[w for w, _ in items], total_weight=sum(w for w, _ in items))
+                                weights=[w for w, _ in items], total_weight=sum(w for w, _ in items),
+                                backup=bool(self.absent))
         self.received.clear()
         self.result.set_result((header, payload))
 
@@ -160,11 +162,19 @@ def encode_shards(delta: torch.Tensor, roster: pb.Roster, codec: Codec, ef: Erro
     return out
 
 
-def contribution_header(roster: pb.Roster, sender: str, shard: int, codec: Codec, payload: bytes
-                        ) -> pb.ShardHeader:
+def contribution_header(roster: pb.Roster, sender: str, shard: int, codec: Codec, payload: bytes,
+                        backup: bool = False) -> pb.ShardHeader:
     numel = roster.shard_bounds[shard + 1] - roster.shard_bounds[shard]
     return pb.ShardHeader(round=roster.round, roster_hash=roster.hash, sender=sender, shard=shard,
-                          codec=codec.name, numel=numel, num_bytes=len(payload), sha256=sha256(payload))
+                          codec=codec.name, numel=numel, num_bytes=len(payload), sha256=sha256(payload),
+                          backup=backup)
+
+
+def backup_owner(roster: pb.Roster, shard: int) -> str:
+    """Who reduces shard `shard` again when its owner dies: the owner of the next shard
+    ("" when the roster has a single owner)."""
+    n = len(roster.owners)
+    return roster.owners[(shard + 1) % n] if n > 1 else ""
 
 
 def apply_residuals(ef: ErrorFeedback, codec: Codec, pending: list[tuple]) -> None:

@@ -1,5 +1,5 @@
-"""gRPC channels to other peers: one cached aio channel per address, bounded message sizes.
-Runs on the network loop."""
+"""gRPC channels to other peers (one cached aio channel per address, bounded message sizes)
+and the errors of calls both ways. Runs on the network loop."""
 
 from __future__ import annotations
 
@@ -41,6 +41,14 @@ class Channels:
     async def close(self) -> None:
         for address in list(self._channels):
             await self.drop(address)
+
+
+class Reject(Exception):
+    """Raised by a handler to end the call with `code` and a message naming the cause."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
 
 
 def describe_rpc_error(e: grpc.aio.AioRpcError) -> str:

@@ -19,17 +19,17 @@ from peer.config import PeerConfig, RunSpec
 from peer.faults import FaultPlan
 from peer.net import allreduce as ar
 from peer.net import swarm
-from peer.net.client import Channels, describe_rpc_error
+from peer.net.client import Channels, Reject, describe_rpc_error
 from peer.net.deadlines import Deadlines
 from peer.net.loop import Deadline
 from peer.net.replay import UpdateLog
 from peer.net.round import ClosedElsewhere, LeaderGroup, check_member, leader_rank
-from peer.net.server import Reject
 from peer.net.state_sync import StateSnapshot
 
 log = logging.getLogger(__name__)
 REFRESH_S = 0.5
 PROBE_TIMEOUT_S = 3.0   # a leader that does not answer Health within this is passed over
+GROUP_PROBE_TIMEOUT_S = 2.0  # a missing member that does not say within this is in no other group
 SPEC_REFRESH_S = 10.0   # every peer re-publishes the run spec, so it outlives the peer that started it
 
 
@@ -42,6 +42,8 @@ class RoundCtx:
     group: LeaderGroup | None = None
     owned: dict[int, ar.OwnedShard] = field(default_factory=dict)
     fetched: dict[int, tuple[pb.ShardHeader, bytes]] = field(default_factory=dict)  # results we pulled
+    backups: dict[int, ar.OwnedShard] = field(default_factory=dict)  # dead owners' shards reduced here
+    unreachable: set[str] = field(default_factory=set)  # owners we could not send to or pull from
     bytes_sent: int = 0
     bytes_received: int = 0
 
@@ -255,67 +257,7 @@ class NetCore:
                 await asyncio.sleep(0.2)
         raise TimeoutError(f"round {r}: no leader admitted us before the deadline")
 
-    # ---- reduce-scatter and all-gather: owner side ------------------------------------------
-    def own_shards(self, ctx: RoundCtx, roster: pb.Roster, transfer_s: float) -> None:
-        codec = get_codec(roster.codec)
-        for j, owner in enumerate(roster.owners):
-            if owner == self.peer_id and j not in ctx.owned:
-                shard = ar.OwnedShard(roster, j, codec)
-                ctx.owned[j] = shard
-                shard.task = asyncio.ensure_future(shard.reduce_at(transfer_s, self.owner_ef))
-
-    async def roster_of(self, round_: int, roster_hash: str) -> tuple[RoundCtx, pb.Roster]:
-        ctx = self.ctx(round_)
-        if ctx is None:
-            raise Reject(grpc.StatusCode.FAILED_PRECONDITION, f"round {round_} is over here (at {self.round})")
-        try:
-            roster = await asyncio.wait_for(asyncio.shield(ctx.roster), self.cfg.join_window_s + 10)
-        except asyncio.TimeoutError:
-            raise Reject(grpc.StatusCode.FAILED_PRECONDITION, f"round {round_}: not in a group here") from None
-        if roster.hash != roster_hash:
-            raise Reject(grpc.StatusCode.FAILED_PRECONDITION,
-                         f"round {round_}: roster {roster_hash[:8]} is not ours ({roster.hash[:8]})")
-        return ctx, roster
-
-    async def handle_contribute(self, stream) -> pb.ContributeReply:
-        try:
-            first = await asyncio.wait_for(stream.__anext__(), self.transfer_timeout_s())
-        except StopAsyncIteration:
-            raise Reject(grpc.StatusCode.INVALID_ARGUMENT, "empty Contribute stream") from None
-        h = first.header
-        ctx, roster = await self.roster_of(h.round, h.roster_hash)
-        codec = get_codec(roster.codec)
-        why = ar.check_header(h, roster, codec, reduced=False)
-        if why is None and roster.owners[h.shard] != self.peer_id:
-            why = f"shard {h.shard} is owned by {roster.owners[h.shard][-6:]}, not here"
-        if why:
-            raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"round {h.round}: {why}")
-        payload = await ar.read_payload(first, stream, h.num_bytes)
-        values = await asyncio.get_running_loop().run_in_executor(None, codec.decode, payload, h.numel)
-        ctx.bytes_received += len(payload)
-        ctx.owned[h.shard].add(h.sender, values)
-        return pb.ContributeReply(accepted=True)
-
-    async def handle_get_shard(self, req: pb.ShardRequest) -> list[pb.ShardChunk]:
-        ctx, roster = await self.roster_of(req.round, req.roster_hash)
-        shard = ctx.owned.get(req.shard)
-        if shard is None:  # serve it again if we pulled it: its owner may have died
-            if req.shard not in ctx.fetched:
-                raise Reject(grpc.StatusCode.NOT_FOUND, f"round {req.round}: shard {req.shard} is not held here")
-            header, payload = ctx.fetched[req.shard]
-            ctx.bytes_sent += len(payload)
-            return ar.chunks(header, payload)
-        try:
-            header, payload = await asyncio.wait_for(asyncio.shield(shard.result), min(req.wait_s, 600))
-        except asyncio.TimeoutError:
-            raise Reject(grpc.StatusCode.DEADLINE_EXCEEDED, f"round {req.round}: shard {req.shard} not ready") from None
-        except RuntimeError as e:
-            raise Reject(grpc.StatusCode.ABORTED, f"round {req.round}: {e}") from None
-        self.faults.hit("serving_shard", req.round)
-        shard.served.add(req.requester)
-        ctx.bytes_sent += len(payload)
-        return ar.chunks(header, payload)
-
+    # ---- commit, state, updates, health: see owner.py for the shards' owner side --------------
     async def handle_commit(self, req: pb.CommitRequest) -> pb.CommitReply:
         ctx = self.ctx(req.round)
         if ctx is None or ctx.group is None or not ctx.group.closed or ctx.group.roster.exception() is not None:
@@ -380,7 +322,7 @@ class NetCore:
 
         async def ask(addr: str) -> str:
             try:
-                h = await self.channels.stub(addr).Health(pb.HealthRequest(), timeout=1.0)
+                h = await self.channels.stub(addr).Health(pb.HealthRequest(), timeout=GROUP_PROBE_TIMEOUT_S)
             except grpc.aio.AioRpcError:
                 return ""
             if h.round > r:  # it finished round r already

@@ -13,6 +13,7 @@ import torch
 from peer._proto import peer_pb2 as pb
 from peer.codecs import get_codec
 from peer.net import allreduce as ar
+from peer.net import owner as owner_side
 from peer.net.client import describe_rpc_error
 from peer.net.core import NetCore
 from peer.net.loop import Deadline
@@ -43,7 +44,7 @@ async def run_round(core: NetCore, r: int, delta: torch.Tensor, weight: float, s
         return Outcome("excluded", reason=f"round {r} is no longer current")
     if not ctx.roster.done():
         ctx.roster.set_result(roster)
-    core.own_shards(ctx, roster, core.transfer_timeout_s())
+    owner_side.own_shards(core, ctx, roster)
     core.faults.hit("after_join", r)
     codec = get_codec(roster.codec)
     loop = asyncio.get_running_loop()
@@ -51,16 +52,20 @@ async def run_round(core: NetCore, r: int, delta: torch.Tensor, weight: float, s
     await asyncio.gather(*(send_shard(core, ctx, roster, j, payload, deadline)
                            for j, (payload, _) in enumerate(encoded)))
     core.faults.hit("after_send", r)
-    results = await asyncio.gather(*(fetch_shard(core, ctx, roster, j, deadline)
+    results = await asyncio.gather(*(fetch_shard(core, ctx, roster, j, encoded[j][0], deadline)
                                      for j in range(len(roster.owners))), return_exceptions=True)
     failures = [f"shard {j}: {res}" for j, res in enumerate(results) if isinstance(res, BaseException)]
     shards = [res for res in results if isinstance(res, ar.ShardResult)]
     report = pb.CommitRequest(round=r, roster_hash=roster.hash, peer_id=core.peer_id, ok=not failures,
-                              shard_sha256=[s.header.sha256 for s in shards], reason="; ".join(failures))
+                              shard_sha256=[s.header.sha256 for s in shards], reason="; ".join(failures),
+                              unreachable=sorted(ctx.unreachable))
     decision, decided = await commit(core, roster, report, deadline)
     out = Outcome("aborted", reason=decision.reason, decided=decided, roster=roster,
                   bytes_sent=ctx.bytes_sent, bytes_received=ctx.bytes_received)
     if not decision.apply:
+        return out
+    if list(decision.shard_sha256) != list(report.shard_sha256):  # decided without our report
+        out.kind, out.reason = "excluded", "the round applied with results other than ours"
         return out
     mine = [(j, s) for j, s in enumerate(shards) if core.peer_id in s.header.contributors]
     ar.apply_residuals(core.ef, codec, [encoded[j][1] for j, _ in mine])
@@ -79,14 +84,16 @@ async def run_round(core: NetCore, r: int, delta: torch.Tensor, weight: float, s
     return out
 
 
-async def send_shard(core: NetCore, ctx, roster: pb.Roster, j: int, payload: bytes, deadline: Deadline) -> None:
-    """Streams one shard to its owner; a failure is logged and leaves the shard without us."""
-    owner = roster.owners[j]
-    header = ar.contribution_header(roster, core.peer_id, j, get_codec(roster.codec), payload)
+async def send_shard(core: NetCore, ctx, roster: pb.Roster, j: int, payload: bytes, deadline: Deadline,
+                     backup: bool = False) -> None:
+    """Streams one shard to its owner (or its backup owner); a failure is logged and leaves
+    the shard without us."""
+    owner = ar.backup_owner(roster, j) if backup else roster.owners[j]
+    header = ar.contribution_header(roster, core.peer_id, j, get_codec(roster.codec), payload, backup)
     if owner == core.peer_id:
         values = await asyncio.get_running_loop().run_in_executor(
             None, get_codec(roster.codec).decode, payload, header.numel)
-        ctx.owned[j].add(core.peer_id, values)
+        (owner_side.backup_shard(core, ctx, roster, j) if backup else ctx.owned[j]).add(core.peer_id, values)
         return
     address = next(m.address for m in roster.members if m.peer_id == owner)
     try:
@@ -98,12 +105,16 @@ async def send_shard(core: NetCore, ctx, roster: pb.Roster, j: int, payload: byt
         if not reply.accepted:
             log.warning("round %d: owner %s refused shard %d: %s", roster.round, owner[-6:], j, reply.reason)
     except grpc.aio.AioRpcError as e:
+        ctx.unreachable.add(owner)
         log.warning("round %d: sending shard %d to %s failed: %s", roster.round, j, owner[-6:], describe_rpc_error(e))
 
 
-async def fetch_shard(core: NetCore, ctx, roster: pb.Roster, j: int, deadline: Deadline) -> ar.ShardResult:
+async def fetch_shard(core: NetCore, ctx, roster: pb.Roster, j: int, mine: bytes, deadline: Deadline
+                      ) -> ar.ShardResult:
     """Pulls the reduced shard j from its owner; when the owner fails, from any member that
-    fetched it already (the same bytes: the header's sha256 is checked). Decodes it."""
+    fetched it already (the same bytes: the header's sha256 is checked); when none has it,
+    from the backup owner, which reduces it again from the members' contributions (`mine`
+    is ours). Decodes it."""
     owner = roster.owners[j]
     codec = get_codec(roster.codec)
     wait_s = min(deadline.left(0.1), 2 * core.transfer_timeout_s())
@@ -113,18 +124,23 @@ async def fetch_shard(core: NetCore, ctx, roster: pb.Roster, j: int, deadline: D
         try:
             header, payload = await pull_shard(core, roster, j, owner, wait_s)
         except RuntimeError as e:
-            header, payload = await pull_from_members(core, roster, j, deadline, str(e))
+            ctx.unreachable.add(owner)
+            try:
+                header, payload = await pull_from_members(core, roster, j, deadline, str(e))
+            except RuntimeError as e:
+                header, payload = await reduce_again(core, ctx, roster, j, mine, deadline, str(e))
         ctx.bytes_received += len(payload)
     ctx.fetched[j] = (header, payload)
     values = await asyncio.get_running_loop().run_in_executor(None, codec.decode, payload, header.numel)
     return ar.ShardResult(header, payload, values)
 
 
-async def pull_shard(core: NetCore, roster: pb.Roster, j: int, source: str, wait_s: float
+async def pull_shard(core: NetCore, roster: pb.Roster, j: int, source: str, wait_s: float, backup: bool = False
                      ) -> tuple[pb.ShardHeader, bytes]:
-    """One GetShard call to `source` (the owner or a member holding the result)."""
+    """One GetShard call to `source` (the owner, a member holding the result, or the backup owner)."""
     address = next(m.address for m in roster.members if m.peer_id == source)
-    req = pb.ShardRequest(round=roster.round, roster_hash=roster.hash, shard=j, requester=core.peer_id, wait_s=wait_s)
+    req = pb.ShardRequest(round=roster.round, roster_hash=roster.hash, shard=j, requester=core.peer_id,
+                          wait_s=wait_s, backup=backup)
     try:
         call = core.channels.stub(address).GetShard(req, timeout=wait_s + 5)
         first = await call.read()
@@ -161,6 +177,25 @@ async def pull_from_members(core: NetCore, roster: pb.Roster, j: int, deadline: 
                 errors.append(str(e))
         await asyncio.sleep(0.5)
     raise RuntimeError("; ".join(errors[:3]))
+
+
+async def reduce_again(core: NetCore, ctx, roster: pb.Roster, j: int, mine: bytes, deadline: Deadline,
+                       why: str) -> tuple[pb.ShardHeader, bytes]:
+    """No member holds the result of shard j: every member sends its part of shard j to the
+    shard's backup owner, which reduces it again without the dead owner, and pulls that."""
+    backup = ar.backup_owner(roster, j)
+    if not backup or backup == roster.owners[j] or deadline.expired():
+        raise RuntimeError(why)
+    log.warning("round %d: shard %d: no member holds its result (%s); its backup owner %s reduces it again",
+                roster.round, j, why, backup[-6:])
+    await send_shard(core, ctx, roster, j, mine, deadline, backup=True)
+    wait_s = min(deadline.left(0.1), 2 * core.transfer_timeout_s())
+    try:
+        if backup == core.peer_id:
+            return await asyncio.wait_for(asyncio.shield(ctx.backups[j].result), wait_s)
+        return await pull_shard(core, roster, j, backup, wait_s, backup=True)
+    except (RuntimeError, asyncio.TimeoutError) as e:
+        raise RuntimeError(f"{why}; backup owner {backup[-6:]}: {e or 'no result in time'}") from None
 
 
 async def commit(core: NetCore, roster: pb.Roster, report: pb.CommitRequest, deadline: Deadline

@@ -76,12 +76,13 @@ class LeaderGroup:
             self.first_join_at = time.monotonic()
 
     def maybe_close(self, expected: set[str], window_s: float) -> bool:
-        """Closes when every expected live peer joined or the join window has passed."""
+        """Closes when every expected live peer joined, or the join window has passed and the
+        missing ones were asked whether they are in another group (see NetCore.handle_join)."""
         if self.closed or self.first_join_at is None:
             return self.closed
         waited = time.monotonic() - self.first_join_at
         missing = expected - set(self.members)
-        if (missing and waited < window_s) or self.probing:
+        if (missing and (waited < window_s or not self.probed)) or self.probing:
             return False
         if not any(not m.client_mode for m in self.members.values()):
             self.roster.set_exception(RuntimeError("no serving member joined: every joiner is in client mode"))
@@ -109,8 +110,9 @@ class LeaderGroup:
         if self.decision.done() or not self.roster.done() or self.first_report_at is None:
             return self.decision.done()
         roster = self.roster.result()
-        members = {m.peer_id for m in roster.members}
-        if set(self.reports) < members and time.monotonic() - self.first_report_at < window_s:
+        waiting = {m.peer_id for m in roster.members} - set(self.reports)
+        waiting -= {p for r in self.reports.values() for p in r.unreachable}  # dead: no report will come
+        if waiting and time.monotonic() - self.first_report_at < window_s:
             return False
         self.decision.set_result(decide(roster, self.reports))
         return True
@@ -126,7 +128,7 @@ def decide(roster: pb.Roster, reports: dict[str, pb.CommitRequest]) -> pb.Commit
         return pb.CommitReply(apply=False, reason=f"members hold {len(hashes)} different results")
     missing = sorted({m.peer_id for m in roster.members} - set(reports))
     reason = f"no report from {', '.join(p[-6:] for p in missing)}" if missing else ""
-    return pb.CommitReply(apply=True, reason=reason, committed=sorted(reports))
+    return pb.CommitReply(apply=True, reason=reason, committed=sorted(reports), shard_sha256=hashes.pop())
 
 
 @dataclass

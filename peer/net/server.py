@@ -10,20 +10,13 @@ import grpc
 
 from peer._proto import peer_pb2 as pb
 from peer._proto import peer_pb2_grpc
-from peer.net.client import CHANNEL_OPTIONS
+from peer.net import owner
+from peer.net.client import CHANNEL_OPTIONS, Reject
 
 if TYPE_CHECKING:
     from peer.net.core import NetCore
 
 log = logging.getLogger(__name__)
-
-
-class Reject(Exception):
-    """Raised by a handler to end the call with `code` and a message naming the cause."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 class Servicer(peer_pb2_grpc.PeerServicer):
@@ -45,10 +38,10 @@ class Servicer(peer_pb2_grpc.PeerServicer):
         return await self._guard(context, "Join", self.core.handle_join(request))
 
     async def Contribute(self, request_iterator, context):
-        return await self._guard(context, "Contribute", self.core.handle_contribute(request_iterator))
+        return await self._guard(context, "Contribute", owner.handle_contribute(self.core, request_iterator))
 
     async def GetShard(self, request: pb.ShardRequest, context):
-        chunks = await self._guard(context, "GetShard", self.core.handle_get_shard(request))
+        chunks = await self._guard(context, "GetShard", owner.handle_get_shard(self.core, request))
         for chunk in chunks or ():
             await context.write(chunk)
         self.core.faults.hit("served_shard", request.round)

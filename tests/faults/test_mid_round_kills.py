@@ -33,8 +33,9 @@ def swarm(tmp_path_factory):
         s.stop_all()
 
 
-def run_victim(swarm: Swarm, point: str, timeout_s: float) -> None:
-    """Starts a peer that kills itself at `point`; waits for its death, then for its orphans."""
+def run_victim(swarm: Swarm, point: str, timeout_s: float) -> tuple[int, str, bool]:
+    """Starts a peer that kills itself at `point`; waits for its death, then for its orphans.
+    Returns the round it died in, its peer id and whether it led that round."""
     name = f"victim-{point}"
     proc = swarm.start_peer(name, env={"DILOCO_FAULTS": json.dumps([{"point": point, "action": "kill"}])})
     seen, deadline = {}, time.monotonic() + timeout_s
@@ -46,13 +47,25 @@ def run_victim(swarm: Swarm, point: str, timeout_s: float) -> None:
     assert proc.returncode == -9, f"{name} exited {proc.returncode}:\n{swarm.log(name)[-3000:]}"
     assert seen, "the victim's DHT child and p2pd should have been seen"
     assert_no_orphans(list(seen.values()), 10)
+    log = swarm.log(name)
+    died_in = int(re.search(rf"kill to myself at {point} of round (\d+)", log).group(1))
+    victim_id = re.search(r"Join through: \S+/p2p/(\S+)", log).group(1)
+    rows = [swarm.wait_round(n, died_in, 60) for n in STABLE]
+    return died_in, victim_id, any(r["leader"] == victim_id for r in rows)
 
 
 @pytest.mark.parametrize("point, timeout_s", [
     ("after_join", 90), ("after_send", 90), ("serving_shard", 90), ("leader_commit", 200)])
 def test_kill_mid_round(swarm, point, timeout_s):
-    run_victim(swarm, point, timeout_s)
+    died_in, victim_id, led = run_victim(swarm, point, timeout_s)
     killed_at = time.time()
+    if not led:  # a dead member loses nothing: the round applies without it, its shard reduced again
+        rows = [swarm.wait_round(n, died_in, 60) for n in STABLE]
+        assert [r["outcome"] for r in rows] == ["applied"] * 3, [(r["outcome"], r["group_size"]) for r in rows]
+        assert len({r["digest"] for r in rows}) == 1
+        assert all(set(r["dropped"]) <= {victim_id} and r["contributors"] == rows[0]["contributors"] for r in rows)
+        assert any(re.search(f"round {died_in}: shard \\d+ (served again by|.*reduces it again)", swarm.log(n))
+                   for n in STABLE)
     done = {n: len(swarm.metrics(n)) for n in STABLE}
     for n in STABLE:
         swarm.wait_rounds(n, done[n] + 2, 120)
@@ -119,9 +132,9 @@ def test_stopped_peer_is_dropped_then_catches_up(swarm, role):
     try:
         done = len(swarm.metrics(others[0]))
         swarm.wait_rounds(others[0], done + 2, 120)
+        during = [r for r in swarm.metrics(others[0]) if r["time"] > stopped_at]  # before it wakes up
     finally:
         os.kill(pid, signal.SIGCONT)
-    during = [r for r in swarm.metrics(others[0]) if r["time"] > stopped_at]
     assert [r["group_size"] for r in during if r["outcome"] == "applied"][-1] == 2
     slowest = max(r["round_seconds"] for r in during)
     print(f"{role} stopped: rounds during {[(r['outcome'], r['group_size'], round(r['round_seconds'], 1)) for r in during]}")

@@ -1,0 +1,99 @@
+"""The owner's side of the butterfly, on the network loop: accept whole, checked contributions
+for the shards this peer owns (or reduces again as a dead owner's backup), reduce them once,
+and serve the result, also again from a member that pulled it when its owner died."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+import grpc
+
+from peer._proto import peer_pb2 as pb
+from peer.codecs import ErrorFeedback, get_codec
+from peer.net import allreduce as ar
+from peer.net.client import Reject
+
+if TYPE_CHECKING:
+    from peer.net.core import NetCore, RoundCtx
+
+
+def own_shards(core: NetCore, ctx: RoundCtx, roster: pb.Roster) -> None:
+    """Starts the reduction of every shard this peer owns in the round."""
+    codec = get_codec(roster.codec)
+    for j, owner in enumerate(roster.owners):
+        if owner == core.peer_id and j not in ctx.owned:
+            shard = ar.OwnedShard(roster, j, codec)
+            ctx.owned[j] = shard
+            shard.task = asyncio.ensure_future(shard.reduce_at(core.transfer_timeout_s(), core.owner_ef))
+
+
+def backup_shard(core: NetCore, ctx: RoundCtx, roster: pb.Roster, j: int) -> ar.OwnedShard:
+    """The reduction of shard j again, here as its backup owner, without its dead owner. Its
+    error-feedback residual is not kept: this peer does not own these values next round."""
+    if j not in ctx.backups:
+        shard = ar.OwnedShard(roster, j, get_codec(roster.codec), absent=roster.owners[j])
+        ctx.backups[j] = shard
+        shard.task = asyncio.ensure_future(shard.reduce_at(core.transfer_timeout_s(), ErrorFeedback()))
+    return ctx.backups[j]
+
+
+async def roster_of(core: NetCore, round_: int, roster_hash: str) -> tuple[RoundCtx, pb.Roster]:
+    """The round's context and roster, when the caller's roster hash is ours."""
+    ctx = core.ctx(round_)
+    if ctx is None:
+        raise Reject(grpc.StatusCode.FAILED_PRECONDITION, f"round {round_} is over here (at {core.round})")
+    try:
+        roster = await asyncio.wait_for(asyncio.shield(ctx.roster), core.cfg.join_window_s + 10)
+    except asyncio.TimeoutError:
+        raise Reject(grpc.StatusCode.FAILED_PRECONDITION, f"round {round_}: not in a group here") from None
+    if roster.hash != roster_hash:
+        raise Reject(grpc.StatusCode.FAILED_PRECONDITION,
+                     f"round {round_}: roster {roster_hash[:8]} is not ours ({roster.hash[:8]})")
+    return ctx, roster
+
+
+async def handle_contribute(core: NetCore, stream) -> pb.ContributeReply:
+    try:
+        first = await asyncio.wait_for(stream.__anext__(), core.transfer_timeout_s())
+    except StopAsyncIteration:
+        raise Reject(grpc.StatusCode.INVALID_ARGUMENT, "empty Contribute stream") from None
+    h = first.header
+    ctx, roster = await roster_of(core, h.round, h.roster_hash)
+    codec = get_codec(roster.codec)
+    why = ar.check_header(h, roster, codec, reduced=False)
+    reducer = ar.backup_owner(roster, h.shard) if h.backup and why is None else ""
+    if why is None and (reducer if h.backup else roster.owners[h.shard]) != core.peer_id:
+        why = f"shard {h.shard} is {'backed up' if h.backup else 'owned'} by another peer, not here"
+    if why is None and h.sender == roster.owners[h.shard] and h.backup:
+        why = f"the owner of shard {h.shard} cannot contribute to its backup"
+    if why:
+        raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"round {h.round}: {why}")
+    payload = await ar.read_payload(first, stream, h.num_bytes)
+    values = await asyncio.get_running_loop().run_in_executor(None, codec.decode, payload, h.numel)
+    ctx.bytes_received += len(payload)
+    shard = backup_shard(core, ctx, roster, h.shard) if h.backup else ctx.owned[h.shard]
+    shard.add(h.sender, values)
+    return pb.ContributeReply(accepted=True)
+
+
+async def handle_get_shard(core: NetCore, req: pb.ShardRequest) -> list[pb.ShardChunk]:
+    ctx, roster = await roster_of(core, req.round, req.roster_hash)
+    shard = (ctx.backups if req.backup else ctx.owned).get(req.shard)
+    if shard is None:  # serve it again if we pulled it: its owner may have died
+        if req.backup or req.shard not in ctx.fetched:
+            what = "a backup of shard" if req.backup else "shard"
+            raise Reject(grpc.StatusCode.NOT_FOUND, f"round {req.round}: {what} {req.shard} is not held here")
+        header, payload = ctx.fetched[req.shard]
+        ctx.bytes_sent += len(payload)
+        return ar.chunks(header, payload)
+    try:
+        header, payload = await asyncio.wait_for(asyncio.shield(shard.result), min(req.wait_s, 600))
+    except asyncio.TimeoutError:
+        raise Reject(grpc.StatusCode.DEADLINE_EXCEEDED, f"round {req.round}: shard {req.shard} not ready") from None
+    except RuntimeError as e:
+        raise Reject(grpc.StatusCode.ABORTED, f"round {req.round}: {e}") from None
+    core.faults.hit("serving_shard", req.round)
+    shard.served.add(req.requester)
+    ctx.bytes_sent += len(payload)
+    return ar.chunks(header, payload)
