@@ -12,6 +12,7 @@ import re
 import struct
 import sys
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,9 @@ class Checkpoint:
     owner_residuals: dict  # the same for the shards it owns, e.g. {("owner", 0, 1000): float32 tensor}
 
 
-def save(path: str | Path, ckpt: Checkpoint) -> int:
-    """Write ckpt to path atomically (temp file, fsync, rename, fsync the directory); returns bytes written."""
+def save(path: str | Path, ckpt: Checkpoint, midway: Callable[[], None] | None = None) -> int:
+    """Write ckpt to path atomically (temp file, fsync, rename, fsync the directory); returns bytes written.
+    `midway` runs when the header is written and the tensors are not (a test kills the process there)."""
     if sys.byteorder != "little":
         raise NotImplementedError("checkpoint files are little-endian; this machine is not")
     path, s = Path(path), ckpt.state
@@ -77,9 +79,12 @@ def save(path: str | Path, ckpt: Checkpoint) -> int:
     try:
         with open(tmp, "wb") as f:
             digest = hashlib.sha256()
-            for chunk in [_PREAMBLE.pack(MAGIC, VERSION, len(head)) + head, *chunks]:
+            for i, chunk in enumerate([_PREAMBLE.pack(MAGIC, VERSION, len(head)) + head, *chunks]):
                 digest.update(chunk)
                 f.write(chunk)
+                if i == 0 and midway is not None:
+                    f.flush()
+                    midway()
             f.write(digest.digest())
             f.flush()
             os.fsync(f.fileno())
@@ -116,7 +121,8 @@ def checkpoint_path(directory: str | Path, round: int) -> Path:
     return Path(directory) / f"round-{round:08d}.ckpt"
 
 
-def save_round(directory: str | Path, ckpt: Checkpoint, keep: int = 3) -> Path:
+def save_round(directory: str | Path, ckpt: Checkpoint, keep: int = 3, midway: Callable[[], None] | None = None
+               ) -> Path:
     """Save ckpt as directory/round-N.ckpt; delete stray temp files and this run's valid checkpoints beyond
     the newest keep (the one just written always stays). Other runs' files and damaged files stay, but a
     file of the same round is replaced whatever its run: give each run its own directory."""
@@ -124,7 +130,7 @@ def save_round(directory: str | Path, ckpt: Checkpoint, keep: int = 3) -> Path:
         raise ValueError(f"keep must be >= 1, got {keep}")
     Path(directory).mkdir(parents=True, exist_ok=True)
     written = checkpoint_path(directory, ckpt.state.round)
-    save(written, ckpt)
+    save(written, ckpt, midway)
     for tmp in Path(directory).glob(".round-*.ckpt.*.tmp"):
         tmp.unlink(missing_ok=True)
         log.info("%s: deleted a stray temp file (a save that never finished)", tmp)

@@ -79,8 +79,10 @@ class Trainer:
         self.node.refresh()
         donors = [r.state_round for r in self.node.core.live_peers() if r.addr and r.state_round >= 0]
         if ckpt is not None and ckpt.state.round > max(donors, default=-1):
-            log.info("resuming from our checkpoint of round %d (the swarm has %s)", ckpt.state.round,
-                     f"round {max(donors)}" if donors else "no state")
+            if not donors:
+                return self.agreed_restart(ckpt.state)
+            log.info("resuming from our checkpoint of round %d (the swarm has round %d)", ckpt.state.round,
+                     max(donors))
             return ckpt.state
         if self.node.is_genesis() and not donors:
             theta = flatten_params(self.model)
@@ -92,6 +94,23 @@ class Trainer:
             return self.node.download_state(0, STATE_TIMEOUT_S)
         except TimeoutError as e:
             raise RuntimeError(f"could not get the run's state from any live peer: {e}") from None
+
+    def agreed_restart(self, mine: GlobalState) -> GlobalState:
+        """Nobody holds the run's state (a full stop): the restarting peers agree on the newest
+        checkpoint, the one most of them hold for that round; ours, or we download it."""
+        wait_s = max(10.0, 3 * self.cfg.join_window_s)
+        r, digest, count, of = self.node.agree_on_checkpoint((mine.round, mine.digest()), self.spec.min_peers, wait_s)
+        if (r, digest) == (mine.round, mine.digest()):
+            log.info("resuming from our checkpoint of round %d (digest %s, held by %d of %d restarting peers "
+                     "at that round)", r, digest[:12], count, of)
+            return mine
+        log.warning("our checkpoint (round %d, digest %s) is not the one the restarting peers agree on "
+                    "(round %d, digest %s, %d of %d at that round); downloading that state", mine.round,
+                    mine.digest()[:12], r, digest[:12], count, of)
+        try:
+            return self.node.download_state(r, STATE_TIMEOUT_S, digest)
+        except TimeoutError as e:
+            raise RuntimeError(f"could not get the agreed state of round {r} from any live peer: {e}") from None
 
     # ---- checkpoints --------------------------------------------------------------------
     def load_checkpoint(self) -> Checkpoint | None:
@@ -118,7 +137,8 @@ class Trainer:
                           owner_residuals=self.node.core.owner_ef.state_dict())
         t = time.monotonic()
         os.makedirs(self.cfg.checkpoint_dir, exist_ok=True)
-        path = save_round(self.cfg.checkpoint_dir, ckpt)
+        path = save_round(self.cfg.checkpoint_dir, ckpt,
+                          midway=lambda: self.faults.hit("checkpoint_write", ckpt.state.round))
         log.info("checkpoint of round %d written %s: %s (%.2f s)", self.state.round, why, path,
                  time.monotonic() - t)
 

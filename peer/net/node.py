@@ -13,7 +13,7 @@ import torch
 from hivemind.utils import get_dht_time
 
 from peer.config import ConfigError, PeerConfig, RunSpec, spec_conflicts
-from peer.net import swarm
+from peer.net import restart, swarm
 from peer.net.core import NetCore
 from peer.net.loop import Deadline, NetLoop
 from peer.net.member import run_round
@@ -119,11 +119,16 @@ class Node:
         snap = StateSnapshot.of(state, self.core.spec_hash)
         self.net.loop.call_soon_threadsafe(setattr, self.core, "snapshot", snap)
 
-    def download_state(self, min_round: int, timeout_s: float) -> GlobalState:
-        """Waits for a live donor holding round >= min_round and downloads from it."""
-        return self.net.call(self._download(min_round, Deadline(timeout_s)), timeout_s + 5)
+    def download_state(self, min_round: int, timeout_s: float, digest: str = "") -> GlobalState:
+        """Waits for a live donor holding round >= min_round and downloads from it (a state of
+        round min_round must have `digest` when one is given)."""
+        return self.net.call(self._download(min_round, Deadline(timeout_s), digest), timeout_s + 5)
 
-    async def _download(self, min_round: int, deadline: Deadline) -> GlobalState:
+    def agree_on_checkpoint(self, mine: tuple[int, str], want: int, wait_s: float) -> tuple[int, str, int, int]:
+        """After a full stop: the checkpoint the restarting peers agree on (see restart.py)."""
+        return self.net.call(restart.agree(self.core, mine, want, Deadline(wait_s)), wait_s + 15)
+
+    async def _download(self, min_round: int, deadline: Deadline, digest: str = "") -> GlobalState:
         last_error = "no live peer holds it yet"
         while not deadline.expired():
             await self.core.refresh()
@@ -134,6 +139,8 @@ class Node:
                     state = await download(self.core.channels, [(r.peer_id, r.addr) for r in donors], min_round,
                                            self.peer_id, self.core.numel, self.core.spec_hash, deadline)
                     why = await self._disputed(state)
+                    if not why and digest and state.round == min_round and state.digest() != digest:
+                        why = f"its digest {state.digest()[:12]} is not the agreed {digest[:12]}"
                     if not why:
                         return state
                     last_error = why
