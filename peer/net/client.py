@@ -16,6 +16,8 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),  # servers accept our keepalive pings
+    ("grpc.http2.max_ping_strikes", 0),
     ("grpc.enable_retries", 0),
 ]
 

@@ -281,7 +281,6 @@ class NetCore:
             raise Reject(grpc.StatusCode.FAILED_PRECONDITION, f"state of round {req.min_round} wanted, have {have}")
         if not 0 <= req.offset <= len(snap.payload):
             raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"offset {req.offset} is outside the state")
-        self.faults.hit("serving_state", snap.header.round)
         return snap
 
     async def drain(self, deadline: Deadline) -> None:

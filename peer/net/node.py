@@ -38,6 +38,20 @@ def announce_host(dht: hivemind.DHT) -> str:
     return hosts[0] if hosts else "127.0.0.1"
 
 
+class NobodyAhead:
+    """Ends a wait for a state of round >= min_round once no live peer has been at that round
+    for a while: the peer that was ahead died (its record went stale), none will come."""
+
+    def __init__(self, min_round: int):
+        self.min_round, self.since = min_round, time.monotonic()
+
+    def check(self, live: list[swarm.PeerRecord]) -> None:
+        if any(max(r.round, r.state_round) >= self.min_round for r in live):
+            self.since = time.monotonic()
+        elif time.monotonic() - self.since > swarm.FRESH_S:
+            raise TimeoutError(f"no live peer is at round {self.min_round} or later any more")
+
+
 class Node:
     def __init__(self, cfg: PeerConfig, dht: hivemind.DHT):
         self.cfg, self.dht = cfg, dht
@@ -128,10 +142,15 @@ class Node:
         """After a full stop: the checkpoint the restarting peers agree on (see restart.py)."""
         return self.net.call(restart.agree(self.core, mine, want, Deadline(wait_s)), wait_s + 15)
 
-    async def _download(self, min_round: int, deadline: Deadline, digest: str = "") -> GlobalState:
+    async def _download(self, min_round: int, deadline: Deadline, digest: str = "", behind: bool = False
+                        ) -> GlobalState:
+        """`behind`: we hold a state and wait for a newer one, which may never come (NobodyAhead)."""
         last_error = "no live peer holds it yet"
+        ahead = NobodyAhead(min_round)
         while not deadline.expired():
             await self.core.refresh()
+            if behind:
+                ahead.check(self.core.live_peers())
             donors = sorted((r for r in self.core.live_peers() if r.state_round >= min_round and r.addr),
                             key=lambda r: (-r.state_round, r.peer_id))
             if donors:
@@ -159,12 +178,14 @@ class Node:
         spec = self.core.spec
         assert spec is not None
         donors: list = []
+        ahead = NobodyAhead(min_round)
         while not deadline.expired():
             await self.core.refresh()
             donors = sorted((r for r in self.core.live_peers() if r.state_round >= min_round and r.addr),
                             key=lambda r: (-r.state_round, r.peer_id))
             if donors:
                 break
+            ahead.check(self.core.live_peers())
             await asyncio.sleep(0.5)
         for donor in donors[:2]:
             if donor.state_round - state.round > KEEP_ROUNDS:
@@ -178,7 +199,7 @@ class Node:
                 log.warning("replayed state rejected: %s", why)
             except (ValueError, asyncio.TimeoutError) as e:
                 log.info("replaying the updates of %s failed (%s); trying another way", donor.peer_id[-6:], e)
-        return await self._download(min_round, deadline)
+        return await self._download(min_round, deadline, behind=True)
 
     def record_update(self, round_: int, outcome: Outcome, digest_after: str) -> None:
         """Keeps the update of a round this peer applied (or saw aborted) for replay by others."""

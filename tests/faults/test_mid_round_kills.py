@@ -167,3 +167,33 @@ def test_sigterm_mid_round_serves_owned_shards_first(swarm):
     assert {r["outcome"] for r in rows} == {"applied"}, rows
     assert {r["group_size"] for r in rows} == {4} and len({r["digest"] for r in rows}) == 1
     assert all(r["total_weight"] > sum(x["weight"] for x in rows) for r in rows), "the leaver's work counts"
+
+
+def test_donor_killed_while_serving_state(swarm):
+    """A donor killed (SIGKILL) while it streams the state to a newcomer: the newcomer does not
+    hang and gets the state from another donor. The stable peers are stopped meanwhile, so the
+    doomed donor is the only live one the newcomer can pick; they wake up after its death."""
+    import os
+    import signal
+
+    from peer.net.swarm import FRESH_S
+
+    donor = swarm.start_peer("donor", env={"DILOCO_FAULTS": json.dumps([{"point": "serving_state", "action": "kill"}])})
+    swarm.wait_rounds("donor", 1, 90)
+    pids = [swarm.procs[n].pid for n in STABLE]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(FRESH_S + 2)  # their records go stale: the newcomer sees one live donor
+        swarm.start_peer("newcomer")
+        assert donor.wait(timeout=60) == -9, swarm.log("donor")[-3000:]
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    assert "kill to myself at serving_state" in swarm.log("donor")
+    first = swarm.wait_rounds("newcomer", 2, 150)[-1]
+    log = swarm.log("newcomer")
+    assert re.search(r"state download from \S+ at \S+ failed after \d+ bytes", log), log[-3000:]
+    assert first["digest"] == swarm.wait_round("a", first["round"], 60)["digest"]
+    assert not swarm.split_states(STABLE + ("newcomer",))
+    assert "Traceback" not in log
