@@ -40,7 +40,8 @@ FLAGS: list[tuple[str, Any, str]] = [
     ("log-level", str, "DEBUG, INFO, WARNING or ERROR"),
     ("eval-batches", int, "held-out batches evaluated after every round (0 = none)"),
     ("min-peers-timeout-s", float, "how long round 0 waits for --min-peers before starting anyway"),
-    ("join-window-s", float, "how long a round's leader waits for the rest of the group"),
+    ("join-window-s", float, "the most a round's leader waits for the rest of the group (the window in force "
+                             "is 2 s + 2 inner steps of the slowest peer, at least 3 s)"),
     ("timeout-floor-s", float, "no communication deadline is shorter than this (env DILOCO_TIMEOUT_FLOOR_S)"),
     ("timeout-ceiling-s", float, "no communication deadline is longer than this (env DILOCO_TIMEOUT_CEILING_S)"),
     ("checkpoint-dir", str, "keep atomic checkpoints here and resume from them (one directory per run)"),

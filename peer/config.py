@@ -97,7 +97,7 @@ class PeerConfig:
     log_level: str = "INFO"
     eval_batches: int = 8
     min_peers_timeout_s: float = 600.0
-    join_window_s: float = 5.0       # how long a leader waits for the rest of the group
+    join_window_s: float = 30.0      # the most a leader waits for the rest of the group (see deadlines.py)
     timeout_floor_s: float = 5.0     # no communication deadline is shorter ...
     timeout_ceiling_s: float = 300.0  # ... or longer than these, whatever was measured
     checkpoint_dir: str = ""         # empty = no checkpoints

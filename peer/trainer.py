@@ -98,7 +98,7 @@ class Trainer:
     def agreed_restart(self, mine: GlobalState) -> GlobalState:
         """Nobody holds the run's state (a full stop): the restarting peers agree on the newest
         checkpoint, the one most of them hold for that round; ours, or we download it."""
-        wait_s = max(10.0, 3 * self.cfg.join_window_s)
+        wait_s = max(10.0, 3 * self.node.core.join_window_s())
         r, digest, count, of = self.node.agree_on_checkpoint((mine.round, mine.digest()), self.spec.min_peers, wait_s)
         if (r, digest) == (mine.round, mine.digest()):
             log.info("resuming from our checkpoint of round %d (digest %s, held by %d of %d restarting peers "

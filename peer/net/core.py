@@ -67,11 +67,13 @@ class NetCore:
         self.snapshot: StateSnapshot | None = None
         self.ef, self.owner_ef = ErrorFeedback(), ErrorFeedback()
         self.last_refresh_error = ""
+        self.viewed_at = 0.0   # when the view was last read from the DHT
         self.updates = UpdateLog()
         self.faults = FaultPlan.from_env()
         self.deadlines = Deadlines(cfg.timeout_floor_s, cfg.timeout_ceiling_s)
         self.spec_record: dict | None = None  # the adopted spec proposal, re-published by every peer
         self.spec_published_at = 0.0
+        self.step_s: dict[str, float] = {}   # inner step seconds of the peers seen training
 
     # ---- progress, view and trigger -------------------------------------------------------
     def record(self) -> swarm.PeerRecord:
@@ -84,17 +86,26 @@ class NetCore:
         await swarm.store(self.dht, swarm.peers_key(self.run_id), self.peer_id, self.record().to_value(), 5.0)
 
     async def refresh(self) -> None:
+        """Publishes our record and reads the others'; a slow store does not keep us from reading."""
         if self.spec is not None:
-            await self.publish()
+            try:
+                await self.publish()
+            except TimeoutError as e:
+                log.debug("publishing our progress: %s", e)
         if self.spec_record is not None and time.monotonic() - self.spec_published_at > SPEC_REFRESH_S:
             await swarm.store(self.dht, swarm.spec_key(self.run_id), self.peer_id, self.spec_record, 5.0)
             self.spec_published_at = time.monotonic()
         view = await swarm.read_peers(self.dht, self.run_id, 5.0)
+        for p, r in view.items():  # a record shows its rate only while training: remember it
+            if r.rate > 0:
+                self.step_s[p] = 1.0 / r.rate
         merged = {p: r for p, r in self.view.items() if r.fresh()}  # a read may miss a record: keep the last
         for p, r in view.items():
             if p != self.peer_id and r.spec == self.spec_hash and (p not in merged or r.t >= merged[p].t):
                 merged[p] = r
         self.view = merged
+        self.viewed_at = time.monotonic()
+        self.step_s = {p: t for p, t in self.step_s.items() if p in merged or p == self.peer_id}
         mine = [r for r in self.view.values() if r.fresh() and r.round == self.round]
         self.others = (time.monotonic(), sum(r.steps_now() for r in mine), sum(r.rate for r in mine))
         log.debug("view: %d peers, %d in round %d with %.0f steps at %.1f steps/s", len(self.view), len(mine),
@@ -181,12 +192,13 @@ class NetCore:
         if group.closed:
             return pb.JoinReply(status=pb.JoinReply.CLOSED, current_round=self.round, reason="round closed")
         group.add(req.member)
-        deadline = Deadline(self.cfg.join_window_s + 10)
-        while not group.maybe_close(self.expected_members(r), self.cfg.join_window_s):
+        window = self.join_window_s()
+        deadline = Deadline(window + 10)
+        while not group.maybe_close(self.expected_members(r), window):
             if self.swarm_round() > r and not group.closed:  # the swarm finished round r without this group
                 group.roster.set_exception(ClosedElsewhere(f"the swarm at round {self.swarm_round()}"))
                 break
-            missing = group.window_over(self.expected_members(r), self.cfg.join_window_s)
+            missing = group.window_over(self.expected_members(r), window)
             if missing and not group.probed and not group.probing:
                 group.probing = True
                 try:
@@ -237,7 +249,7 @@ class NetCore:
                 else:  # a short probe first: a stopped leader costs seconds, not the join window
                     await self.channels.stub(target[1]).Health(pb.HealthRequest(), timeout=PROBE_TIMEOUT_S)
                     reply = await self.channels.stub(target[1]).Join(
-                        req, timeout=min(deadline.left(0.1), self.cfg.join_window_s + 15))
+                        req, timeout=min(deadline.left(0.1), self.join_window_s() + 15))
             except grpc.aio.AioRpcError as e:
                 log.warning("round %d: leader %s at %s did not answer Join (%s); passing it over",
                             r, target[0][-6:], target[1], describe_rpc_error(e))
@@ -330,6 +342,14 @@ class NetCore:
 
         found = [x for x in await asyncio.gather(*(ask(a) for a in addrs)) if x]
         return found[0] if found else ""
+
+    def join_window_s(self) -> float:
+        """The join window in force, from the slowest inner step of the live peers and ours."""
+        live = {r.peer_id for r in self.live_peers()} | {self.peer_id}
+        if self.rate > 0:
+            self.step_s[self.peer_id] = 1.0 / self.rate
+        slowest = max((s for p, s in self.step_s.items() if p in live), default=0.0)
+        return self.deadlines.join_window_s(slowest, self.cfg.join_window_s)
 
     def transfer_timeout_s(self) -> float:
         """Seconds any one transfer of a round may take, from the measured rate (see deadlines.py)."""

@@ -1,5 +1,6 @@
-"""Communication deadlines derived from what this peer measured (transfer rates), kept
-between a floor and a ceiling the user sets; the values in force are logged when they change."""
+"""Communication deadlines derived from what this peer measured (transfer rates, the swarm's
+inner step times), kept between a floor and a ceiling the user sets; the values in force are
+logged when they change."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ ASSUMED_RATE_BPS = 2e6    # before any transfer was measured: a slow home uplink
 SLACK = 4.0               # a transfer may take this many times its measured duration ...
 MARGIN_S = 2.0            # ... plus this much
 MIN_SAMPLE_BYTES = 64 << 10  # smaller transfers measure latency, not rate
+JOIN_FLOOR_S = 3.0        # members reach the join within about one view refresh plus one inner step:
+JOIN_BASE_S = 2.0         # the window is JOIN_BASE_S + JOIN_STEPS x the slowest step seen, at least
+JOIN_STEPS = 2.0          # JOIN_FLOOR_S and at most --join-window-s
 
 
 class Deadlines:
@@ -18,6 +22,17 @@ class Deadlines:
         self.rate_bps: float | None = None
         self.num_samples = 0
         self._logged_s: float | None = None
+        self._logged_join_s: float | None = None
+
+    def join_window_s(self, slowest_step_s: float, most_s: float) -> float:
+        """How long a leader waits for the members it expects: they trigger from the same
+        estimate, so they arrive within a view refresh and one inner step of each other."""
+        seconds = min(most_s, max(JOIN_FLOOR_S, JOIN_BASE_S + JOIN_STEPS * slowest_step_s))
+        if self._logged_join_s is None or abs(seconds - self._logged_join_s) > 0.25 * self._logged_join_s:
+            log.info("join window is now %.1f s (slowest inner step seen %.2f s; at least %.0f s, at most %.0f s)",
+                     seconds, slowest_step_s, min(JOIN_FLOOR_S, most_s), most_s)
+            self._logged_join_s = seconds
+        return seconds
 
     def observe(self, num_bytes: int, seconds: float) -> None:
         """Records one finished transfer (an exponential moving average of its rate)."""

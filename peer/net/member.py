@@ -14,6 +14,7 @@ from peer._proto import peer_pb2 as pb
 from peer.codecs import get_codec
 from peer.net import allreduce as ar
 from peer.net import owner as owner_side
+from peer.net import swarm
 from peer.net.client import describe_rpc_error
 from peer.net.core import NetCore
 from peer.net.loop import Deadline
@@ -25,14 +26,18 @@ log = logging.getLogger(__name__)
 async def run_round(core: NetCore, r: int, delta: torch.Tensor, weight: float, samples: int,
                     carried: tuple[float, int] = (0.0, -1)) -> Outcome:
     """Never raises for a network failure: the Outcome says what happened."""
-    deadline = Deadline(core.cfg.join_window_s + 20 + 3 * core.transfer_timeout_s())
+    deadline = Deadline(core.join_window_s() + 20 + 3 * core.transfer_timeout_s())
     member = pb.Member(peer_id=core.peer_id, address="" if core.cfg.client_mode else core.address,
                        weight=weight, samples=samples, client_mode=core.cfg.client_mode,
                        carried_weight=carried[0], carried_round=carried[1])
-    try:
-        await core.refresh()  # a view from before a long step or a SIGSTOP would mislead the join
-    except Exception as e:
-        log.warning("round %d: DHT refresh before joining failed: %s; using the last view", r, e)
+    for _ in range(3):  # a view from before a long step or a SIGSTOP would mislead the join
+        try:
+            await core.refresh()
+            break
+        except Exception as e:
+            log.warning("round %d: DHT refresh before joining failed: %s", r, e)
+    if time.monotonic() - core.viewed_at > swarm.FRESH_S:  # we might believe we are alone
+        return Outcome("excluded", reason=f"no view of the swarm for {time.monotonic() - core.viewed_at:.0f} s")
     try:
         roster = await core.join_round(r, member, deadline)
     except (TimeoutError, RuntimeError) as e:

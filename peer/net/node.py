@@ -252,7 +252,7 @@ class Node:
         c = self.core
         c.round, c.steps, c.samples, c.rate, c.training = round_, 0, 0, 0.0, False
         self.net.submit(c.publish())
-        deadline = Deadline(self.cfg.join_window_s)
+        deadline = Deadline(self.core.join_window_s())
         while not deadline.expired():
             behind = [r for r in c.live_peers(round_ - 1) if r.addr or r.client]
             if not behind:
@@ -288,7 +288,7 @@ class Node:
         `carried` is the part of `weight` that is work of a missed round, and that round."""
         self.core.training = False
         self.net.submit(self.core.publish())
-        limit = self.cfg.join_window_s + 40 + 3 * self.core.transfer_timeout_s()
+        limit = self.core.join_window_s() + 40 + 3 * self.core.transfer_timeout_s()
         try:
             return self.net.call(run_round(self.core, round_, delta, weight, samples, carried), limit)
         except TimeoutError as e:

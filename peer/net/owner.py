@@ -44,7 +44,7 @@ async def roster_of(core: NetCore, round_: int, roster_hash: str) -> tuple[Round
     if ctx is None:
         raise Reject(grpc.StatusCode.FAILED_PRECONDITION, f"round {round_} is over here (at {core.round})")
     try:
-        roster = await asyncio.wait_for(asyncio.shield(ctx.roster), core.cfg.join_window_s + 10)
+        roster = await asyncio.wait_for(asyncio.shield(ctx.roster), core.join_window_s() + 10)
     except asyncio.TimeoutError:
         raise Reject(grpc.StatusCode.FAILED_PRECONDITION, f"round {round_}: not in a group here") from None
     if roster.hash != roster_hash:

@@ -23,3 +23,14 @@ def test_deadline_follows_measurements_within_floor_and_ceiling(caplog):
     with caplog.at_level(logging.INFO):
         d.transfer_s(1_000_000)
     assert caplog.text == ""  # logged only when the value changes
+
+
+def test_join_window_follows_the_slowest_step_within_its_bounds(caplog):
+    d = Deadlines(5.0, 300.0)
+    with caplog.at_level(logging.INFO, logger="peer.net.deadlines"):
+        assert d.join_window_s(0.01, 30.0) == 3.0          # fast steps: the floor
+        assert d.join_window_s(5.0, 30.0) == 12.0          # 2 s + 2 steps of the slowest peer
+        assert d.join_window_s(60.0, 30.0) == 30.0         # never past --join-window-s
+        assert d.join_window_s(0.01, 2.0) == 2.0           # a smaller --join-window-s wins over the floor
+    said = [r.getMessage() for r in caplog.records if "join window is now" in r.getMessage()]
+    assert len(said) == 4 and "12.0 s" in said[1]
