@@ -173,11 +173,11 @@ class Chaos:
                 base, gap, gap_end = len(self.rows("p0")), self.rng.randint(1, 3), time.time() + GAP_S
             time.sleep(0.5)
         settle = time.time() + SETTLE_S   # restarts and SIGCONTs due, extras dead, then an applied round
-        last = max([f["effect"] or 0 for f in self.faults] + [0])
-        while time.time() < settle and (self.timers or any(p.slot is None for p in self.live())
-                                        or not self.applied_after(last)):
+        while time.time() < settle:
+            self.watch()   # first: an extra that just died sets its fault's effect time here
             last = max([f["effect"] or 0 for f in self.faults] + [0])
-            self.watch()
+            if not (self.timers or any(p.slot is None for p in self.live()) or not self.applied_after(last)):
+                break
             time.sleep(0.5)
 
     def shutdown(self) -> None:

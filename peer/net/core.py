@@ -96,16 +96,16 @@ class NetCore:
             await swarm.store(self.dht, swarm.spec_key(self.run_id), self.peer_id, self.spec_record, 5.0)
             self.spec_published_at = time.monotonic()
         view = await swarm.read_peers(self.dht, self.run_id, 5.0)
-        for p, r in view.items():  # a record shows its rate only while training: remember it
-            if r.rate > 0:
-                self.step_s[p] = 1.0 / r.rate
+        seen = {p: 1.0 / r.rate for p, r in view.items() if r.rate > 0}  # shown only while training
+
         merged = {p: r for p, r in self.view.items() if r.fresh()}  # a read may miss a record: keep the last
         for p, r in view.items():
             if p != self.peer_id and r.spec == self.spec_hash and (p not in merged or r.t >= merged[p].t):
                 merged[p] = r
         self.view = merged
         self.viewed_at = time.monotonic()
-        self.step_s = {p: t for p, t in self.step_s.items() if p in merged or p == self.peer_id}
+        # replaced, never changed in place: the trainer thread reads it
+        self.step_s = {p: t for p, t in {**self.step_s, **seen}.items() if p in merged}
         mine = [r for r in self.view.values() if r.fresh() and r.round == self.round]
         self.others = (time.monotonic(), sum(r.steps_now() for r in mine), sum(r.rate for r in mine))
         log.debug("view: %d peers, %d in round %d with %.0f steps at %.1f steps/s", len(self.view), len(mine),
@@ -344,11 +344,11 @@ class NetCore:
         return found[0] if found else ""
 
     def join_window_s(self) -> float:
-        """The join window in force, from the slowest inner step of the live peers and ours."""
-        live = {r.peer_id for r in self.live_peers()} | {self.peer_id}
-        if self.rate > 0:
-            self.step_s[self.peer_id] = 1.0 / self.rate
-        slowest = max((s for p, s in self.step_s.items() if p in live), default=0.0)
+        """The join window in force, from the slowest inner step of the live peers and ours.
+        Also called from the trainer thread: it only reads (step_s is replaced, never changed)."""
+        live = {r.peer_id for r in self.live_peers()}
+        own = [1.0 / self.rate] if self.rate > 0 else []
+        slowest = max([s for p, s in self.step_s.items() if p in live] + own, default=0.0)
         return self.deadlines.join_window_s(slowest, self.cfg.join_window_s)
 
     def transfer_timeout_s(self) -> float:
