@@ -142,6 +142,11 @@ class Node:
         """After a full stop: the checkpoint the restarting peers agree on (see restart.py)."""
         return self.net.call(restart.agree(self.core, mine, want, Deadline(wait_s)), wait_s + 15)
 
+    def _donors(self, min_round: int) -> list[swarm.PeerRecord]:
+        """Live peers serving a state of round >= min_round, newest first."""
+        return sorted((r for r in self.core.live_peers() if r.state_round >= min_round and r.addr),
+                      key=lambda r: (-r.state_round, r.peer_id))
+
     async def _download(self, min_round: int, deadline: Deadline, digest: str = "", behind: bool = False
                         ) -> GlobalState:
         """`behind`: we hold a state and wait for a newer one, which may never come (NobodyAhead)."""
@@ -151,8 +156,7 @@ class Node:
             await self.core.refresh()
             if behind:
                 ahead.check(self.core.live_peers())
-            donors = sorted((r for r in self.core.live_peers() if r.state_round >= min_round and r.addr),
-                            key=lambda r: (-r.state_round, r.peer_id))
+            donors = self._donors(min_round)
             if donors:
                 try:
                     state = await download(self.core.channels, [(r.peer_id, r.addr) for r in donors], min_round,
@@ -181,8 +185,7 @@ class Node:
         ahead = NobodyAhead(min_round)
         while not deadline.expired():
             await self.core.refresh()
-            donors = sorted((r for r in self.core.live_peers() if r.state_round >= min_round and r.addr),
-                            key=lambda r: (-r.state_round, r.peer_id))
+            donors = self._donors(min_round)
             if donors:
                 break
             ahead.check(self.core.live_peers())

@@ -62,11 +62,12 @@ async def handle_contribute(core: NetCore, stream) -> pb.ContributeReply:
     ctx, roster = await roster_of(core, h.round, h.roster_hash)
     codec = get_codec(roster.codec)
     why = ar.check_header(h, roster, codec, reduced=False)
-    reducer = ar.backup_owner(roster, h.shard) if h.backup and why is None else ""
-    if why is None and (reducer if h.backup else roster.owners[h.shard]) != core.peer_id:
-        why = f"shard {h.shard} is {'backed up' if h.backup else 'owned'} by another peer, not here"
-    if why is None and h.sender == roster.owners[h.shard] and h.backup:
-        why = f"the owner of shard {h.shard} cannot contribute to its backup"
+    if why is None:  # the header's shard index is valid from here on
+        owner = roster.owners[h.shard]
+        if (ar.backup_owner(roster, h.shard) if h.backup else owner) != core.peer_id:
+            why = f"shard {h.shard} is {'backed up' if h.backup else 'owned'} by another peer, not here"
+        elif h.backup and h.sender == owner:
+            why = f"the owner of shard {h.shard} cannot contribute to its backup"
     if why:
         raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"round {h.round}: {why}")
     payload = await ar.read_payload(first, stream, h.num_bytes)
