@@ -43,6 +43,8 @@ async def roster_of(core: NetCore, round_: int, roster_hash: str) -> tuple[Round
     ctx = core.ctx(round_)
     if ctx is None:
         raise Reject(grpc.StatusCode.FAILED_PRECONDITION, f"round {round_} is over here (at {core.round})")
+    if not ctx.roster.done() and round_ < core.round:  # we finished that round outside any group
+        raise Reject(grpc.StatusCode.FAILED_PRECONDITION, f"round {round_}: not in a group here (at {core.round})")
     try:
         roster = await asyncio.wait_for(asyncio.shield(ctx.roster), core.join_window_s() + 10)
     except asyncio.TimeoutError:
