@@ -178,14 +178,16 @@ class CommitReply(_message.Message):
     def __init__(self, apply: _Optional[bool] = ..., reason: _Optional[str] = ..., committed: _Optional[_Iterable[str]] = ..., shard_sha256: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StateRequest(_message.Message):
-    __slots__ = ("min_round", "requester", "offset")
+    __slots__ = ("min_round", "requester", "offset", "length")
     MIN_ROUND_FIELD_NUMBER: _ClassVar[int]
     REQUESTER_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
     min_round: int
     requester: str
     offset: int
-    def __init__(self, min_round: _Optional[int] = ..., requester: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+    length: int
+    def __init__(self, min_round: _Optional[int] = ..., requester: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class StateChunk(_message.Message):
     __slots__ = ("header", "data")
@@ -272,3 +274,33 @@ class UpdateChunk(_message.Message):
     header: UpdateHeader
     data: bytes
     def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ProgressRequest(_message.Message):
+    __slots__ = ("run_id", "spec_hash", "round", "peer_id", "steps", "rate")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_HASH_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    RATE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    spec_hash: str
+    round: int
+    peer_id: str
+    steps: int
+    rate: float
+    def __init__(self, run_id: _Optional[str] = ..., spec_hash: _Optional[str] = ..., round: _Optional[int] = ..., peer_id: _Optional[str] = ..., steps: _Optional[int] = ..., rate: _Optional[float] = ...) -> None: ...
+
+class ProgressReply(_message.Message):
+    __slots__ = ("leader", "allowed_steps", "close", "total_steps", "current_round")
+    LEADER_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
+    leader: bool
+    allowed_steps: int
+    close: bool
+    total_steps: int
+    current_round: int
+    def __init__(self, leader: _Optional[bool] = ..., allowed_steps: _Optional[int] = ..., close: _Optional[bool] = ..., total_steps: _Optional[int] = ..., current_round: _Optional[int] = ...) -> None: ...

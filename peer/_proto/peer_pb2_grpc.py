@@ -69,6 +69,11 @@ class PeerStub:
                 request_serializer=peer__pb2.UpdatesRequest.SerializeToString,
                 response_deserializer=peer__pb2.UpdateChunk.FromString,
                 _registered_method=True)
+        self.Progress = channel.unary_unary(
+                '/diloco.Peer/Progress',
+                request_serializer=peer__pb2.ProgressRequest.SerializeToString,
+                response_deserializer=peer__pb2.ProgressReply.FromString,
+                _registered_method=True)
 
 
 class PeerServicer:
@@ -125,6 +130,15 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Progress(self, request, context):
+        """The trigger: a member reports its progress in a round to the round's leader, which
+        answers how many inner steps in all the member may do, so the swarm's summed steps
+        close the round at its target (a DHT view alone lags by a refresh).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +176,11 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.GetUpdates,
                     request_deserializer=peer__pb2.UpdatesRequest.FromString,
                     response_serializer=peer__pb2.UpdateChunk.SerializeToString,
+            ),
+            'Progress': grpc.unary_unary_rpc_method_handler(
+                    servicer.Progress,
+                    request_deserializer=peer__pb2.ProgressRequest.FromString,
+                    response_serializer=peer__pb2.ProgressReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -353,6 +372,33 @@ class Peer:
             '/diloco.Peer/GetUpdates',
             peer__pb2.UpdatesRequest.SerializeToString,
             peer__pb2.UpdateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Progress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/diloco.Peer/Progress',
+            peer__pb2.ProgressRequest.SerializeToString,
+            peer__pb2.ProgressReply.FromString,
             options,
             channel_credentials,
             insecure,
