@@ -71,6 +71,8 @@ class NetLoop:
         try:
             return fut.result(timeout_s)
         except concurrent.futures.TimeoutError:
+            if fut.done():  # the coroutine's own TimeoutError (the same class on Python >= 3.11): keep its cause
+                raise
             fut.cancel()
             raise TimeoutError(f"network call did not finish within {timeout_s:.1f} s") from None
 

@@ -1,0 +1,46 @@
+"""The network loop's call wrapper: a coroutine's own timeout keeps its message; a call that
+overruns its limit says so and is cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from peer.net.loop import NetLoop
+
+
+@pytest.fixture
+def net():
+    loop = NetLoop("test-net")
+    loop.start()
+    yield loop
+    loop.stop()
+
+
+def test_a_coroutines_own_timeout_keeps_its_message(net):
+    async def slow_download():
+        raise TimeoutError("no state of round >= 3 within the deadline: donor 9f3a refused")
+
+    with pytest.raises(TimeoutError, match="donor 9f3a refused"):
+        net.call(slow_download(), 5)
+
+
+def test_a_call_past_its_limit_is_cancelled_and_says_so(net):
+    cancelled = asyncio.Event()
+
+    async def forever():
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    with pytest.raises(TimeoutError, match="did not finish within 0.2 s"):
+        net.call(forever(), 0.2)
+
+    async def was_cancelled():
+        await asyncio.wait_for(cancelled.wait(), 5)
+        return True
+
+    assert net.call(was_cancelled(), 10)
