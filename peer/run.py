@@ -60,7 +60,7 @@ def run(cfg: PeerConfig, explicit: set[str]) -> int:
         except DHTStartError as e:
             log.error("%s", e)
             return EXIT_CRASH
-        from peer.net.node import Node
+        from peer.net.node import CannotKeepUp, Node
         from peer.trainer import Trainer
 
         node = Node(cfg, dht)
@@ -76,7 +76,11 @@ def run(cfg: PeerConfig, explicit: set[str]) -> int:
         for addr in join_addresses(dht):
             print(f"Join through: {addr}", flush=True)
         trainer = Trainer(cfg, spec, node, StopRequest)
-        return trainer.run()
+        try:
+            return trainer.run()
+        except CannotKeepUp as e:
+            log.error("%s", e)
+            return EXIT_INCOMPATIBLE
     except Interrupted as e:
         log.info("%s received: leaving the swarm", e)
         if node is not None:

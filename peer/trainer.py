@@ -1,5 +1,6 @@
 """The main-thread training loop: inner steps until the swarm closes the round, hand-over of
-the pseudo-gradient to the node, the outer step, the digest check, one log line per round."""
+the pseudo-gradient to the node, which returns the next global state (see net/keeper.py),
+checkpoints, one log line per round."""
 
 from __future__ import annotations
 
@@ -19,12 +20,10 @@ from peer.checkpoint import Checkpoint, latest, save_round
 from peer.config import ConfigError, PeerConfig, RunSpec
 from peer.faults import FaultPlan
 from peer.net.node import MAX_CARRY_ROUNDS, Node, Outcome
-from peer.outer import GlobalState, assign_flat_, flatten_params, outer_step, pseudo_gradient
+from peer.outer import GlobalState, assign_flat_, flatten_params, pseudo_gradient
 from peer.tasks import BatchStream, ByteCorpus, build_model, eval_batches, inner_lr, start_position
 
 log = logging.getLogger(__name__)
-STATE_TIMEOUT_S = 120.0
-UNDECIDED_WAIT_S = 8.0
 
 
 def pick_device(name: str) -> torch.device:
@@ -73,44 +72,9 @@ class Trainer:
                  spec.model, numel, self.device, corpus.name, len(corpus.train), corpus.unigram_entropy_nats())
 
     # ---- state --------------------------------------------------------------------------
-    def initial_state(self) -> GlobalState:
-        """From our checkpoint or from the swarm, whichever is newer; a new run starts fresh."""
-        ckpt = self.load_checkpoint()
-        self.node.refresh()
-        donors = [r.state_round for r in self.node.core.live_peers() if r.addr and r.state_round >= 0]
-        if ckpt is not None and ckpt.state.round > max(donors, default=-1):
-            if not donors:
-                return self.agreed_restart(ckpt.state)
-            log.info("resuming from our checkpoint of round %d (the swarm has round %d)", ckpt.state.round,
-                     max(donors))
-            return ckpt.state
-        if self.node.is_genesis() and not donors:
-            theta = flatten_params(self.model)
-            state = GlobalState(theta=theta, momentum=torch.zeros_like(theta), round=0, global_samples=0)
-            log.info("created the initial state (digest %s)", state.digest()[:12])
-            return state
-        log.info("downloading the global state from the swarm")
-        try:
-            return self.node.download_state(0, STATE_TIMEOUT_S)
-        except TimeoutError as e:
-            raise RuntimeError(f"could not get the run's state from any live peer: {e}") from None
-
-    def agreed_restart(self, mine: GlobalState) -> GlobalState:
-        """Nobody holds the run's state (a full stop): the restarting peers agree on the newest
-        checkpoint, the one most of them hold for that round; ours, or we download it."""
-        wait_s = max(10.0, 3 * self.node.core.join_window_s())
-        r, digest, count, of = self.node.agree_on_checkpoint((mine.round, mine.digest()), self.spec.min_peers, wait_s)
-        if (r, digest) == (mine.round, mine.digest()):
-            log.info("resuming from our checkpoint of round %d (digest %s, held by %d of %d restarting peers "
-                     "at that round)", r, digest[:12], count, of)
-            return mine
-        log.warning("our checkpoint (round %d, digest %s) is not the one the restarting peers agree on "
-                    "(round %d, digest %s, %d of %d at that round); downloading that state", mine.round,
-                    mine.digest()[:12], r, digest[:12], count, of)
-        try:
-            return self.node.download_state(r, STATE_TIMEOUT_S, digest)
-        except TimeoutError as e:
-            raise RuntimeError(f"could not get the agreed state of round {r} from any live peer: {e}") from None
+    def fresh_state(self) -> GlobalState:
+        theta = flatten_params(self.model)
+        return GlobalState(theta=theta, momentum=torch.zeros_like(theta), round=0, global_samples=0)
 
     # ---- checkpoints --------------------------------------------------------------------
     def load_checkpoint(self) -> Checkpoint | None:
@@ -123,23 +87,24 @@ class Trainer:
             return None
         self.opt.load_state_dict(ckpt.optimizer)
         self.stream.load_state_dict(ckpt.data)
-        self.node.core.ef.load_state_dict(ckpt.residuals)
-        self.node.core.owner_ef.load_state_dict(ckpt.owner_residuals)
+        self.node.load_residuals(ckpt.residuals, ckpt.owner_residuals)
         log.info("restored the inner optimizer, data position and residuals of round %d", ckpt.state.round)
         return ckpt
 
     def save_checkpoint(self, why: str) -> None:
         if not self.cfg.checkpoint_dir or self.state is None:
             return
-        ckpt = Checkpoint(state=self.state, run_id=self.cfg.run_id, spec_hash=self.node.core.spec_hash,
+        state, residuals, owner_residuals = self.node.checkpoint_parts()  # taken together on the loop
+        if state is None:
+            return
+        ckpt = Checkpoint(state=state, run_id=self.cfg.run_id, spec_hash=self.node.core.spec_hash,
                           peer_id=self.node.peer_id, optimizer=self.opt.state_dict(),
-                          data=self.stream.state_dict(), residuals=self.node.core.ef.state_dict(),
-                          owner_residuals=self.node.core.owner_ef.state_dict())
+                          data=self.stream.state_dict(), residuals=residuals, owner_residuals=owner_residuals)
         t = time.monotonic()
         os.makedirs(self.cfg.checkpoint_dir, exist_ok=True)
         path = save_round(self.cfg.checkpoint_dir, ckpt,
                           midway=lambda: self.faults.hit("checkpoint_write", ckpt.state.round))
-        log.info("checkpoint of round %d written %s: %s (%.2f s)", self.state.round, why, path,
+        log.info("checkpoint of round %d written %s: %s (%.2f s)", state.round, why, path,
                  time.monotonic() - t)
 
     @contextlib.contextmanager
@@ -154,17 +119,18 @@ class Trainer:
         self.stop.check()
 
     def adopt(self, state: GlobalState) -> GlobalState:
+        """Trains from `state` next (the keeper's: read, never changed)."""
         assign_flat_(self.model, state.theta)
-        self.node.publish_state(state)
         self.state = state
         return state
 
     # ---- the loop -----------------------------------------------------------------------
     def run(self) -> int:
-        state = self.adopt(self.initial_state())
+        ckpt = self.load_checkpoint()
+        state = self.adopt(self.node.start_state(ckpt.state if ckpt else None, self.fresh_state()))
         if state.round == 0:
             n = self.node.wait_for_peers(self.spec.min_peers, self.cfg.min_peers_timeout_s)
-            log.info("round 0 starts with %d peer(s) in the swarm", n)
+            log.info("round 0 starts with %d peer(s) holding the state", n)
         log.info("eval loss at the start: %.4f", self.evaluate())
         rounds_done = 0
         while not self.cfg.max_rounds or rounds_done < self.cfg.max_rounds:
@@ -179,12 +145,11 @@ class Trainer:
         self.model.train()
         t0 = time.monotonic()
         step_s = 0.0
-        while not self.node.should_stop(step_s):
+        while not self.node.should_stop(stats.steps, step_s):
             t = time.monotonic()
             x, y = self.stream.next_batch()
-            peers = 1 + len(self.node.core.live_peers(r))
-            lr = inner_lr(base_samples + stats.samples * peers, self.spec.inner_lr, self.spec.warmup_samples,
-                          self.spec.total_samples)
+            lr = inner_lr(base_samples + stats.samples * self.node.num_training(r), self.spec.inner_lr,
+                          self.spec.warmup_samples, self.spec.total_samples)
             for group in self.opt.param_groups:
                 group["lr"] = lr
             with self.critical():
@@ -202,6 +167,8 @@ class Trainer:
         return stats
 
     def weight_of(self, stats: RoundStats) -> float:
+        if stats.steps == 0:
+            return 0.0
         return {"steps": float(stats.steps), "samples": float(stats.samples), "equal": 1.0}[self.spec.weighting]
 
     def one_round(self, state: GlobalState) -> GlobalState:
@@ -211,24 +178,18 @@ class Trainer:
         self.faults.hit("before_average", r)
         delta = pseudo_gradient(state.theta, flatten_params(self.model))
         fresh = self.weight_of(stats)
-        carried = (min(self.carry[1], fresh), self.carry[2]) if self.carry else (0.0, -1)
+        carried = (min(self.carry[1], fresh), self.carry[2]) if self.carry and fresh > 0 else (0.0, -1)
         weight = fresh + carried[0]
         t_avg = time.monotonic()
-        if stats.steps == 0:
-            outcome = Outcome("excluded", reason="no inner step fit in the round")
-        else:
-            outcome = self.node.average(r, delta.clone(), weight, stats.samples, carried)
-        new_state = self.adopt(self.finish(state, outcome))
-        if outcome.kind == "applied" or outcome.decided:
-            self.node.record_update(r, outcome, new_state.digest())
+        result = self.node.finish_round(r, delta.clone(), weight, stats.samples, carried)
+        new_state, outcome = self.adopt(result.state), result.outcome
+        self.divergences = result.divergences
         self.carry_over(r, delta, weight, carried[1], outcome, new_state)
         avg_s = time.monotonic() - t_avg
         self.dump(r, state, delta, weight, outcome, new_state)
-        self.node.publish_digest(new_state.round, new_state.digest())
-        new_state = self.check_digest(new_state, outcome)
         eval_loss = self.evaluate()
         self.report(r, stats, weight, outcome, new_state, eval_loss, time.monotonic() - t0, avg_s)
-        if new_state.round % self.cfg.checkpoint_every == 0:
+        if new_state.round != r and new_state.round % self.cfg.checkpoint_every == 0:
             self.save_checkpoint(f"after round {r}")
         self.faults.hit("after_round", r)
         return new_state
@@ -245,43 +206,6 @@ class Trainer:
         self.carry = (delta, weight, origin)
         assign_flat_(self.model, torch.sub(new.theta, delta))
         log.info("round %d: carrying %.0f weight of work from round %d into round %d", r, weight, origin, new.round)
-
-    def finish(self, state: GlobalState, outcome: Outcome) -> GlobalState:
-        r = state.round
-        if outcome.kind == "applied":
-            assert outcome.avg is not None
-            theta, momentum = outer_step(state.theta, state.momentum, outcome.avg, self.spec.outer_lr,
-                                         self.spec.outer_momentum)
-            return GlobalState(theta, momentum, r + 1, state.global_samples + outcome.samples)
-        log.warning("round %d: %s: %s", r, outcome.kind, outcome.reason)
-        if outcome.kind == "aborted" and outcome.decided:
-            return GlobalState(state.theta, state.momentum, r + 1, state.global_samples)
-        # excluded: the others finish the round, take their state; no decision heard (the
-        # leader died): nobody applied unless a peer publishes round r+1 within a few seconds
-        wait_s = STATE_TIMEOUT_S if outcome.kind == "excluded" else UNDECIDED_WAIT_S
-        try:
-            new = self.node.catch_up(state, r + 1, wait_s)
-            outcome.kind, outcome.reason = "excluded", f"{outcome.reason}; took the swarm's state instead"
-            return new
-        except TimeoutError as e:
-            log.warning("round %d: catching up failed (%s); going on from our own state", r, e)
-            return GlobalState(state.theta, state.momentum, r + 1, state.global_samples)
-
-    def check_digest(self, state: GlobalState, outcome: Outcome) -> GlobalState:
-        """A peer whose digest differs from the majority's reloads the majority's state."""
-        expected = len(outcome.roster.members) if outcome.roster is not None else 1
-        best, count, seen = self.node.majority_digest(state.round, expected, wait_s=3.0)
-        mine = state.digest()
-        if best is None or best == mine or count * 2 <= seen:
-            return state
-        self.divergences += 1
-        log.warning("round %d: our digest %s differs from the majority's %s (%d of %d peers); reloading",
-                    state.round, mine[:12], best[:12], count, seen)
-        try:
-            return self.adopt(self.node.download_state(state.round, STATE_TIMEOUT_S))
-        except TimeoutError as e:
-            log.warning("round %d: reloading failed: %s", state.round, e)
-            return state
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -23,7 +24,7 @@ from peer.net.client import Channels, Reject, describe_rpc_error
 from peer.net.deadlines import Deadlines
 from peer.net.loop import Deadline
 from peer.net.replay import UpdateLog
-from peer.net.round import ClosedElsewhere, LeaderGroup, check_member, leader_rank
+from peer.net.round import ClosedElsewhere, LeaderGroup, Tally, check_member, leader_rank
 from peer.net.state_sync import StateSnapshot
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,9 @@ REFRESH_S = 0.5
 PROBE_TIMEOUT_S = 3.0   # a leader that does not answer Health within this is passed over
 GROUP_PROBE_TIMEOUT_S = 2.0  # a missing member that does not say within this is in no other group
 SPEC_REFRESH_S = 10.0   # every peer re-publishes the run spec, so it outlives the peer that started it
+PROGRESS_S = 0.1        # a training member reports its progress to the round's leader this often
+GRANT_FRESH_S = 1.5     # a leader's answer older than this is not trusted: the DHT view decides
+ROUND_MARKS = 6         # swarm rounds remembered to measure how often the swarm closes one
 
 
 @dataclass
@@ -44,6 +48,7 @@ class RoundCtx:
     fetched: dict[int, tuple[pb.ShardHeader, bytes]] = field(default_factory=dict)  # results we pulled
     backups: dict[int, ar.OwnedShard] = field(default_factory=dict)  # dead owners' shards reduced here
     unreachable: set[str] = field(default_factory=set)  # owners we could not send to or pull from
+    tally: Tally | None = None   # as the round's leader: the members' progress reports
     bytes_sent: int = 0
     bytes_received: int = 0
 
@@ -74,13 +79,19 @@ class NetCore:
         self.spec_record: dict | None = None  # the adopted spec proposal, re-published by every peer
         self.spec_published_at = 0.0
         self.step_s: dict[str, float] = {}   # inner step seconds of the peers seen training
+        self.phase = swarm.SYNC              # what we do now, published in our record
+        self.grant: tuple[int, int, bool, float] | None = None  # leader's answer: (round, allowed, close, when)
+        self.round_started = 0.0             # monotonic time training of self.round began
+        self.round_marks: list[tuple[float, int]] = []  # (monotonic time, swarm round) when it advanced
+        self._viewed = asyncio.Event()       # set (and replaced) after every view refresh
+        self._progress_task: asyncio.Task | None = None
 
     # ---- progress, view and trigger -------------------------------------------------------
     def record(self) -> swarm.PeerRecord:
         state_round = self.snapshot.header.round if self.snapshot else -1
         return swarm.PeerRecord(self.peer_id, "" if self.cfg.client_mode else self.address, self.round,
                                 self.steps, self.samples, self.rate if self.training else 0.0, self.training,
-                                self.cfg.client_mode, state_round, self.spec_hash, get_dht_time())
+                                self.cfg.client_mode, state_round, self.spec_hash, get_dht_time(), self.phase)
 
     async def publish(self) -> None:
         await swarm.store(self.dht, swarm.peers_key(self.run_id), self.peer_id, self.record().to_value(), 5.0)
@@ -106,20 +117,46 @@ class NetCore:
         self.viewed_at = time.monotonic()
         # replaced, never changed in place: the trainer thread reads it
         self.step_s = {p: t for p, t in {**self.step_s, **seen}.items() if p in merged}
-        mine = [r for r in self.view.values() if r.fresh() and r.round == self.round]
+        mine = [r for r in self.view.values() if r.fresh() and r.round == self.round and r.phase == swarm.TRAIN]
         self.others = (time.monotonic(), sum(r.steps_now() for r in mine), sum(r.rate for r in mine))
+        self._mark_swarm_round()
         log.debug("view: %d peers, %d in round %d with %.0f steps at %.1f steps/s", len(self.view), len(mine),
                   self.round, self.others[1], self.others[2])
+        self._viewed.set()
+        self._viewed = asyncio.Event()
+
+    async def next_view(self, timeout_s: float) -> None:
+        """Waits for the next view refresh (at most timeout_s)."""
+        try:
+            await asyncio.wait_for(self._viewed.wait(), max(timeout_s, 0.0))
+        except asyncio.TimeoutError:
+            pass
+
+    def _mark_swarm_round(self) -> None:
+        top = max([r.round for r in self.live_peers() if r.ready()] + [self.round])
+        if top < 0:
+            return
+        if not self.round_marks or top > self.round_marks[-1][1]:
+            self.round_marks = [*self.round_marks, (time.monotonic(), top)][-ROUND_MARKS:]
+
+    def round_period_s(self) -> float | None:
+        """Seconds between two rounds of the swarm, as seen lately (None before two were seen)."""
+        if len(self.round_marks) < 3:   # the first mark is when we started looking, not a round's end
+            return None
+        (t0, r0), (t1, r1) = self.round_marks[1], self.round_marks[-1]
+        return (t1 - t0) / (r1 - r0)
 
     async def refresh_forever(self) -> None:
         while True:
             try:
                 await self.refresh()
                 self.last_refresh_error = ""
-            except Exception as e:  # the DHT may be slow; keep the last view and say so once
+            except TimeoutError as e:  # the DHT may be slow; keep the last view and say so once
                 if str(e) != self.last_refresh_error:
                     log.warning("DHT refresh failed: %s; keeping the last view of %d peers", e, len(self.view))
                 self.last_refresh_error = str(e)
+            except Exception:  # a bug, not a slow DHT: say so with the traceback, and keep refreshing
+                log.exception("refreshing the view of the swarm failed")
             self.gc_rounds()
             await asyncio.sleep(REFRESH_S)
 
@@ -129,6 +166,10 @@ class NetCore:
 
     def live_peers(self, round_: int | None = None) -> list[swarm.PeerRecord]:
         return [r for r in self.view.values() if r.fresh() and (round_ is None or r.round == round_)]
+
+    def ready_peers(self) -> list[swarm.PeerRecord]:
+        """Live peers holding a state of the run, not catching up: the ones that count."""
+        return [r for r in self.live_peers() if r.ready()]
 
     def gc_rounds(self) -> None:
         for r in [r for r in self.rounds if r < self.round - 2]:
@@ -142,6 +183,98 @@ class NetCore:
             self.rounds[round_] = RoundCtx(round_)
         return self.rounds[round_]
 
+    # ---- a round's training: start barrier, progress to the leader ------------------------
+    async def begin_round(self, round_: int) -> float:
+        """Starts training for `round_` once the peers still finishing the round before have
+        moved on (at most a join window): a peer that started early would fill the round's
+        target alone and leave the others no step to contribute. Returns when training began."""
+        self.round, self.steps, self.samples, self.training, self.grant = round_, 0, 0, False, None
+        self.phase = swarm.WAIT
+        await self._publish_quietly()
+        deadline = Deadline(self.join_window_s())
+        behind: list[swarm.PeerRecord] = []
+        while not deadline.expired():
+            behind = [r for r in self.live_peers(round_ - 1) if r.addr or r.client]
+            if not behind:
+                break
+            await self.next_view(min(deadline.left(), 1.0))
+        if behind:
+            log.info("round %d: starting although %s still finish round %d", round_,
+                     ", ".join(r.peer_id[-6:] for r in behind), round_ - 1)
+        self.training, self.phase, self.others = True, swarm.TRAIN, (time.monotonic(), 0.0, 0.0)
+        self.round_started = time.monotonic()
+        await self._publish_quietly()
+        self._progress_task = asyncio.ensure_future(self.progress_forever(round_))
+        return self.round_started
+
+    def end_training(self) -> None:
+        """The trainer stopped training this round: no more progress reports."""
+        self.training = False
+        if self._progress_task is not None:
+            self._progress_task.cancel()
+            self._progress_task = None
+
+    async def _publish_quietly(self) -> None:
+        try:
+            await self.publish()
+        except TimeoutError as e:
+            log.debug("publishing our progress: %s", e)
+
+    def set_progress(self, steps: int, samples: int, steps_per_s: float) -> None:
+        self.steps, self.samples, self.rate = steps, samples, steps_per_s
+
+    async def progress_forever(self, round_: int) -> None:
+        """While we train `round_`: report our steps to its leader and keep its answer (the
+        trainer stops at the steps it allows); without an answer the DHT view decides."""
+        while self.training and self.round == round_:
+            await self.report_progress(round_)
+            await asyncio.sleep(PROGRESS_S)
+
+    async def report_progress(self, round_: int) -> tuple[int, int, bool, float] | None:
+        """One Progress report to the round's leader; keeps and returns its answer (None: no leader answered)."""
+        cands = self.candidates(round_, set())
+        req = pb.ProgressRequest(run_id=self.run_id, spec_hash=self.spec_hash, round=round_,
+                                 peer_id=self.peer_id, steps=self.steps, rate=self.rate)
+        try:
+            if not cands:
+                return None
+            if cands[0][0] == self.peer_id:
+                reply = self.handle_progress(req)
+            else:
+                reply = await self.channels.stub(cands[0][1]).Progress(req, timeout=PROBE_TIMEOUT_S)
+        except grpc.aio.AioRpcError as e:
+            log.debug("round %d: progress to %s: %s", round_, cands[0][0][-6:], describe_rpc_error(e))
+            return None
+        if not reply.leader or self.round != round_:
+            return None
+        self.grant = (round_, reply.allowed_steps, reply.close, time.monotonic())
+        return self.grant
+
+    async def ask_for_steps(self, round_: int, steps: int) -> tuple[int, int, bool, float] | None:
+        """The trainer used up what the leader allowed: report `steps` now for a fresh answer."""
+        self.steps = steps
+        return await self.report_progress(round_)
+
+    def handle_progress(self, req: pb.ProgressRequest) -> pb.ProgressReply:
+        self.check_run(req.run_id, req.spec_hash)
+        r = req.round
+        cands = self.candidates(r, set())
+        ctx = self.ctx(r)
+        if ctx is None or not cands or cands[0][0] != self.peer_id or self.spec is None:
+            return pb.ProgressReply(leader=False, current_round=self.round)
+        if not (math.isfinite(req.rate) and 0 <= req.rate <= 1e6 and 0 <= req.steps <= 1e9):
+            raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"round {r}: progress {req.steps} steps at "
+                                                            f"{req.rate} steps/s is not a valid claim")
+        if ctx.tally is None:
+            ctx.tally = Tally(self.spec.target_steps)
+        if r == self.round and self.training:  # our own steps count without a report over the wire
+            ctx.tally.reports[self.peer_id] = (self.steps, self.rate, time.monotonic())
+        unseen = [p for p in self.live_peers(r) if p.phase == swarm.TRAIN and p.peer_id not in ctx.tally.reports]
+        allowed, close, total = ctx.tally.report(req.peer_id, req.steps, req.rate, time.monotonic(),
+                                                 sum(p.steps_now() for p in unseen), sum(p.rate for p in unseen))
+        return pb.ProgressReply(leader=True, allowed_steps=allowed, close=close, total_steps=total,
+                                current_round=self.round)
+
     # ---- group agreement -----------------------------------------------------------------
     def candidates(self, round_: int, skip: set[str]) -> list[tuple[str, str]]:
         """Leader candidates for `round_` (peer id, address), best first: fresh serving peers
@@ -154,7 +287,7 @@ class NetCore:
         return [(p, found[p]) for p in ranked if p not in skip]
 
     def expected_members(self, round_: int) -> set[str]:
-        out = {r.peer_id for r in self.live_peers(round_)}
+        out = {r.peer_id for r in self.live_peers(round_) if r.ready()}
         if self.round == round_:
             out.add(self.peer_id)
         return out

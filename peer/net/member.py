@@ -73,10 +73,9 @@ async def run_round(core: NetCore, r: int, delta: torch.Tensor, weight: float, s
         out.kind, out.reason = "excluded", "the round applied with results other than ours"
         return out
     mine = [(j, s) for j, s in enumerate(shards) if core.peer_id in s.header.contributors]
-    ar.apply_residuals(core.ef, codec, [encoded[j][1] for j, _ in mine])
-    for shard in ctx.owned.values():
-        if shard.pending_residual is not None:
-            ar.apply_residuals(core.owner_ef, codec, [shard.pending_residual])
+    out.residuals = [encoded[j][1] for j, _ in mine]   # applied with the new state (keeper.py)
+    out.owner_residuals = [shard.pending_residual for shard in ctx.owned.values()
+                           if shard.pending_residual is not None]
     everywhere = set.intersection(*(set(s.header.contributors) for s in shards))
     members = {m.peer_id: m for m in roster.members}
     out.kind, out.reason = "applied", decision.reason

@@ -147,9 +147,48 @@ class Outcome:
     bytes_received: int = 0
     dropped: list[str] = field(default_factory=list)
     payloads: list[bytes] = field(default_factory=list)   # the reduced shards' bytes, in shard order
+    residuals: list = field(default_factory=list)   # error-feedback updates of our sends, if applied
+    owner_residuals: list = field(default_factory=list)   # ... and of our owned shards' re-encoding
 
 
 MAX_CARRY_ROUNDS = 3    # carried work older than this many rounds is refused
+PROGRESS_STALE_S = 1.0  # a member silent this long no longer holds steps it was allowed
+LEASE_S = 0.5           # steps are allowed for about this much of a member's time at once
+
+
+class Tally:
+    """The leader's count of one round's inner steps, from its members' Progress reports, as
+    leases: each answer allows a member about LEASE_S of steps more (its rate's share of the
+    steps nobody holds yet, near the end), and members ask again before they go past it. The
+    swarm's steps thus close the round at its target (a DHT view lags a refresh behind, which
+    fast steps overrun many times). Pure; the caller passes the clock."""
+
+    def __init__(self, target_steps: int):
+        self.target = target_steps
+        self.reports: dict[str, tuple[int, float, float]] = {}   # peer -> (steps, steps/s, when)
+        self.allowed: dict[str, int] = {}   # steps in all each member may do: held until it reports
+
+    def _held(self, peer: str, now: float) -> int:
+        """Steps a member did or may still do without asking (a silent one: only those done)."""
+        steps, _, when = self.reports[peer]
+        return max(steps, self.allowed.get(peer, steps)) if now - when < PROGRESS_STALE_S else steps
+
+    def report(self, peer: str, steps: int, rate: float, now: float, unreported: float = 0.0,
+               unreported_rate: float = 0.0) -> tuple[int, bool, int]:
+        """Records a member's report; returns (steps it may do in all, stop now, the swarm's
+        steps held). `unreported`: steps (and their rate) of peers seen training only in the DHT."""
+        self.reports[peer] = (steps, rate, now)
+        others = sum(self._held(p, now) for p in self.reports if p != peer) + unreported
+        pool = self.target - steps - others
+        if pool < 1:   # every step of the target is done or held by another member
+            self.allowed[peer] = steps
+            return steps, True, round(steps + others)
+        rates = [r for p, (_, r, when) in self.reports.items() if p != peer and r > 0 and now - when < PROGRESS_STALE_S]
+        own = rate if rate > 0 else (sum(rates) / len(rates) if rates else 1.0)  # no step timed yet: the mean
+        share = pool * own / (own + sum(rates) + unreported_rate)
+        lease = max(1, min(int(pool), int(share), int(own * LEASE_S)))
+        self.allowed[peer] = steps + lease
+        return self.allowed[peer], False, round(steps + others)
 
 
 def check_member(m: pb.Member, round_: int) -> str:

@@ -63,6 +63,12 @@ class Servicer(peer_pb2_grpc.PeerServicer):
         for chunk in chunks or ():
             await context.write(chunk)
 
+    async def Progress(self, request: pb.ProgressRequest, context):
+        async def answer() -> pb.ProgressReply:
+            return self.core.handle_progress(request)
+
+        return await self._guard(context, "Progress", answer())
+
     async def Health(self, request: pb.HealthRequest, context):
         return self.core.health()
 

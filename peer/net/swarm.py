@@ -15,6 +15,10 @@ log = logging.getLogger(__name__)
 
 RECORD_TTL_S = 30.0      # DHT expiry; the thread doing the work refreshes long before
 FRESH_S = 6.0            # a progress record older than this is a peer we no longer count on
+# What a peer is doing, in its record: getting a state (not ready yet: counts for nothing),
+# waiting for a round to start, training, averaging (in a round's group).
+SYNC, WAIT, TRAIN, AVERAGE = "sync", "wait", "train", "average"
+PHASES = (SYNC, WAIT, TRAIN, AVERAGE)
 
 
 async def _await(fut: Any) -> Any:
@@ -58,6 +62,11 @@ class PeerRecord:
     state_round: int     # round of the state it can serve; -1 = none
     spec: str            # spec hash
     t: float             # DHT time of publication
+    phase: str = ""      # one of PHASES: what the peer is doing now
+
+    def ready(self) -> bool:
+        """Holds a state of the run and is not catching up: counts for --min-peers and rounds."""
+        return self.state_round >= 0 and self.phase != SYNC
 
     def age_s(self) -> float:
         return get_dht_time() - self.t
@@ -75,11 +84,11 @@ class PeerRecord:
             rec = cls(peer_id=peer_id, addr=str(v["addr"]), round=int(v["round"]), steps=int(v["steps"]),
                       samples=int(v["samples"]), rate=float(v["rate"]), training=bool(v["training"]),
                       client=bool(v["client"]), state_round=int(v["state_round"]), spec=str(v["spec"]),
-                      t=float(v["t"]))
+                      t=float(v["t"]), phase=str(v["phase"]))
         except (KeyError, TypeError, ValueError):
             log.debug("ignoring malformed progress record of %s: %r", peer_id, v)
             return None
-        if rec.rate < 0 or rec.steps < 0 or rec.rate > 1e6:
+        if rec.rate < 0 or rec.steps < 0 or rec.rate > 1e6 or rec.phase not in PHASES:
             return None
         return rec
 

@@ -1,0 +1,374 @@
+"""The global state on the network side, and the one place that decides what it becomes: the
+state a peer starts from, the state after each round (applied, aborted by everyone, or taken
+from the swarm), the digest check and a reload. Runs on the network loop; tensor work goes to
+an executor. A state's round number advances only with an applied update or an abort the
+round's members agreed on: a peer that cannot get the next state keeps the one it has."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from peer.codecs import get_codec
+from peer.net import allreduce as ar
+from peer.net import restart, swarm
+from peer.net.core import NetCore
+from peer.net.loop import Deadline
+from peer.net.member import run_round
+from peer.net.replay import KEEP_ROUNDS, replay
+from peer.net.round import Outcome
+from peer.net.state_sync import StateSnapshot, download
+from peer.outer import GlobalState, outer_step
+
+log = logging.getLogger(__name__)
+STATE_TIMEOUT_S = 120.0   # the most one attempt waits for a newer state
+UNDECIDED_WAIT_S = 8.0    # no decision heard: how long to wait for a member that applied
+DIGEST_WAIT_S = 3.0       # how long to wait for the digests of the live peers at our round
+BACKOFF_S = (2.0, 30.0)   # retrying to get a newer state: first and longest pause
+MISSED_BEFORE_VERDICT = 3  # rounds missed in a row before we judge whether our link keeps up
+
+
+class NobodyAhead(Exception):
+    """No live peer holds, or works on, the state wanted: none will come."""
+
+
+class CannotKeepUp(RuntimeError):
+    """This peer's link cannot carry one round's update within a round: it would chase forever."""
+
+
+class AheadWatch:
+    """Ends a wait for a state of round >= min_round once, for a while, no live peer holds
+    one or trains or averages the round before it (the peer that was ahead died)."""
+
+    def __init__(self, min_round: int):
+        self.min_round, self.since = min_round, time.monotonic()
+
+    def check(self, live: list[swarm.PeerRecord]) -> None:
+        working = (swarm.TRAIN, swarm.AVERAGE)
+        if any(max(r.round, r.state_round) >= self.min_round
+               or (r.round == self.min_round - 1 and r.phase in working) for r in live):
+            self.since = time.monotonic()
+        elif time.monotonic() - self.since > swarm.FRESH_S:
+            raise NobodyAhead(f"no live peer is at round {self.min_round} or working on round {self.min_round - 1}")
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What the trainer gets back for a round: the state to train from next (never changed
+    in place by anyone) and what happened."""
+
+    state: GlobalState
+    outcome: Outcome
+    divergences: int   # reloads after a digest check, since the start
+
+
+class Keeper:
+    def __init__(self, core: NetCore, genesis: bool):
+        self.core, self.genesis = core, genesis
+        self.state: GlobalState | None = None
+        self.divergences = 0
+        self.missed = 0              # rounds in a row we did not contribute to
+        self.failures = 0            # attempts in a row that did not get a newer state
+        self.fetch_rate_bps: float | None = None   # how fast states and updates reach us
+
+    # ---- holding a state ------------------------------------------------------------------
+    async def adopt(self, state: GlobalState) -> None:
+        """Makes `state` ours and serves it (the snapshot is built in an executor)."""
+        snap = await asyncio.get_running_loop().run_in_executor(None, StateSnapshot.of, state, self.core.spec_hash)
+        self.state, self.core.snapshot = state, snap
+        self.core.phase = swarm.WAIT
+
+    def commit(self, r: int, new: GlobalState, outcome: Outcome) -> None:
+        """Round r's update, with the error-feedback residuals it settles: one synchronous step
+        on the loop, so a checkpoint never holds residuals of a round its state lacks."""
+        assert outcome.roster is not None
+        codec = get_codec(outcome.roster.codec)
+        applied = outcome.kind == "applied"
+        if applied:
+            ar.apply_residuals(self.core.ef, codec, outcome.residuals)
+            ar.apply_residuals(self.core.owner_ef, codec, outcome.owner_residuals)
+        self.state = new
+        self.core.updates.add(r, applied, codec.name, list(outcome.roster.shard_bounds),
+                              outcome.payloads if applied else [], outcome.samples if applied else 0, new.digest())
+
+    def checkpoint_parts(self) -> tuple[GlobalState | None, dict, dict]:
+        """The state and the residuals that go with it, taken together."""
+        return self.state, self.core.ef.state_dict(), self.core.owner_ef.state_dict()
+
+    def load_residuals(self, residuals: dict, owner_residuals: dict) -> None:
+        self.core.ef.load_state_dict(residuals)
+        self.core.owner_ef.load_state_dict(owner_residuals)
+
+    # ---- the first state --------------------------------------------------------------------
+    async def start(self, ckpt: GlobalState | None, fresh: GlobalState) -> GlobalState:
+        """From our checkpoint or from the swarm, whichever is newer; a new run starts from `fresh`."""
+        await self._view()
+        donors = [r.state_round for r in self.core.live_peers() if r.addr and r.state_round >= 0]
+        if ckpt is not None and ckpt.round > max(donors, default=-1):
+            if donors:
+                log.info("resuming from our checkpoint of round %d (the swarm has round %d)", ckpt.round, max(donors))
+                state = ckpt
+            else:
+                state = await self.agreed_restart(ckpt)
+        elif self.genesis and not donors:
+            log.info("created the initial state (digest %s)", fresh.digest()[:12])
+            state = fresh
+        else:
+            log.info("downloading the global state from the swarm")
+            try:
+                state = await self.download(0, Deadline(STATE_TIMEOUT_S))
+            except (TimeoutError, NobodyAhead) as e:
+                raise RuntimeError(f"could not get the run's state from any live peer: {e}") from None
+        await self.adopt(state)
+        return state
+
+    async def agreed_restart(self, mine: GlobalState) -> GlobalState:
+        """Nobody holds the run's state (a full stop): the restarting peers agree on the newest
+        checkpoint, the one most of them hold for that round; ours, or we download it."""
+        wait_s = max(10.0, 3 * self.core.join_window_s())
+        want = self.core.spec.min_peers if self.core.spec else 1
+        r, digest, count, of = await restart.agree(self.core, (mine.round, mine.digest()), want, Deadline(wait_s))
+        if (r, digest) == (mine.round, mine.digest()):
+            log.info("resuming from our checkpoint of round %d (digest %s, held by %d of %d restarting peers "
+                     "at that round)", r, digest[:12], count, of)
+            return mine
+        log.warning("our checkpoint (round %d, digest %s) is not the one the restarting peers agree on "
+                    "(round %d, digest %s, %d of %d at that round); downloading that state", mine.round,
+                    mine.digest()[:12], r, digest[:12], count, of)
+        try:
+            return await self.download(r, Deadline(STATE_TIMEOUT_S), digest)
+        except (TimeoutError, NobodyAhead) as e:
+            raise RuntimeError(f"could not get the agreed state of round {r} from any live peer: {e}") from None
+
+    # ---- a round ------------------------------------------------------------------------------
+    async def finish_round(self, r: int, delta: torch.Tensor, weight: float, samples: int,
+                           carried: tuple[float, int], limit_s: float) -> RoundResult:
+        """Averages `delta` with the round's group (unless no inner step fit: weight 0) and
+        decides the next state. Raises CannotKeepUp when our link is too slow for the run."""
+        state = self.state
+        assert state is not None and state.round == r, "the trainer's round is the keeper's"
+        self.core.end_training()
+        if weight <= 0:
+            outcome = Outcome("excluded", reason="no inner step fit in the round")
+        else:
+            self.core.phase = swarm.AVERAGE
+            try:
+                outcome = await asyncio.wait_for(run_round(self.core, r, delta, weight, samples, carried), limit_s)
+            except asyncio.TimeoutError:
+                outcome = Outcome("aborted", reason=f"the round did not end within {limit_s:.0f} s")
+        new = await self.next_state(state, outcome)
+        if new.round != state.round:
+            await self.publish_digest(new)
+            new = await self.check_digest(new, outcome)
+        self.track(outcome)
+        self.core.phase = swarm.WAIT
+        return RoundResult(new, outcome, self.divergences)
+
+    async def next_state(self, state: GlobalState, outcome: Outcome) -> GlobalState:
+        r = state.round
+        if outcome.kind == "applied":
+            assert outcome.avg is not None and self.core.spec is not None
+            theta, momentum = await asyncio.get_running_loop().run_in_executor(
+                None, outer_step, state.theta, state.momentum, outcome.avg, self.core.spec.outer_lr,
+                self.core.spec.outer_momentum)
+            new = GlobalState(theta, momentum, r + 1, state.global_samples + outcome.samples)
+            self.commit(r, new, outcome)
+            await self.adopt(new)
+            return new
+        log.warning("round %d: %s: %s", r, outcome.kind, outcome.reason)
+        if outcome.kind == "aborted" and outcome.decided:  # every member heard the same abort
+            new = GlobalState(state.theta, state.momentum, r + 1, state.global_samples)
+            self.commit(r, new, outcome)
+            await self.adopt(new)
+            return new
+        # excluded: the others finish the round, take their state; no decision heard (the
+        # leader died): nobody applied unless a member holds round r+1 within a few seconds
+        wait_s = STATE_TIMEOUT_S if outcome.kind == "excluded" else UNDECIDED_WAIT_S
+        if self.failures:
+            pause_s = min(BACKOFF_S[0] * 2 ** (self.failures - 1), BACKOFF_S[1])
+            log.info("round %d: trying again to get the state of round %d in %.0f s", r, r + 1, pause_s)
+            await asyncio.sleep(pause_s)
+        self.core.phase = swarm.SYNC
+        try:
+            new = await self.catch_up(state, r + 1, Deadline(wait_s))
+        except NobodyAhead as e:
+            self.failures = 0
+            outcome.reason += f"; {e}: kept the state of round {r} to train it again"
+            self.core.rounds.pop(r, None)   # a new attempt at round r gets a new group
+            return state
+        except (TimeoutError, RuntimeError) as e:
+            self.failures += 1
+            outcome.reason += f"; could not get the state of round {r + 1} ({e}); kept round {r}"
+            return state
+        self.failures = 0
+        outcome.kind, outcome.reason = "excluded", f"{outcome.reason}; took the swarm's state of round {new.round}"
+        await self.adopt(new)
+        return new
+
+    def track(self, outcome: Outcome) -> None:
+        """Counts the rounds we miss; after a few, checks whether our link can keep up at all."""
+        if outcome.kind == "applied" and self.core.peer_id in outcome.contributors:
+            self.missed = 0
+            return
+        self.missed += 1
+        verdict = self.lag_verdict()
+        if self.missed >= MISSED_BEFORE_VERDICT and verdict:
+            raise CannotKeepUp(verdict)
+
+    def lag_verdict(self) -> str:
+        """The one line that says our link is too slow for the run ("" when it is not, or
+        when we do not know yet)."""
+        period_s, rate = self.core.round_period_s(), self.fetch_rate_bps
+        if period_s is None or rate is None or self.core.spec is None:
+            return ""
+        update = get_codec(self.core.spec.codec).encoded_size(self.core.numel)
+        if update / rate <= period_s:
+            return ""
+        return (f"cannot keep up with the swarm: this peer receives {rate / 1e6:.2f} MB/s, one round's update "
+                f"is {update / 1e6:.2f} MB ({update / rate:.1f} s to fetch) and the swarm closes a round every "
+                f"{period_s:.1f} s, so it would chase the swarm forever; use a faster link, or a run with a "
+                f"larger --target-steps or a smaller --codec")
+
+    # ---- getting a newer state -------------------------------------------------------------
+    async def _view(self) -> None:
+        """A fresh view of the swarm; a slow DHT read is logged, and the last view kept."""
+        try:
+            await self.core.refresh()
+        except TimeoutError as e:
+            log.info("%s; going on with the last view of the swarm", e)
+
+    def _donors(self, min_round: int) -> list[swarm.PeerRecord]:
+        """Live peers serving a state of round >= min_round, newest first."""
+        return sorted((r for r in self.core.live_peers() if r.state_round >= min_round and r.addr),
+                      key=lambda r: (-r.state_round, r.peer_id))
+
+    def _measured(self, num_bytes: int, seconds: float) -> None:
+        if num_bytes > 0 and seconds > 0:
+            rate = num_bytes / seconds
+            self.fetch_rate_bps = rate if self.fetch_rate_bps is None else 0.5 * self.fetch_rate_bps + 0.5 * rate
+
+    async def download(self, min_round: int, deadline: Deadline, digest: str = "", behind: bool = False
+                       ) -> GlobalState:
+        """Waits for live donors of round >= min_round and downloads from them (a state of round
+        min_round must have `digest` when one is given). `behind`: we hold a state and wait for
+        a newer one, which may never come (NobodyAhead). A failed attempt is tried again."""
+        last_error = "no live peer holds it yet"
+        ahead = AheadWatch(min_round)
+        core = self.core
+        while not deadline.expired():
+            await self._view()
+            if behind:
+                ahead.check(core.live_peers())
+            donors = self._donors(min_round)
+            if donors:
+                try:
+                    started = time.monotonic()
+                    state = await download(core.channels, [(r.peer_id, r.addr) for r in donors], min_round,
+                                           core.peer_id, core.numel, core.spec_hash, deadline)
+                    self._measured(8 * core.numel, time.monotonic() - started)
+                    why = await self._disputed(state)
+                    if not why and digest and state.round == min_round and state.digest() != digest:
+                        why = f"its digest {state.digest()[:12]} is not the agreed {digest[:12]}"
+                    if not why:
+                        return state
+                    last_error = why
+                    log.warning("downloaded state rejected: %s; asking again", why)
+                except (RuntimeError, TimeoutError) as e:
+                    last_error = str(e)
+            await core.next_view(min(deadline.left(), 1.0))
+        raise TimeoutError(f"no state of round >= {min_round} within the deadline: {last_error}")
+
+    async def catch_up(self, state: GlobalState, min_round: int, deadline: Deadline) -> GlobalState:
+        """The swarm's state of round >= min_round: by replaying the recent updates when a donor
+        keeps them all (a few rounds behind), else by downloading the state."""
+        spec = self.core.spec
+        assert spec is not None
+        donors: list[swarm.PeerRecord] = []
+        ahead = AheadWatch(min_round)
+        while not deadline.expired():
+            await self._view()
+            donors = self._donors(min_round)
+            if donors:
+                break
+            ahead.check(self.core.live_peers())
+            await self.core.next_view(min(deadline.left(), 1.0))
+        for donor in donors[:2]:
+            if donor.state_round - state.round > KEEP_ROUNDS:
+                break
+            try:
+                started = time.monotonic()
+                new = await replay(self.core.channels, (donor.peer_id, donor.addr), state, donor.state_round,
+                                   spec.outer_lr, spec.outer_momentum, deadline)
+                update = get_codec(spec.codec).encoded_size(self.core.numel)
+                self._measured(update * (new.round - state.round), time.monotonic() - started)
+                why = await self._disputed(new)
+                if not why:
+                    return new
+                log.warning("replayed state rejected: %s", why)
+            except (ValueError, TimeoutError, asyncio.TimeoutError) as e:
+                log.info("replaying the updates of %s failed (%s); trying another way", donor.peer_id[-6:], e)
+        return await self.download(min_round, deadline, behind=True)
+
+    async def _disputed(self, state: GlobalState) -> str:
+        """Why a state we got is not the one most live peers published ("" when it is, or
+        when fewer than two peers published a digest for its round yet)."""
+        raw = await swarm.read(self.core.dht, swarm.digest_key(self.core.run_id, state.round), 5.0)
+        live = {r.peer_id for r in self.core.live_peers()}
+        best, count = swarm.majority_digest({p: d for p, d in raw.items() if isinstance(d, str) and p in live})
+        if best is None or count < 2 or best == state.digest():
+            return ""
+        return (f"the state of round {state.round} has digest {state.digest()[:12]}, "
+                f"{count} live peers published {best[:12]}")
+
+    # ---- digests ------------------------------------------------------------------------------
+    async def publish_digest(self, state: GlobalState) -> None:
+        key = swarm.digest_key(self.core.run_id, state.round)
+        try:
+            await swarm.store(self.core.dht, key, self.core.peer_id, state.digest(), 5.0)
+        except TimeoutError as e:
+            log.warning("round %d: publishing our digest: %s", state.round, e)
+
+    async def live_digests(self, state: GlobalState, expected: set[str]) -> dict[str, str]:
+        """The digests that live peers published for the state's round, ours included, after
+        waiting (at most DIGEST_WAIT_S) for those of `expected` and of every live peer there."""
+        deadline = Deadline(DIGEST_WAIT_S)
+        key = swarm.digest_key(self.core.run_id, state.round)
+        while True:
+            try:
+                raw = await swarm.read(self.core.dht, key, 5.0)
+            except TimeoutError as e:
+                log.info("round %d: reading the digests: %s", state.round, e)
+                raw = {}
+            live = {r.peer_id: r for r in self.core.live_peers()}
+            digests = {p: d for p, d in raw.items() if isinstance(d, str) and p in live}
+            digests[self.core.peer_id] = state.digest()
+            want = (expected & set(live)) | {p for p, r in live.items() if r.state_round == state.round}
+            if want <= set(digests) or deadline.expired():
+                return digests
+            await asyncio.sleep(0.2)
+
+    async def check_digest(self, state: GlobalState, outcome: Outcome) -> GlobalState:
+        """Compares our digest with those every live peer published for the round; a peer in
+        the minority (ties: the smaller digest wins) reloads the majority's state."""
+        expected = {m.peer_id for m in outcome.roster.members} if outcome.roster is not None else set()
+        digests = await self.live_digests(state, expected)
+        best, count = swarm.majority_digest(digests)
+        mine = state.digest()
+        if best is None or best == mine:
+            return state
+        self.divergences += 1
+        log.warning("round %d: our digest %s differs from the majority's %s (%d of %d live peers); reloading",
+                    state.round, mine[:12], best[:12], count, len(digests))
+        self.core.phase = swarm.SYNC
+        try:
+            new = await self.download(state.round, Deadline(STATE_TIMEOUT_S), digest=best)
+        except (TimeoutError, NobodyAhead) as e:
+            log.warning("round %d: reloading failed: %s; keeping our state", state.round, e)
+            return state
+        self.core.updates.clear()
+        await self.adopt(new)
+        return new
