@@ -277,7 +277,8 @@ def _check_fields(v: dict[str, Any]) -> None:
         flat = theta.dtype == momentum.dtype == torch.float32 and theta.dim() == 1 and momentum.shape == theta.shape
         wrong += [] if flat else ["theta/momentum (1-D float32 of one length)"]
         wrong += [] if all(isinstance(k, str) and _is_int(n) for k, n in v["data"].items()) else ["data (str: int)"]
-        wrong += [f"{k} ({why})" for k in ("residuals", "owner_residuals") if (why := _residual_fault(v[k], theta.numel()))]
+        faults = {k: _residual_fault(v[k], theta.numel()) for k in ("residuals", "owner_residuals")}
+        wrong += [f"{k} ({why})" for k, why in faults.items() if why]
     if wrong:
         raise ValueError(f"fields of the wrong type: {', '.join(wrong)}")
 
