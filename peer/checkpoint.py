@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from peer.codecs import check_flat_residual
 from peer.outer import GlobalState
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,8 @@ class Checkpoint:
     peer_id: str
     optimizer: dict  # the inner optimizer's state_dict(), restored exactly (tuples, int keys and all)
     data: dict[str, int]  # where this peer's data stream stands
-    residuals: dict  # ErrorFeedback.state_dict() of this peer's sends, e.g. {(0, 1000): float32 tensor}
-    owner_residuals: dict  # the same for the shards it owns, e.g. {("owner", 0, 1000): float32 tensor}
+    residuals: dict  # ErrorFeedback.state_dict() of this peer's sends: {} or {"residual": float32 of theta's numel}
+    owner_residuals: dict  # the same for its re-encoding of the shards it owns
 
 
 def save(path: str | Path, ckpt: Checkpoint, midway: Callable[[], None] | None = None) -> int:
@@ -244,6 +245,7 @@ def _parse(path: Path, buf: bytearray) -> Checkpoint:
     try:
         tensors = _tensors(header["tensors"], torch.frombuffer(buf, dtype=torch.uint8), data_start, data_bytes)
         values = {key: _decode(header[key], tensors) for key in _FIELDS}
+        _upgrade_keyed_residuals(path, values)
         _check_fields(values)
     except (ValueError, TypeError, KeyError) as e:
         raise fail(f"bad header: {e}") from e
@@ -275,10 +277,48 @@ def _check_fields(v: dict[str, Any]) -> None:
         flat = theta.dtype == momentum.dtype == torch.float32 and theta.dim() == 1 and momentum.shape == theta.shape
         wrong += [] if flat else ["theta/momentum (1-D float32 of one length)"]
         wrong += [] if all(isinstance(k, str) and _is_int(n) for k, n in v["data"].items()) else ["data (str: int)"]
-        wrong += [k for k in ("residuals", "owner_residuals")
-                  if any(getattr(r, "dtype", None) != torch.float32 for r in v[k].values())]
+        faults = {k: _residual_fault(v[k], theta.numel()) for k in ("residuals", "owner_residuals")}
+        wrong += [f"{k} ({why})" for k, why in faults.items() if why]
     if wrong:
         raise ValueError(f"fields of the wrong type: {', '.join(wrong)}")
+
+
+def _residual_fault(state: dict, numel: int) -> str:
+    """Why state is not {} or {"residual": a finite 1-D float32 tensor of numel values} ("" when it is)."""
+    if set(state) - {"residual"}:
+        return f"keys {sorted(map(repr, state))[:4]}, expected only 'residual'"
+    try:
+        if state:
+            check_flat_residual(state["residual"], numel)
+    except ValueError as e:
+        return str(e)
+    return ""
+
+
+def _upgrade_keyed_residuals(path: Path, v: dict[str, Any]) -> None:
+    """Residuals of the format before flat ones, one tensor per shard range ever used ({(start, end): t},
+    {("owner", start, end): t}), become one flat residual: each tensor added in at its range. Nothing
+    is lost: every stored tensor is error not yet fed back (a range of another group size was never
+    re-added), so their sum is what this peer still owes. Only dicts whose keys all end in two ints."""
+    numel = v["theta"].numel() if isinstance(v["theta"], torch.Tensor) else None
+    for key in ("residuals", "owner_residuals"):
+        old = v[key]
+        if numel is None or not isinstance(old, dict) or not old or not all(_is_range_key(k) for k in old):
+            continue
+        flat = torch.zeros(numel, dtype=torch.float32)
+        for k, r in old.items():
+            start, end = k[-2:]
+            if not 0 <= start <= end <= numel:
+                raise ValueError(f"{key}: range {k!r} is outside the model's {numel} values")
+            check_flat_residual(r, end - start)
+            flat[start:end] = torch.add(flat[start:end], r)
+        v[key] = {"residual": flat}
+        log.warning("%s: %s held %d keyed residuals (the format before flat ones); added them into one "
+                    "flat residual at their ranges", path, key, len(old))
+
+
+def _is_range_key(k: Any) -> bool:
+    return isinstance(k, tuple) and len(k) >= 2 and _is_int(k[-2]) and _is_int(k[-1])
 
 
 def _is_int(v: Any) -> bool:

@@ -15,7 +15,7 @@ import torch
 
 from peer._proto import peer_pb2 as pb
 from peer.aggregate import weighted_mean
-from peer.codecs import Codec, ErrorFeedback
+from peer.codecs import Codec, ErrorFeedback, ResidualUpdate
 from peer.net.client import CHUNK_BYTES
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class OwnedShard:
     received: dict[str, torch.Tensor] = field(default_factory=dict)
     result: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     all_in: asyncio.Event = field(default_factory=asyncio.Event)
-    pending_residual: tuple | None = None   # (key, target, decoded): applied if the round commits
+    pending_residual: ResidualUpdate | None = None   # applied if the round commits
     task: asyncio.Future | None = None      # the reduction, referenced so it cannot be collected
     served: set[str] = field(default_factory=set)  # members that fetched the result
     absent: str = ""   # a backup reduction expects no contribution from the dead owner
@@ -133,12 +133,14 @@ class OwnedShard:
         self.received.clear()
         self.result.set_result((header, payload))
 
-    def _reduce_encode(self, items: list[tuple[float, torch.Tensor]], ef: ErrorFeedback) -> tuple[bytes, tuple]:
-        mean = weighted_mean(items)
-        key = ("owner",) + self.bounds
-        target = ef.compensate(key, mean)
+    def _reduce_encode(self, items: list[tuple[float, torch.Tensor]], ef: ErrorFeedback
+                       ) -> tuple[bytes, ResidualUpdate]:
+        """The mean plus the owner's residual on this shard's slice, encoded once."""
+        start, numel = self.bounds[0], self.roster.numel
+        target = ef.compensate(start, weighted_mean(items), numel)
         payload = self.codec.encode(target)
-        return payload, (key, target, self.codec.decode(payload, target.numel()))
+        decoded = self.codec.decode(payload, target.numel())
+        return payload, ResidualUpdate(start, numel, target, decoded, owner_round=self.roster.round)
 
 
 @dataclass
@@ -149,16 +151,17 @@ class ShardResult:
 
 
 def encode_shards(delta: torch.Tensor, roster: pb.Roster, codec: Codec, ef: ErrorFeedback
-                  ) -> list[tuple[bytes, tuple]]:
-    """Encodes every shard of a member's delta with its error-feedback residual added.
+                  ) -> list[tuple[bytes, ResidualUpdate]]:
+    """Encodes every shard of a member's delta with its slice of the flat residual added.
     Returns (payload, pending residual update) per shard; runs in an executor."""
+    if delta.numel() != roster.numel:
+        raise ValueError(f"round {roster.round}: the delta has {delta.numel()} values, the roster {roster.numel}")
     out = []
     b = roster.shard_bounds
     for j in range(len(roster.owners)):
-        key = (b[j], b[j + 1])
-        target = ef.compensate(key, delta[b[j]:b[j + 1]])
+        target = ef.compensate(b[j], delta[b[j]:b[j + 1]], roster.numel)
         payload = codec.encode(target)
-        out.append((payload, (key, target, payload)))
+        out.append((payload, ResidualUpdate(b[j], roster.numel, target, payload)))
     return out
 
 
@@ -177,9 +180,12 @@ def backup_owner(roster: pb.Roster, shard: int) -> str:
     return roster.owners[(shard + 1) % n] if n > 1 else ""
 
 
-def apply_residuals(ef: ErrorFeedback, codec: Codec, pending: list[tuple]) -> None:
-    """Commits error-feedback updates: residual = what we meant to send - what was received."""
-    for key, target, payload_or_decoded in pending:
-        decoded = (codec.decode(payload_or_decoded, target.numel()) if isinstance(payload_or_decoded, bytes)
-                   else payload_or_decoded)
-        ef.update(key, target, decoded)
+def apply_residuals(ef: ErrorFeedback, codec: Codec, pending: list[ResidualUpdate]) -> None:
+    """Commits error-feedback updates of an applied round: on each update's slice, residual = what we
+    meant to send - what was received (an owner's updates also zero the rest, see ErrorFeedback)."""
+    for u in pending:
+        decoded = codec.decode(u.encoded, u.target.numel()) if isinstance(u.encoded, bytes) else u.encoded
+        if u.owner_round is None:
+            ef.update(u.start, u.target, decoded, u.numel)
+        else:
+            ef.update_owned(u.owner_round, u.start, u.target, decoded, u.numel)

@@ -135,19 +135,19 @@ def test_get_codec() -> None:
 
 
 def test_error_feedback_tracks_the_true_sum() -> None:
-    codec, ef, key = Int8Codec(), ErrorFeedback(), (0, 4099)
+    codec, ef, numel = Int8Codec(), ErrorFeedback(), 4099
     gen = torch.Generator().manual_seed(1)
-    base = torch.randn(4099, generator=gen)
-    true_sum = torch.zeros(4099, dtype=torch.float64)
-    decoded_sum = torch.zeros(4099, dtype=torch.float64)
+    base = torch.randn(numel, generator=gen)
+    true_sum = torch.zeros(numel, dtype=torch.float64)
+    decoded_sum = torch.zeros(numel, dtype=torch.float64)
     for _ in range(50):
-        delta = base + 0.1 * torch.randn(4099, generator=gen)
-        target = ef.compensate(key, delta)
+        delta = base + 0.1 * torch.randn(numel, generator=gen)
+        target = ef.compensate(0, delta, numel)
         decoded = codec.decode(codec.encode(target), delta.numel())
-        ef.update(key, target, decoded)
+        ef.update(0, target, decoded, numel)
         true_sum += delta.double()
         decoded_sum += decoded.double()
-    residual = ef.residual(key)
+    residual = ef.residual()
     assert residual is not None
     torch.testing.assert_close(true_sum - decoded_sum, residual.double(), rtol=0, atol=1e-4)
     # without feedback the error would grow with the rounds; with it, it stays one encode's worth
@@ -155,33 +155,64 @@ def test_error_feedback_tracks_the_true_sum() -> None:
 
 
 def test_error_feedback_leaves_residual_unless_updated() -> None:
-    ef, key = ErrorFeedback(), (0, 3)
+    ef = ErrorFeedback()
     x = torch.tensor([1.0, 2.0, 3.0])
-    assert ef.compensate(key, x) is x and ef.residual(key) is None
-    ef.update(key, x, torch.tensor([0.5, 2.0, 2.0]))
-    kept = ef.residual(key).clone()
-    target = ef.compensate(key, x)
+    assert ef.compensate(1, x, 5) is x and ef.residual() is None
+    ef.update(1, x, torch.tensor([0.5, 2.0, 2.0]), 5)  # allocated lazily: zeros of the model's numel
+    assert torch.equal(ef.residual(), torch.tensor([0.0, 0.5, 0.0, 1.0, 0.0]))
+    kept = ef.residual()
+    target = ef.compensate(1, x, 5)
     assert torch.equal(target, torch.tensor([1.5, 2.0, 4.0]))
     assert torch.equal(x, torch.tensor([1.0, 2.0, 3.0]))  # never mutated
-    assert torch.equal(ef.residual(key), kept)  # the round rejected it: no update
-    ef.discard(key)
-    assert ef.residual(key) is None
+    assert torch.equal(ef.residual(), kept)  # the round rejected it: no update
+    ef.clear()
+    assert ef.residual() is None
+
+
+def test_error_feedback_refuses_slices_outside_the_model() -> None:
+    ef = ErrorFeedback()
+    with pytest.raises(ValueError, match=r"slice \[3, 6\) of a 5-value model"):
+        ef.compensate(3, torch.ones(3), 5)
+    ef.update(0, torch.ones(2), torch.zeros(2), 5)
+    with pytest.raises(ValueError, match="the residual has 5 values, the model 6"):
+        ef.compensate(0, torch.ones(2), 6)
+    with pytest.raises(ValueError, match="shapes differ"):
+        ef.update(0, torch.ones(2), torch.zeros(3), 5)
 
 
 def test_error_feedback_state_dict_round_trip() -> None:
     ef = ErrorFeedback()
-    ef.update((0, 2), torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.5]))
-    ef.update((2, 3), torch.tensor([3.0]), torch.tensor([3.0]))
+    assert ef.state_dict() == {}
+    ef.update(0, torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.5]), 3)
+    ef.update(2, torch.tensor([3.0]), torch.tensor([3.0]), 3)
     state = ef.state_dict()
-    state[(0, 2)].zero_()  # a copy: the live residual is untouched
-    assert torch.equal(ef.residual((0, 2)), torch.tensor([0.5, 1.5]))
+    assert list(state) == ["residual"]
+    state["residual"].zero_()  # a copy: the live residual is untouched
+    assert torch.equal(ef.residual(), torch.tensor([0.5, 1.5, 0.0]))
     other = ErrorFeedback()
-    other.load_state_dict(ef.state_dict())
-    assert set(other.keys()) == {(0, 2), (2, 3)}
-    assert torch.equal(other.residual((0, 2)), torch.tensor([0.5, 1.5]))
-    with pytest.raises(ValueError, match="shapes differ"):
-        other.compensate((0, 2), torch.ones(3))
-    other.clear()
-    assert other.keys() == []
-    with pytest.raises(ValueError, match="float32"):
-        other.load_state_dict({(0, 1): torch.ones(1, dtype=torch.float64)})
+    other.load_state_dict(ef.state_dict(), numel=3)
+    assert torch.equal(other.residual(), torch.tensor([0.5, 1.5, 0.0]))
+    other.load_state_dict({})
+    assert other.residual() is None
+
+
+@pytest.mark.parametrize("state, match", [
+    ({"residual": torch.ones(3, dtype=torch.float64)}, "1-D float32 tensor, got torch.float64"),
+    ({"residual": torch.ones(3, 1)}, r"1-D float32 tensor, got torch.float32 shape \(3, 1\)"),
+    ({"residual": [1.0, 2.0, 3.0]}, "1-D float32 tensor, got list"),
+    ({"residual": torch.ones(4)}, r"4 values, expected 3 \(the model's size\)"),
+    ({"residual": torch.tensor([1.0, float("nan"), 0.0])}, "1 non-finite values"),
+    ({(0, 3): torch.ones(3)}, "got keys \\['\\(0, 3\\)'\\]"),
+])
+def test_error_feedback_load_validates(state: dict, match: str) -> None:
+    ef = ErrorFeedback()
+    with pytest.raises(ValueError, match=match):
+        ef.load_state_dict(state, numel=3)
+    assert ef.residual() is None  # nothing half-loaded
+
+
+def test_error_feedback_load_checks_the_size_of_the_residual_held() -> None:
+    ef = ErrorFeedback()
+    ef.update(0, torch.ones(2), torch.zeros(2), 3)
+    with pytest.raises(ValueError, match="2 values, expected 3"):
+        ef.load_state_dict({"residual": torch.ones(2)})
