@@ -161,7 +161,8 @@ def encode_shards(delta: torch.Tensor, roster: pb.Roster, codec: Codec, ef: Erro
     for j in range(len(roster.owners)):
         target = ef.compensate(b[j], delta[b[j]:b[j + 1]], roster.numel)
         payload = codec.encode(target)
-        out.append((payload, ResidualUpdate(b[j], roster.numel, target, payload)))
+        decoded = codec.decode(payload, target.numel())  # here, not at commit on the network loop
+        out.append((payload, ResidualUpdate(b[j], roster.numel, target, decoded)))
     return out
 
 

@@ -85,6 +85,7 @@ class NetCore:
         self.round_marks: list[tuple[float, int]] = []  # (monotonic time, swarm round) when it advanced
         self._viewed = asyncio.Event()       # set (and replaced) after every view refresh
         self._progress_task: asyncio.Task | None = None
+        self.gone: dict[str, float] = {}     # peers whose process is gone (refused us): until when to skip them
 
     # ---- progress, view and trigger -------------------------------------------------------
     def record(self) -> swarm.PeerRecord:
@@ -165,7 +166,17 @@ class NetCore:
         return max((r.round for r in self.live_peers() if r.addr or r.client), default=-1)
 
     def live_peers(self, round_: int | None = None) -> list[swarm.PeerRecord]:
-        return [r for r in self.view.values() if r.fresh() and (round_ is None or r.round == round_)]
+        now, gone = time.monotonic(), self.gone
+        return [r for r in self.view.values()
+                if r.fresh() and (round_ is None or r.round == round_) and gone.get(r.peer_id, 0.0) < now]
+
+    def suspect(self, peer_id: str, e: grpc.aio.AioRpcError) -> None:
+        """A peer that refused a connection (its process is gone) is no live peer until its record
+        would go stale anyway: no leader, member or donor to wait for. Also read by the trainer
+        thread: the dict is replaced, never changed."""
+        if e.code() == grpc.StatusCode.UNAVAILABLE and peer_id != self.peer_id:
+            now = time.monotonic()
+            self.gone = {p: t for p, t in self.gone.items() if t > now} | {peer_id: now + swarm.FRESH_S}
 
     def ready_peers(self) -> list[swarm.PeerRecord]:
         """Live peers holding a state of the run, not catching up: the ones that count."""
@@ -185,16 +196,18 @@ class NetCore:
 
     # ---- a round's training: start barrier, progress to the leader ------------------------
     async def begin_round(self, round_: int) -> float:
-        """Starts training for `round_` once the peers still finishing the round before have
-        moved on (at most a join window): a peer that started early would fill the round's
-        target alone and leave the others no step to contribute. Returns when training began."""
+        """Starts training for `round_` once the peers still finishing the round before (or
+        still deciding whether to train this one again) have moved on, at most a join window:
+        a peer that started early would fill the round's target alone and leave the others no
+        step to contribute. Returns when training began."""
         self.round, self.steps, self.samples, self.training, self.grant = round_, 0, 0, False, None
         self.phase = swarm.WAIT
         await self._publish_quietly()
         deadline = Deadline(self.join_window_s())
         behind: list[swarm.PeerRecord] = []
         while not deadline.expired():
-            behind = [r for r in self.live_peers(round_ - 1) if r.addr or r.client]
+            behind = [r for r in self.live_peers() if (r.addr or r.client)
+                      and (r.round == round_ - 1 or (r.round == round_ and r.phase == swarm.SYNC))]
             if not behind:
                 break
             await self.next_view(min(deadline.left(), 1.0))
@@ -244,6 +257,7 @@ class NetCore:
                 reply = await self.channels.stub(cands[0][1]).Progress(req, timeout=PROBE_TIMEOUT_S)
         except grpc.aio.AioRpcError as e:
             log.debug("round %d: progress to %s: %s", round_, cands[0][0][-6:], describe_rpc_error(e))
+            self.suspect(cands[0][0], e)
             return None
         if not reply.leader or self.round != round_:
             return None
@@ -386,6 +400,7 @@ class NetCore:
             except grpc.aio.AioRpcError as e:
                 log.warning("round %d: leader %s at %s did not answer Join (%s); passing it over",
                             r, target[0][-6:], target[1], describe_rpc_error(e))
+                self.suspect(target[0], e)
                 skip.add(target[0])
                 continue
             if reply.status == pb.JoinReply.OK:

@@ -26,7 +26,8 @@ from peer.outer import GlobalState, outer_step
 
 log = logging.getLogger(__name__)
 STATE_TIMEOUT_S = 120.0   # the most one attempt waits for a newer state
-UNDECIDED_WAIT_S = 8.0    # no decision heard: how long to wait for a member that applied
+UNDECIDED_WAIT_S = 8.0    # no decision heard: how long to wait for a member that applied ...
+UNDECIDED_GRACE_S = 3.0   # ... and when none is seen to hold or work on one, how soon to give up
 DIGEST_WAIT_S = 3.0       # how long to wait for the digests of the live peers at our round
 BACKOFF_S = (2.0, 30.0)   # retrying to get a newer state: first and longest pause
 MISSED_BEFORE_VERDICT = 3  # rounds missed in a row before we judge whether our link keeps up
@@ -41,18 +42,19 @@ class CannotKeepUp(RuntimeError):
 
 
 class AheadWatch:
-    """Ends a wait for a state of round >= min_round once, for a while, no live peer holds
-    one or trains or averages the round before it (the peer that was ahead died)."""
+    """Ends a wait for a state of round >= min_round once, for `grace_s`, no live peer (but
+    those in `ignore`, known dead) holds one or trains or averages the round before it."""
 
-    def __init__(self, min_round: int):
-        self.min_round, self.since = min_round, time.monotonic()
+    def __init__(self, min_round: int, ignore: frozenset[str] = frozenset(), grace_s: float = swarm.FRESH_S):
+        self.min_round, self.ignore, self.grace_s = min_round, ignore, grace_s
+        self.since = time.monotonic()
 
     def check(self, live: list[swarm.PeerRecord]) -> None:
         working = (swarm.TRAIN, swarm.AVERAGE)
         if any(max(r.round, r.state_round) >= self.min_round
-               or (r.round == self.min_round - 1 and r.phase in working) for r in live):
+               or (r.round == self.min_round - 1 and r.phase in working) for r in live if r.peer_id not in self.ignore):
             self.since = time.monotonic()
-        elif time.monotonic() - self.since > swarm.FRESH_S:
+        elif time.monotonic() - self.since > self.grace_s:
             raise NobodyAhead(f"no live peer is at round {self.min_round} or working on round {self.min_round - 1}")
 
 
@@ -187,14 +189,17 @@ class Keeper:
             return new
         # excluded: the others finish the round, take their state; no decision heard (the
         # leader died): nobody applied unless a member holds round r+1 within a few seconds
-        wait_s = STATE_TIMEOUT_S if outcome.kind == "excluded" else UNDECIDED_WAIT_S
+        ahead = AheadWatch(r + 1)
+        wait_s = STATE_TIMEOUT_S
+        if outcome.kind != "excluded" and outcome.roster is not None:
+            ahead, wait_s = AheadWatch(r + 1, frozenset({outcome.roster.leader}), UNDECIDED_GRACE_S), UNDECIDED_WAIT_S
         if self.failures:
             pause_s = min(BACKOFF_S[0] * 2 ** (self.failures - 1), BACKOFF_S[1])
             log.info("round %d: trying again to get the state of round %d in %.0f s", r, r + 1, pause_s)
             await asyncio.sleep(pause_s)
         self.core.phase = swarm.SYNC
         try:
-            new = await self.catch_up(state, r + 1, Deadline(wait_s))
+            new = await self.catch_up(state, r + 1, Deadline(wait_s), ahead)
         except NobodyAhead as e:
             self.failures = 0
             outcome.reason += f"; {e}: kept the state of round {r} to train it again"
@@ -203,6 +208,7 @@ class Keeper:
         except (TimeoutError, RuntimeError) as e:
             self.failures += 1
             outcome.reason += f"; could not get the state of round {r + 1} ({e}); kept round {r}"
+            self.core.rounds.pop(r, None)
             return state
         self.failures = 0
         outcome.kind, outcome.reason = "excluded", f"{outcome.reason}; took the swarm's state of round {new.round}"
@@ -251,17 +257,16 @@ class Keeper:
             rate = num_bytes / seconds
             self.fetch_rate_bps = rate if self.fetch_rate_bps is None else 0.5 * self.fetch_rate_bps + 0.5 * rate
 
-    async def download(self, min_round: int, deadline: Deadline, digest: str = "", behind: bool = False
-                       ) -> GlobalState:
+    async def download(self, min_round: int, deadline: Deadline, digest: str = "",
+                       ahead: AheadWatch | None = None) -> GlobalState:
         """Waits for live donors of round >= min_round and downloads from them (a state of round
-        min_round must have `digest` when one is given). `behind`: we hold a state and wait for
+        min_round must have `digest` when one is given). `ahead`: we hold a state and wait for
         a newer one, which may never come (NobodyAhead). A failed attempt is tried again."""
         last_error = "no live peer holds it yet"
-        ahead = AheadWatch(min_round)
         core = self.core
         while not deadline.expired():
             await self._view()
-            if behind:
+            if ahead is not None:
                 ahead.check(core.live_peers())
             donors = self._donors(min_round)
             if donors:
@@ -282,13 +287,15 @@ class Keeper:
             await core.next_view(min(deadline.left(), 1.0))
         raise TimeoutError(f"no state of round >= {min_round} within the deadline: {last_error}")
 
-    async def catch_up(self, state: GlobalState, min_round: int, deadline: Deadline) -> GlobalState:
+    async def catch_up(self, state: GlobalState, min_round: int, deadline: Deadline,
+                       ahead: AheadWatch | None = None) -> GlobalState:
         """The swarm's state of round >= min_round: by replaying the recent updates when a donor
-        keeps them all (a few rounds behind), else by downloading the state."""
+        keeps them all (a few rounds behind), else by downloading the state. NobodyAhead when
+        `ahead` sees that none will come."""
         spec = self.core.spec
         assert spec is not None
         donors: list[swarm.PeerRecord] = []
-        ahead = AheadWatch(min_round)
+        ahead = ahead or AheadWatch(min_round)
         while not deadline.expired():
             await self._view()
             donors = self._donors(min_round)
@@ -298,7 +305,7 @@ class Keeper:
             await self.core.next_view(min(deadline.left(), 1.0))
         for donor in donors[:2]:
             if donor.state_round - state.round > KEEP_ROUNDS:
-                break
+                break  # the newest state is too far ahead to replay: download it
             try:
                 started = time.monotonic()
                 new = await replay(self.core.channels, (donor.peer_id, donor.addr), state, donor.state_round,
@@ -311,7 +318,7 @@ class Keeper:
                 log.warning("replayed state rejected: %s", why)
             except (ValueError, TimeoutError, asyncio.TimeoutError) as e:
                 log.info("replaying the updates of %s failed (%s); trying another way", donor.peer_id[-6:], e)
-        return await self.download(min_round, deadline, behind=True)
+        return await self.download(min_round, deadline, ahead=ahead)
 
     async def _disputed(self, state: GlobalState) -> str:
         """Why a state we got is not the one most live peers published ("" when it is, or

@@ -110,6 +110,7 @@ async def send_shard(core: NetCore, ctx, roster: pb.Roster, j: int, payload: byt
             log.warning("round %d: owner %s refused shard %d: %s", roster.round, owner[-6:], j, reply.reason)
     except grpc.aio.AioRpcError as e:
         ctx.unreachable.add(owner)
+        core.suspect(owner, e)
         log.warning("round %d: sending shard %d to %s failed: %s", roster.round, j, owner[-6:], describe_rpc_error(e))
 
 
@@ -157,6 +158,7 @@ async def pull_shard(core: NetCore, roster: pb.Roster, j: int, source: str, wait
         payload = await ar.read_payload(first, ar.rest_of(call), first.header.num_bytes)
         core.deadlines.observe(len(payload) - len(first.data), time.monotonic() - started)
     except grpc.aio.AioRpcError as e:
+        core.suspect(source, e)
         raise RuntimeError(f"{source[-6:]}: {describe_rpc_error(e)}") from None
     except ValueError as e:
         raise RuntimeError(f"{source[-6:]}: {e}") from None
@@ -215,4 +217,6 @@ async def commit(core: NetCore, roster: pb.Roster, report: pb.CommitRequest, dea
         return await core.channels.stub(address).Commit(report, timeout=deadline.left(0.1)), True
     except (grpc.aio.AioRpcError, asyncio.TimeoutError, TimeoutError, StopIteration) as e:
         why = describe_rpc_error(e) if isinstance(e, grpc.aio.AioRpcError) else type(e).__name__
+        if isinstance(e, grpc.aio.AioRpcError):
+            core.suspect(roster.leader, e)
         return pb.CommitReply(apply=False, reason=f"no decision from leader {roster.leader[-6:]}: {why}"), False

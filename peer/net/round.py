@@ -34,7 +34,8 @@ def roster_hash(r: pb.Roster) -> str:
     body = {
         "round": r.round, "leader": r.leader, "codec": r.codec, "numel": r.numel,
         "bounds": list(r.shard_bounds), "owners": list(r.owners),
-        "members": [[m.peer_id, m.address, m.weight, m.samples, m.client_mode] for m in r.members],
+        "members": [[m.peer_id, m.address, m.weight, m.samples, m.client_mode, m.carried_weight, m.carried_round]
+                    for m in r.members],
     }
     return hashlib.sha256(json.dumps(body, separators=(",", ":")).encode()).hexdigest()
 
