@@ -13,6 +13,9 @@ from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# A process that was frozen (SIGSTOP, a suspended VM) wakes up with every deadline past: the
+# coroutine's own deadlines get this long to end it before the caller's limit cancels it.
+LATE_GRACE_S = 10.0
 
 
 class Deadline:
@@ -68,13 +71,14 @@ class NetLoop:
     def call(self, coro: Coroutine[Any, Any, T], timeout_s: float) -> T:
         """Runs `coro` on the loop and waits for it from another thread, at most `timeout_s`."""
         fut = self.submit(coro)
-        try:
-            return fut.result(timeout_s)
-        except concurrent.futures.TimeoutError:
-            if fut.done():  # the coroutine's own TimeoutError (the same class on Python >= 3.11): keep its cause
-                raise
-            fut.cancel()
-            raise TimeoutError(f"network call did not finish within {timeout_s:.1f} s") from None
+        for wait_s in (timeout_s, LATE_GRACE_S):
+            try:
+                return fut.result(wait_s)
+            except concurrent.futures.TimeoutError:
+                if fut.done():  # the coroutine's own TimeoutError (the same class on Python >= 3.11): keep its cause
+                    raise
+        fut.cancel()
+        raise TimeoutError(f"network call did not finish within {timeout_s:.1f} s") from None
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Cancels every task still on the loop, then stops it and joins the thread."""

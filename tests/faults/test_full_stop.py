@@ -73,5 +73,6 @@ def test_kill_during_checkpoint_write_then_full_stop_and_agreed_restart(tmp_path
         assert f"resuming from our checkpoint of round {newest}" in s.log("b-restarted")
         assert first["b"]["eval_loss"] < s.metrics("a")[0]["eval_loss"] - 0.3, "the run resumed, not restarted"
         assert all("Traceback" not in s.log(f"{n}-restarted") for n in "abc")
+        s.assert_one_digest_per_round()
     finally:
         s.stop_all()

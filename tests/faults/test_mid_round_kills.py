@@ -29,6 +29,7 @@ def swarm(tmp_path_factory):
             s.start_peer(name)
         s.wait_rounds("a", 1, 120)
         yield s
+        s.assert_one_digest_per_round()
     finally:
         s.stop_all()
 

@@ -81,6 +81,12 @@ class Swarm:
                 seen.setdefault(row["state_round"], set()).add(row["digest"])
         return {r: d for r, d in seen.items() if len(d) > 1}
 
+    def assert_one_digest_per_round(self) -> None:
+        """No state round holds two digests across every peer this swarm ever ran (called at
+        the end of each swarm's module: whatever happened, one round number is one state)."""
+        split = self.split_states([n for n in self.procs if n != "bootstrap"])
+        assert not split, f"state rounds with two digests across the swarm: {split}"
+
     def wait_exit(self, name: str, timeout_s: float) -> int:
         return self.procs[name].wait(timeout=timeout_s)
 

@@ -37,6 +37,7 @@ def swarm(tmp_path_factory):
         for name in ("a", "b", "slow", "late"):
             assert s.wait_exit(name, 240) == 0, s.log(name)
         yield s
+        s.assert_one_digest_per_round()
     finally:
         s.stop_all()
 

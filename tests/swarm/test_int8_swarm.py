@@ -30,6 +30,7 @@ def swarm(tmp_path_factory):
             s.start_peer(name)
         s.wait_rounds("victim", 2, 120)
         yield s
+        s.assert_one_digest_per_round()
     finally:
         s.stop_all()
 

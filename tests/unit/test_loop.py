@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 
+from peer.net import loop as loop_module
 from peer.net.loop import NetLoop
 
 
@@ -26,7 +27,19 @@ def test_a_coroutines_own_timeout_keeps_its_message(net):
         net.call(slow_download(), 5)
 
 
-def test_a_call_past_its_limit_is_cancelled_and_says_so(net):
+def test_a_coroutine_late_by_its_own_deadline_still_answers(net, monkeypatch):
+    """As after a SIGSTOP: the caller's limit passed, the coroutine ends by itself soon after."""
+    monkeypatch.setattr(loop_module, "LATE_GRACE_S", 2.0)
+
+    async def late():
+        await asyncio.sleep(0.5)
+        return "done"
+
+    assert net.call(late(), 0.1) == "done"
+
+
+def test_a_call_past_its_limit_is_cancelled_and_says_so(net, monkeypatch):
+    monkeypatch.setattr(loop_module, "LATE_GRACE_S", 0.2)
     cancelled = asyncio.Event()
 
     async def forever():
@@ -37,7 +50,7 @@ def test_a_call_past_its_limit_is_cancelled_and_says_so(net):
             raise
 
     with pytest.raises(TimeoutError, match="did not finish within 0.2 s"):
-        net.call(forever(), 0.2)
+        net.call(forever(), 0.2)   # after the limit and the grace for a frozen process
 
     async def was_cancelled():
         await asyncio.wait_for(cancelled.wait(), 5)
