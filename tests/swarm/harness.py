@@ -18,6 +18,7 @@ class Swarm:
     def __init__(self, root: Path, run_args: list[str]):
         self.root, self.run_args = root, run_args
         self.procs: dict = {}
+        self.lost: set[str] = set()   # peers that died holding states nobody else got (see forget)
         self.bootstrap_addr = ""
 
     def start_bootstrap(self) -> str:
@@ -84,8 +85,13 @@ class Swarm:
     def assert_one_digest_per_round(self) -> None:
         """No state round holds two digests across every peer this swarm ever ran (called at
         the end of each swarm's module: whatever happened, one round number is one state)."""
-        split = self.split_states([n for n in self.procs if n != "bootstrap"])
+        split = self.split_states([n for n in self.procs if n not in ("bootstrap", *self.lost)])
         assert not split, f"state rounds with two digests across the swarm: {split}"
+
+    def forget(self, name: str) -> None:
+        """`name` died holding rounds it applied while it was alone (the others frozen): those
+        states died with it, and the swarm's own next states of those rounds differ."""
+        self.lost.add(name)
 
     def wait_exit(self, name: str, timeout_s: float) -> int:
         return self.procs[name].wait(timeout=timeout_s)
