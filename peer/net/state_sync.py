@@ -39,10 +39,12 @@ class StateSnapshot:
                                 spec_hash=spec_hash)
         return cls(header, payload)
 
-    def chunks(self, offset: int):
-        yield pb.StateChunk(header=self.header, data=self.payload[offset:offset + CHUNK_BYTES])
-        for i in range(offset + CHUNK_BYTES, len(self.payload), CHUNK_BYTES):
-            yield pb.StateChunk(data=self.payload[i:i + CHUNK_BYTES])
+    def chunks(self, offset: int, length: int = 0):
+        """The bytes [offset, offset + length) (length 0: to the end), the header first."""
+        end = offset + length if length else len(self.payload)
+        yield pb.StateChunk(header=self.header, data=self.payload[offset:min(end, offset + CHUNK_BYTES)])
+        for i in range(offset + CHUNK_BYTES, end, CHUNK_BYTES):
+            yield pb.StateChunk(data=self.payload[i:min(end, i + CHUNK_BYTES)])
 
 
 def unpack(header: pb.StateHeader, payload: bytes) -> GlobalState:
