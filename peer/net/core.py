@@ -439,8 +439,12 @@ class NetCore:
         if snap is None or snap.header.round < req.min_round:
             have = snap.header.round if snap else "none"
             raise Reject(grpc.StatusCode.FAILED_PRECONDITION, f"state of round {req.min_round} wanted, have {have}")
-        if not 0 <= req.offset <= len(snap.payload):
-            raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"offset {req.offset} is outside the state")
+        size = len(snap.payload)
+        if not 0 <= req.offset <= size:
+            raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"offset {req.offset} is outside the state of {size} bytes")
+        if not 0 <= req.length <= size - req.offset:
+            raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"length {req.length} at offset {req.offset} is outside "
+                                                           f"the state of {size} bytes (0 = to the end)")
         return snap
 
     async def drain(self, deadline: Deadline) -> None:

@@ -1,6 +1,6 @@
 """Global state over the wire: a snapshot the trainer hands over after each round, served in
-chunks, and the download a newcomer makes (sha256-checked, resumable across donors, never
-pickled). Runs on the network loop; packing/unpacking large tensors goes to an executor."""
+chunks of byte ranges, and the download a newcomer makes from several donors at once (sha256-
+checked, never pickled). Runs on the network loop; hashing and unpacking go to an executor."""
 
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ import torch
 from peer._proto import peer_pb2 as pb
 from peer.net.client import CHUNK_BYTES, Channels, describe_rpc_error
 from peer.net.loop import Deadline
+from peer.net.state_ranges import RANGE_BYTES, Donor, RangeFetch, merge
 from peer.outer import GlobalState
 
 log = logging.getLogger(__name__)
+PROBE_GRACE_S = 2.0   # after the first donor's header, the others have this long to send theirs
 
 
 @dataclass(frozen=True)
@@ -39,87 +41,193 @@ class StateSnapshot:
                                 spec_hash=spec_hash)
         return cls(header, payload)
 
-    def chunks(self, offset: int):
-        yield pb.StateChunk(header=self.header, data=self.payload[offset:offset + CHUNK_BYTES])
-        for i in range(offset + CHUNK_BYTES, len(self.payload), CHUNK_BYTES):
-            yield pb.StateChunk(data=self.payload[i:i + CHUNK_BYTES])
+    def chunks(self, offset: int, length: int = 0):
+        """The bytes [offset, offset + length) (length 0: to the end), the header first."""
+        end = offset + length if length else len(self.payload)
+        yield pb.StateChunk(header=self.header, data=self.payload[offset:min(end, offset + CHUNK_BYTES)])
+        for i in range(offset + CHUNK_BYTES, end, CHUNK_BYTES):
+            yield pb.StateChunk(data=self.payload[i:min(end, i + CHUNK_BYTES)])
 
 
-def unpack(header: pb.StateHeader, payload: bytes) -> GlobalState:
+def unpack(header: pb.StateHeader, payload: bytes | bytearray) -> GlobalState:
     """Checks and unpacks a downloaded state; raises ValueError saying what is wrong."""
     if len(payload) != header.num_bytes or header.num_bytes != 8 * header.numel:
         raise ValueError(f"state payload has {len(payload)} bytes, expected {8 * header.numel}")
     if hashlib.sha256(payload).hexdigest() != header.sha256:
         raise ValueError("state payload sha256 does not match its header")
+    return _to_state(header, payload)
+
+
+def _to_state(header: pb.StateHeader, payload: bytes | bytearray) -> GlobalState:
+    """The tensors of a payload whose sha256 was checked: views of a bytearray (no copy of a
+    large state), copies of read-only bytes."""
     arr = np.frombuffer(payload, dtype="<f4")
     if not np.isfinite(arr).all():
         raise ValueError("state holds non-finite values")
-    theta = torch.from_numpy(arr[:header.numel].copy())
-    momentum = torch.from_numpy(arr[header.numel:].copy())
+    if not arr.flags.writeable:
+        arr = arr.copy()
+    theta = torch.from_numpy(arr[:header.numel])
+    momentum = torch.from_numpy(arr[header.numel:])
     state = GlobalState(theta=theta, momentum=momentum, round=header.round, global_samples=header.global_samples)
     if state.digest() != header.digest:
         raise ValueError("state digest does not match its header")
     return state
 
 
-class _OtherState(Exception):
-    """The donor serves a different state than the bytes already held: start over from it."""
-
-
-async def download_from(channels: Channels, address: str, req: pb.StateRequest, expected_numel: int,
-                        spec_hash: str, partial: bytearray, known_sha: list[str], deadline: Deadline
-                        ) -> GlobalState:
-    """Downloads from one donor into `partial`, kept on failure so that a donor of the same
-    state (`known_sha`) can resume it."""
-    call = channels.stub(address).GetState(req, timeout=deadline.left(0.1))
+async def _probe(channels: Channels, donor: Donor, min_round: int, me: str, expected_numel: int, spec_hash: str,
+                 deadline: Deadline) -> None:
+    """Asks `donor` for the header alone (a range at the end of the payload) and checks it."""
+    req = pb.StateRequest(min_round=min_round, requester=me, offset=8 * expected_numel)
+    call = channels.stub(donor.address).GetState(req, timeout=deadline.left(0.1))
     header = None
-    async for chunk in call:
-        if header is None:
-            header = chunk.header
-            if header.numel != expected_numel or header.spec_hash != spec_hash:
-                raise ValueError(f"donor offers {header.numel} values of spec {header.spec_hash}, "
-                                 f"expected {expected_numel} of {spec_hash}")
-            if header.num_bytes != 8 * expected_numel:
-                raise ValueError(f"donor announces {header.num_bytes} bytes, expected {8 * expected_numel}")
-            if req.offset and known_sha and header.sha256 != known_sha[0]:
-                call.cancel()
-                raise _OtherState()
-            known_sha[:] = [header.sha256]
-        partial += chunk.data
-        if len(partial) > header.num_bytes:
-            raise ValueError("donor sent more bytes than announced")
+    try:
+        async for chunk in call:
+            header = chunk.header if chunk.HasField("header") else None
+            break
+    finally:
+        call.cancel()
     if header is None:
         raise ValueError("donor sent no header")
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(None, unpack, header, bytes(partial))
+    if header.numel != expected_numel or header.spec_hash != spec_hash:
+        raise ValueError(f"donor offers {header.numel} values of spec {header.spec_hash}, "
+                         f"expected {expected_numel} of {spec_hash}")
+    if header.num_bytes != 8 * expected_numel or header.round < min_round or not header.sha256:
+        raise ValueError(f"donor announces {header.num_bytes} bytes of round {header.round}, "
+                         f"expected {8 * expected_numel} of round >= {min_round}")
+    donor.header = header
+
+
+async def _probe_all(channels: Channels, donors: list[Donor], min_round: int, me: str, expected_numel: int,
+                     spec_hash: str, deadline: Deadline) -> None:
+    """Probes every donor at once; waits for the rest at most PROBE_GRACE_S after the first answer."""
+    tasks = {asyncio.create_task(_probe(channels, d, min_round, me, expected_numel, spec_hash, deadline)): d
+             for d in donors}
+    waiting, until = set(tasks), deadline
+    try:
+        while waiting and not until.expired():
+            done, waiting = await asyncio.wait(waiting, timeout=until.left(), return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                e = task.exception()
+                if e is not None:
+                    _failed(tasks[task], e)
+                elif until is deadline:
+                    until = deadline.sub(PROBE_GRACE_S)
+    finally:
+        late = TimeoutError("no header before the deadline" if until is deadline else
+                            f"no header within {PROBE_GRACE_S:.0f} s of the first donor's")
+        for task in waiting:
+            task.cancel()
+            _failed(tasks[task], late)
+        await asyncio.gather(*waiting, return_exceptions=True)
+
+
+def _failed(donor: Donor, e: BaseException) -> None:
+    if not isinstance(e, grpc.aio.AioRpcError | ValueError | TimeoutError):
+        raise e   # a bug here, not a donor's failure
+    donor.failed = describe_rpc_error(e) if isinstance(e, grpc.aio.AioRpcError) else str(e) or type(e).__name__
+    log.warning("state download from %s failed after 0 bytes: %s; not asking it", donor.name, donor.failed)
+
+
+def _choose(donors: list[Donor]) -> tuple[pb.StateHeader, list[Donor]]:
+    """The state most donors offer, and they; a tie goes to the newer round, then to the earlier
+    donor (the caller lists the newest first). The others are marked as serving another state."""
+    offers: dict[str, list[Donor]] = {}
+    for d in donors:
+        assert d.header is not None
+        offers.setdefault(d.header.sha256, []).append(d)
+    chosen = max(offers.values(), key=lambda ds: (len(ds), ds[0].header.round, -donors.index(ds[0])))
+    header = chosen[0].header
+    assert header is not None
+    for d in donors:
+        if d not in chosen and d.header is not None:
+            d.other = d.header
+            log.info("state download: %s serves round %d (sha256 %s), most donors round %d (sha256 %s); "
+                     "not asking it", d.name, d.header.round, d.header.sha256[:12], header.round, header.sha256[:12])
+    return header, chosen
 
 
 async def download(channels: Channels, donors: list[tuple[str, str]], min_round: int, me: str,
-                   expected_numel: int, spec_hash: str, deadline: Deadline) -> GlobalState:
-    """Tries donors (peer id, address) in turn; one serving the same state resumes the bytes."""
+                   expected_numel: int, spec_hash: str, deadline: Deadline, *, range_bytes: int = RANGE_BYTES
+                   ) -> GlobalState:
+    """Downloads the state from several donors (peer id, address) at once, in byte ranges of
+    the state most of them offer; donors of another state are dropped, and when none of the
+    chosen state is left, it starts over from the state the others serve now."""
+    started, buf = time.monotonic(), bytearray(8 * expected_numel)
+    request = pb.StateRequest(min_round=min_round, requester=me)
     errors: list[str] = []
-    partial, known_sha = bytearray(), []
-    queue = list(donors)
-    while queue and not deadline.expired():
-        peer_id, address = queue[0]
-        req = pb.StateRequest(min_round=min_round, requester=me, offset=len(partial))
-        try:
-            started = time.monotonic()
-            state = await download_from(channels, address, req, expected_numel, spec_hash, partial, known_sha,
-                                        deadline)
-            log.info("downloaded the state of round %d from %s (%s): %.1f MB in %.2f s",
-                     state.round, peer_id[-6:], address, 8 * expected_numel / 1e6, time.monotonic() - started)
+    candidates = [Donor(peer_id, address) for peer_id, address in donors]
+    while candidates and not deadline.expired():
+        await _probe_all(channels, candidates, min_round, me, expected_numel, spec_hash, deadline)
+        errors += [f"{d.name}: {d.failed}" for d in candidates if d.failed]
+        offering = [d for d in candidates if not d.failed]
+        if not offering:
+            break
+        header, chosen = _choose(offering)
+        fetch = RangeFetch(channels, header, chosen, [(0, len(buf))], buf, request, deadline, range_bytes)
+        if await fetch.run():
+            try:
+                state = await _check(channels, header, chosen, fetch, buf, request, deadline, range_bytes)
+            except ValueError as e:
+                errors.append(f"round {header.round} from {', '.join(d.name for d in chosen)}: {e}")
+                break
+            _log_done(state, chosen, time.monotonic() - started)
             return state
-        except _OtherState:
-            partial.clear()
-            continue  # same donor, from the start
-        except (grpc.aio.AioRpcError, ValueError, asyncio.TimeoutError) as e:
-            why = describe_rpc_error(e) if isinstance(e, grpc.aio.AioRpcError) else str(e)
-            errors.append(f"{peer_id[-6:]} at {address}: {why}")
-            log.warning("state download from %s at %s failed after %d bytes: %s; trying the next donor",
-                        peer_id[-6:], address, len(partial), why)
-            if isinstance(e, ValueError):
-                partial.clear()
-            queue.pop(0)
+        errors += [f"{d.name}: {d.failed}" for d in chosen if d.failed and d.other is None]
+        if deadline.expired():
+            errors.append(f"the deadline passed with {fetch.left_bytes} of {len(buf)} bytes missing")
+        candidates = [Donor(d.peer_id, d.address) for d in offering if d.other is not None]
+        if candidates:
+            log.info("state download: no donor serves round %d (sha256 %s) any more; starting over from the "
+                     "state %d donors serve now", header.round, header.sha256[:12], len(candidates))
     raise RuntimeError(f"could not download the state of round >= {min_round}: "
                        + ("; ".join(errors) or "no live donor holds it"))
+
+
+async def _check(channels: Channels, header: pb.StateHeader, donors: list[Donor], fetch: RangeFetch,
+                 buf: bytearray, request: pb.StateRequest, deadline: Deadline, range_bytes: int) -> GlobalState:
+    """The assembled state once its sha256 matches the header. On a mismatch, the bytes of one
+    donor after another are refetched from the others, until the payload matches (that donor
+    served corrupt bytes and is dropped) or every donor was tried."""
+    loop = asyncio.get_running_loop()
+    sha = await loop.run_in_executor(None, _sha256, buf)
+    segments, tried = fetch.segments, set()
+    while sha != header.sha256 and not deadline.expired():
+        owners = [d for d in donors if d not in tried and any(seg[2] is d for seg in segments)]
+        if not owners:
+            break
+        suspect = min(owners, key=lambda d: d.served_bytes)  # the cheapest to refetch first
+        tried.add(suspect)
+        others = [d for d in donors if not d.failed and d is not suspect]
+        if not others:
+            break
+        spans = merge([(start, end) for start, end, d in segments if d is suspect])
+        log.warning("state of round %d does not match its sha256; refetching the %.1f MB that %s served from "
+                    "the others", header.round, sum(e - s for s, e in spans) / 1e6, suspect.name)
+        refetch = RangeFetch(channels, header, others, spans, buf, request, deadline, range_bytes, compare=True)
+        if not await refetch.run():
+            break
+        segments = [s for s in segments if s[2] is not suspect] + refetch.segments
+        if refetch.differing_bytes:  # the suspect or one of the others served bad bytes: the sha256 says which
+            sha = await loop.run_in_executor(None, _sha256, buf)
+            guilty = sha == header.sha256
+            log.warning("state download: %d bytes that %s served differ from the others' copies; %s",
+                        refetch.differing_bytes, suspect.name,
+                        "with theirs the state matches its sha256: dropped it" if guilty else "still no match")
+            if guilty:
+                suspect.failed = "served corrupt bytes"
+    if sha != header.sha256:
+        raise ValueError("state payload sha256 does not match its header")
+    return await loop.run_in_executor(None, _to_state, header, buf)
+
+
+def _sha256(buf: bytearray) -> str:
+    return hashlib.sha256(buf).hexdigest()
+
+
+def _log_done(state: GlobalState, donors: list[Donor], seconds: float) -> None:
+    num_bytes = 8 * state.theta.numel()
+    log.info("downloaded the state of round %d: %.1f MB in %.2f s (%.1f MB/s) from %d donors: %s", state.round,
+             num_bytes / 1e6, seconds, num_bytes / 1e6 / max(seconds, 1e-9),
+             sum(d.served_bytes > 0 for d in donors),
+             ", ".join(f"{d.peer_id[-6:]} {d.served_bytes / 1e6:.1f} MB" + (f" ({d.failed})" if d.failed else "")
+                       for d in donors))

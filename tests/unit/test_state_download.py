@@ -1,10 +1,14 @@
-"""State download over real gRPC servers on loopback: a donor that dies after sending part of
-the state is replaced by the next donor, which resumes at the byte offset already held; a
-donor holding another state makes the download start over; a corrupt payload is refused."""
+"""State download over real gRPC servers on loopback (a peer's own servicer and core): several
+donors serve byte ranges at once; a donor that dies, stalls, serves corrupt bytes or another
+state is replaced by the others, and the result equals the donors' state bitwise; when no donor
+of the chosen state is left, the download starts over from the state the others serve."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
+import time
 
 import grpc
 import pytest
@@ -12,12 +16,19 @@ import torch
 
 from peer._proto import peer_pb2 as pb
 from peer._proto import peer_pb2_grpc
-from peer.net.client import Channels
+from peer.config import PeerConfig
+from peer.net.client import CHUNK_BYTES, Channels
+from peer.net.core import NetCore
 from peer.net.loop import Deadline
+from peer.net.server import Servicer, start_server
+from peer.net.state_ranges import CALLS_PER_DONOR
 from peer.net.state_sync import StateSnapshot, download
 from peer.outer import GlobalState
 
-NUMEL = 300_000  # 2.4 MB: three chunks
+pytestmark = pytest.mark.timeout(60)
+NUMEL = 300_000                 # 2.4 MB: three chunks
+NUM_BYTES = 8 * NUMEL
+RANGE_BYTES = 256 << 10         # about ten ranges, so that three donors each serve several
 
 
 def state(seed: int, round_: int = 7) -> GlobalState:
@@ -25,68 +36,238 @@ def state(seed: int, round_: int = 7) -> GlobalState:
     return GlobalState(torch.randn(NUMEL, generator=g), torch.randn(NUMEL, generator=g), round_, 1234)
 
 
-class Donor(peer_pb2_grpc.PeerServicer):
-    """Serves one snapshot like a peer does; `die_after` chunks, then the call breaks."""
+def snapshot(seed: int, round_: int = 7) -> StateSnapshot:
+    return StateSnapshot.of(state(seed, round_), "spec")
 
-    def __init__(self, snap: StateSnapshot, die_after: int | None = None, corrupt: bool = False):
-        self.snap, self.die_after, self.corrupt = snap, die_after, corrupt
-        self.offsets: list[int] = []
+
+def same(a: GlobalState, b: GlobalState) -> bool:
+    return (torch.equal(a.theta, b.theta) and torch.equal(a.momentum, b.momentum)
+            and (a.round, a.global_samples) == (b.round, b.global_samples))
+
+
+class Donor(Servicer):
+    """A peer's servicer and core holding `snap`; counts the payload bytes it sends in ranges
+    and can break after `fail_after` of them: "die" (its server stops), "stall" (it stops
+    sending), "switch" (it moves on to the `then` snapshot); `corrupt` flips every byte it sends;
+    `rate_bps` caps its uplink (its calls take turns to sleep as long as their chunks would take)."""
+
+    def __init__(self, snap: StateSnapshot, fail_after: int | None = None, how: str = "die",
+                 then: StateSnapshot | None = None, corrupt: bool = False, rate_bps: float | None = None):
+        super().__init__(NetCore(None, PeerConfig(), "donor"))
+        self.core.snapshot = snap
+        self.fail_after, self.how, self.then, self.corrupt = fail_after, how, then, corrupt
+        self.rate_bps, self.uplink = rate_bps, asyncio.Lock()   # its calls share one uplink this fast
+        self.requests: list[tuple[int, int]] = []
+        self.sent_bytes = self.calls = self.most_calls = 0
+        self.server: grpc.aio.Server | None = None
 
     async def GetState(self, request, context):
-        self.offsets.append(request.offset)
-        for i, chunk in enumerate(self.snap.chunks(request.offset)):
-            if self.die_after is not None and i == self.die_after:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "donor died")
-            if self.corrupt and i == 1:
-                chunk = pb.StateChunk(data=bytes(len(chunk.data)))
-            await context.write(chunk)
+        self.requests.append((request.offset, request.length))
+        self.calls += 1
+        self.most_calls = max(self.most_calls, self.calls)
+        try:
+            await super().GetState(request, _Counting(self, context))
+        finally:
+            self.calls -= 1
+
+    async def sent(self, chunk: pb.StateChunk) -> pb.StateChunk:
+        self.sent_bytes += len(chunk.data)
+        if self.rate_bps:
+            async with self.uplink:
+                await asyncio.sleep(len(chunk.data) / self.rate_bps)
+        if self.fail_after is not None and self.sent_bytes > self.fail_after:
+            self.fail_after = None
+            if self.how == "die":
+                assert self.server is not None
+                asyncio.get_running_loop().create_task(self.server.stop(None))
+                await asyncio.Event().wait()   # cancelled by the stop
+            elif self.how == "stall":
+                await asyncio.Event().wait()
+            elif self.how == "switch":
+                self.core.snapshot = self.then
+        if self.corrupt:
+            chunk = pb.StateChunk(header=chunk.header, data=bytes(b ^ 0xFF for b in chunk.data))
+        return chunk
 
 
-async def serve(servicer) -> tuple[grpc.aio.Server, str]:
+class _Counting:
+    """The servicer context with every written chunk passed through its donor first."""
+
+    def __init__(self, donor: Donor, context):
+        self.donor, self.context = donor, context
+
+    async def write(self, chunk: pb.StateChunk) -> None:
+        await self.context.write(await self.donor.sent(chunk))
+
+    def __getattr__(self, name):
+        return getattr(self.context, name)
+
+
+async def serve(donor: Donor) -> str:
     server = grpc.aio.server()
-    peer_pb2_grpc.add_PeerServicer_to_server(servicer, server)
+    peer_pb2_grpc.add_PeerServicer_to_server(donor, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    return server, f"127.0.0.1:{port}"
+    donor.server = server
+    return f"127.0.0.1:{port}"
 
 
-def run_download(donors: list[Donor]) -> GlobalState:
+def run_download(donors: list[Donor], deadline_s: float = 30) -> GlobalState:
     async def body():
-        servers = [await serve(d) for d in donors]
+        addresses = [await serve(d) for d in donors]
         channels = Channels()
         try:
-            return await download(channels, [(f"donor{i}", addr) for i, (_, addr) in enumerate(servers)], 0,
-                                  "newcomer", NUMEL, "spec", Deadline(30))
+            return await download(channels, [(f"donor{i}", a) for i, a in enumerate(addresses)], 0,
+                                  "newcomer", NUMEL, "spec", Deadline(deadline_s), range_bytes=RANGE_BYTES)
         finally:
             await channels.close()
-            for server, _ in servers:
-                await server.stop(None)
+            for d in donors:
+                assert d.server is not None
+                await d.server.stop(None)
     return asyncio.run(body())
 
 
-def test_next_donor_resumes_where_the_dead_one_stopped():
+def test_chunks_cover_exactly_the_range():
+    snap = snapshot(1)
+    for offset, length in [(0, 0), (5, 0), (0, CHUNK_BYTES), (CHUNK_BYTES - 3, CHUNK_BYTES + 7), (NUM_BYTES, 0),
+                           (NUM_BYTES - 1, 1)]:
+        chunks = list(snap.chunks(offset, length))
+        assert chunks[0].header == snap.header and not any(c.HasField("header") for c in chunks[1:])
+        assert all(len(c.data) <= CHUNK_BYTES for c in chunks)
+        end = offset + length if length else NUM_BYTES
+        assert b"".join(c.data for c in chunks) == snap.payload[offset:end]
+
+
+def test_several_donors_each_serve_a_part(caplog):
     s = state(1)
     snap = StateSnapshot.of(s, "spec")
-    first, second = Donor(snap, die_after=1), Donor(snap)
-    got = run_download([first, second])
-    assert got.digest() == s.digest() and got.round == 7 and got.global_samples == 1234
-    assert first.offsets == [0]
-    assert second.offsets and second.offsets[0] > 0, "the second donor should resume, not start over"
+    donors = [Donor(snap) for _ in range(3)]
+    with caplog.at_level(logging.INFO, logger="peer.net.state_sync"):
+        got = run_download(donors)
+    assert same(got, s)
+    assert all(d.most_calls <= CALLS_PER_DONOR for d in donors)
+    assert all(0 <= o and 0 <= n and o + n <= NUM_BYTES for d in donors for o, n in d.requests)
+    done = [r.getMessage() for r in caplog.records if "downloaded the state of round 7" in r.getMessage()]
+    assert len(done) == 1 and "from 3 donors" in done[0] and "MB/s" in done[0], done
+    served = [float(mb) for mb in re.findall(r"donor\d (\d+\.\d) MB", done[0])]   # as the newcomer wrote them
+    assert len(served) == 3 and all(mb > 0 for mb in served) and sum(served) == pytest.approx(2.4, abs=0.15), done
+    # a donor whose tail another took over sent a little more than was used, up to the cut
+    assert NUM_BYTES <= sum(d.sent_bytes for d in donors) < 2 * NUM_BYTES
 
 
-def test_donor_of_another_state_makes_the_download_start_over():
-    snap = StateSnapshot.of(state(1), "spec")
-    other = state(2, round_=8)
-    first, second = Donor(snap, die_after=1), Donor(StateSnapshot.of(other, "spec"))
-    got = run_download([first, second])
-    assert got.digest() == other.digest()
-    assert second.offsets[0] > 0 and second.offsets[-1] == 0
+def test_faster_donor_serves_more(caplog):
+    s = state(14)
+    snap = StateSnapshot.of(s, "spec")
+    slow, fast = Donor(snap, rate_bps=2e6), Donor(snap, rate_bps=8e6)
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="peer.net.state_sync"):
+        got = run_download([slow, fast])
+    seconds = time.monotonic() - started
+    assert same(got, s)
+    done = next(r.getMessage() for r in caplog.records if "downloaded the state" in r.getMessage())
+    served = dict(re.findall(r"(donor\d) (\d+\.\d) MB", done))
+    assert float(served["donor1"]) > 1.5 * float(served["donor0"]), done
+    assert seconds > 0.8 * NUM_BYTES / 10e6, "the uplinks are capped at 2 + 8 MB/s"
 
 
-def test_corrupt_payload_is_refused_and_the_next_donor_used():
+def test_killed_donor_leaves_its_ranges_to_the_others(caplog):
+    s = state(2)
+    snap = StateSnapshot.of(s, "spec")
+    dying = Donor(snap, fail_after=300_000)
+    donors = [Donor(snap), dying, Donor(snap)]
+    got = run_download(donors)
+    assert same(got, s)
+    assert dying.sent_bytes > 0 and all(d.sent_bytes > 0 for d in donors)
+    assert re.search(r"state download from donor1 at \S+ failed after \d+ bytes", caplog.text), caplog.text
+
+
+def test_stalled_donor_has_its_ranges_taken_over():
     s = state(3)
     snap = StateSnapshot.of(s, "spec")
-    got = run_download([Donor(snap, corrupt=True), Donor(snap)])
-    assert got.digest() == s.digest()
+    stalled = Donor(snap, fail_after=100_000, how="stall")
+    started = time.monotonic()
+    got = run_download([stalled, Donor(snap)], deadline_s=30)
+    assert same(got, s)
+    assert time.monotonic() - started < 10, "the live donor should take over, not wait for the deadline"
+
+
+def test_donor_of_another_state_is_dropped():
+    s = state(4)
+    snap = StateSnapshot.of(s, "spec")
+    other = Donor(snapshot(5, round_=8))
+    got = run_download([other, Donor(snap), Donor(snap)])   # most donors win over the newer round
+    assert same(got, s)
+    assert other.sent_bytes == 0 and other.requests == [(NUM_BYTES, 0)], "only its header was asked for"
+
+
+def test_download_starts_over_when_no_donor_of_the_chosen_state_is_left(caplog):
+    newer = state(6, round_=8)
+    snap = snapshot(7)
+    doomed = [Donor(snap, fail_after=200_000), Donor(snap, fail_after=200_000)]
+    last = Donor(StateSnapshot.of(newer, "spec"))
+    got = run_download([*doomed, last])
+    assert same(got, newer)
+    assert last.sent_bytes == NUM_BYTES
+    assert "starting over" in caplog.text
+
+
+def test_donors_moving_on_to_a_new_round_mid_download_make_it_start_over():
+    newer = state(8, round_=8)
+    then = StateSnapshot.of(newer, "spec")
+    donors = [Donor(snapshot(9), fail_after=500_000, how="switch", then=then) for _ in range(2)]
+    got = run_download(donors)
+    assert same(got, newer)
+
+
+def test_corrupt_range_is_refetched_from_the_other_donors(caplog):
+    s = state(10)
+    snap = StateSnapshot.of(s, "spec")
+    bad = Donor(snap, corrupt=True)
+    donors = [Donor(snap), bad, Donor(snap)]
+    got = run_download(donors)
+    assert same(got, s)
+    assert bad.sent_bytes > 0
+    assert re.search(r"that donor1 at \S+ served differ from the others' copies; with theirs the state matches "
+                     r"its sha256: dropped it", caplog.text), caplog.text
+    done = [r.getMessage() for r in caplog.records if "downloaded the state" in r.getMessage()]
+    assert len(done) == 1 and "donor1" in done[0] and done[0].count("served corrupt bytes") == 1, done
+
+
+def test_corrupt_payload_with_no_other_donor_is_refused():
     with pytest.raises(RuntimeError, match="sha256"):
-        run_download([Donor(snap, corrupt=True)])
+        run_download([Donor(snapshot(11), corrupt=True)])
+
+
+def test_donor_of_another_spec_is_named_in_the_error():
+    snap = StateSnapshot.of(state(12), "other-spec")
+    with pytest.raises(RuntimeError, match=r"donor0 at .*spec other-spec"):
+        run_download([Donor(snap)])
+
+
+def test_server_serves_exactly_the_range_and_rejects_a_bad_one():
+    snap = snapshot(13)
+
+    async def body():
+        core = NetCore(None, PeerConfig(), "donor")
+        core.snapshot = snap
+        server, port = await start_server(core, "127.0.0.1", 0)
+        channels = Channels()
+        stub = channels.stub(f"127.0.0.1:{port}")
+
+        async def get(offset: int, length: int) -> list[pb.StateChunk]:
+            req = pb.StateRequest(min_round=0, requester="t", offset=offset, length=length)
+            return [c async for c in stub.GetState(req, timeout=10)]
+
+        try:
+            chunks = await get(CHUNK_BYTES - 5, CHUNK_BYTES + 10)
+            assert chunks[0].header == snap.header
+            assert b"".join(c.data for c in chunks) == snap.payload[CHUNK_BYTES - 5:2 * CHUNK_BYTES + 5]
+            for offset, length in [(0, -1), (0, NUM_BYTES + 1), (NUM_BYTES - 4, 5), (NUM_BYTES + 1, 0), (-1, 0)]:
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await get(offset, length)
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (offset, length)
+                assert f"state of {NUM_BYTES} bytes" in e.value.details()
+        finally:
+            await channels.close()
+            await server.stop(None)
+    asyncio.run(body())
