@@ -178,16 +178,18 @@ class CommitReply(_message.Message):
     def __init__(self, apply: _Optional[bool] = ..., reason: _Optional[str] = ..., committed: _Optional[_Iterable[str]] = ..., shard_sha256: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StateRequest(_message.Message):
-    __slots__ = ("min_round", "requester", "offset", "length")
+    __slots__ = ("min_round", "requester", "offset", "length", "sha256")
     MIN_ROUND_FIELD_NUMBER: _ClassVar[int]
     REQUESTER_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
     min_round: int
     requester: str
     offset: int
     length: int
-    def __init__(self, min_round: _Optional[int] = ..., requester: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+    sha256: str
+    def __init__(self, min_round: _Optional[int] = ..., requester: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class StateChunk(_message.Message):
     __slots__ = ("header", "data")

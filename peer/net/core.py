@@ -70,6 +70,7 @@ class NetCore:
         self.others = (time.monotonic(), 0.0, 0.0)   # (when, their steps, their steps/s)
         self.rounds: dict[int, RoundCtx] = {}
         self.snapshot: StateSnapshot | None = None
+        self.prev_snapshot: StateSnapshot | None = None   # for downloads begun before our round moved on
         self.ef, self.owner_ef = ErrorFeedback(), ErrorFeedback()
         self.last_refresh_error = ""
         self.viewed_at = 0.0   # when the view was last read from the DHT
@@ -434,8 +435,18 @@ class NetCore:
             await asyncio.sleep(0.05)
         return await group.decision
 
+    def set_snapshot(self, snap: StateSnapshot | None) -> None:
+        """Serves `snap` from now on, and the one before it to downloads that asked for it."""
+        self.prev_snapshot, self.snapshot = (self.snapshot if snap is not None else None), snap
+
     async def handle_get_state(self, req: pb.StateRequest):
         snap = self.snapshot
+        if req.sha256 and snap is not None and snap.header.sha256 != req.sha256:
+            prev = self.prev_snapshot
+            if prev is None or prev.header.sha256 != req.sha256:
+                raise Reject(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"state {req.sha256[:12]} is not held here any more (serving round {snap.header.round})")
+            snap = prev
         if snap is None or snap.header.round < req.min_round:
             have = snap.header.round if snap else "none"
             raise Reject(grpc.StatusCode.FAILED_PRECONDITION, f"state of round {req.min_round} wanted, have {have}")

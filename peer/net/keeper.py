@@ -81,7 +81,8 @@ class Keeper:
     async def adopt(self, state: GlobalState) -> None:
         """Makes `state` ours and serves it (the snapshot is built in an executor)."""
         snap = await asyncio.get_running_loop().run_in_executor(None, StateSnapshot.of, state, self.core.spec_hash)
-        self.state, self.core.snapshot = state, snap
+        self.state = state
+        self.core.set_snapshot(snap)
         self.core.phase = swarm.WAIT
 
     def commit(self, r: int, new: GlobalState, outcome: Outcome) -> None:

@@ -187,7 +187,7 @@ class RangeFetch:
     async def _fetch(self, r: _Range) -> None:
         donor, asked_end = r.donor, r.end
         req = pb.StateRequest(min_round=self.request.min_round, requester=self.request.requester,
-                              offset=r.start, length=asked_end - r.start)
+                              offset=r.start, length=asked_end - r.start, sha256=self.header.sha256)
         call = self.channels.stub(donor.address).GetState(req, timeout=self.deadline.left(0.1))
         donor.call_started()
         pos, first = r.start, True
