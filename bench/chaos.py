@@ -13,7 +13,8 @@ the state rounds with two digests, the solo rounds while 2 or more peers held th
 newcomer's time from its start to its first contribution beside its download time.
 
     .venv/bin/python bench/chaos.py [--peers 5] [--faults 100] [--minutes 60] [--seed 0] [--root DIR]
-    .venv/bin/python bench/chaos.py --netns [--model base] [--mbit 100] [--target-steps 10] [--kinds ...]
+    .venv/bin/python bench/chaos.py --netns [--model base] [--mbit 100] [--target-steps 10] [--hang-s 300]
+                                    [--kinds kill stop net join]
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ LOCAL = ["--dht-host-maddrs", "/ip4/127.0.0.1/tcp/0", "--host", "127.0.0.1", "--
 RUN = ["--codec", "int8", "--min-peers", "3", "--batch-size", "4", "--eval-batches", "1", "--join-window-s", "4",
        "--run-id", "chaos"]   # and --model, --target-steps: per mode, see main()
 POINTS = ("after_join", "after_send", "serving_shard", "leader_commit")
-MIN_ALIVE, HANG_S, EXTRA_DEADLINE_S, GAP_S, SETTLE_S = 3, 120, 240, 180, 300   # GAP_S: most s between faults
-NEWCOMER_ROUNDS, NEWCOMER_DEADLINE_S = 6, 900   # a `join` peer leaves after this many rounds; killed at the deadline
+MIN_ALIVE = 3
+# with --hang-s 120 (loopback's default): an extra's deadline 240 s, at most 180 s between faults, 300 s to settle
+EXTRA_DEADLINE, GAP, SETTLE = 2.0, 1.5, 2.5   # times --hang-s
+NEWCOMER_ROUNDS, NEWCOMER_DEADLINE = 6, 6.0   # a `join` peer leaves after this many rounds; killed at 6 x --hang-s
 DOWNLOADED = re.compile(r"downloaded the state of round (\d+) from .*: ([\d.]+) MB in ([\d.]+) s")
 
 
@@ -70,6 +73,7 @@ class Chaos:
         self.last_sample, self.boot, self.t_end = 0.0, None, 0.0
         self.run_args = [*RUN, "--model", args.model, "--target-steps", str(args.target_steps)]
         self.topo = Topology("chaos") if args.netns else None
+        self.hang_s = args.hang_s
 
     def host_for(self, slot: int | None):
         """--netns: a slot's peers run on the slot's host; an extra on a pool host nobody uses now."""
@@ -184,17 +188,18 @@ class Chaos:
                     self.orphans += [f"orphan of {p.name}: {procs._describe(k)}" for k in p.kids.values()
                                      if not procs._is_gone(k)]
                 continue
-            if p.slot is None and now - p.started > (NEWCOMER_DEADLINE_S if p.kind == "join" else EXTRA_DEADLINE_S):
+            if p.slot is None and now - p.started > self.hang_s * (NEWCOMER_DEADLINE if p.kind == "join"
+                                                                   else EXTRA_DEADLINE):
                 os.kill(p.proc.pid, signal.SIGKILL)
                 next(f for f in self.faults if f["victim"] == p.name)["detail"] += (
                     " (SIGKILLed at the deadline)" if p.kind == "join" else " (never got there)")
                 p.proc.wait(10)
                 continue
             p.progress = max([p.progress] + [r["time"] for r in self.rows(p.name)[-1:]])
-            if not p.stopped and now - p.progress > HANG_S and not p.hung:   # one line per episode
-                self.hangs.append(f"HANG {p.name}: no round for {HANG_S} s at {now - self.t0:.0f} s")
+            if not p.stopped and now - p.progress > self.hang_s and not p.hung:   # one line per episode
+                self.hangs.append(f"HANG {p.name}: no round for {self.hang_s:.0f} s at {now - self.t0:.0f} s")
                 print(self.hangs[-1], flush=True)
-            p.hung = not p.stopped and now - p.progress > HANG_S
+            p.hung = not p.stopped and now - p.progress > self.hang_s
 
     def run(self) -> None:
         print(f"logs and metrics in {self.root}", flush=True)
@@ -209,13 +214,13 @@ class Chaos:
         for i in range(self.args.peers):
             self.start_peer(f"p{i}", i)
         end_at = self.t0 + 60 * self.args.minutes   # p0 is never faulted: its rounds pace the faults
-        base, gap, gap_end = len(self.rows("p0")), self.rng.randint(1, 3), time.time() + GAP_S
+        base, gap, gap_end = len(self.rows("p0")), self.rng.randint(1, 3), time.time() + GAP * self.hang_s
         while len(self.faults) < self.args.faults and time.time() < end_at:
             self.watch()
             if (len(self.rows("p0")) >= base + gap or time.time() > gap_end) and self.inject():
-                base, gap, gap_end = len(self.rows("p0")), self.rng.randint(1, 3), time.time() + GAP_S
+                base, gap, gap_end = len(self.rows("p0")), self.rng.randint(1, 3), time.time() + GAP * self.hang_s
             time.sleep(0.5)
-        settle = time.time() + SETTLE_S   # restarts and SIGCONTs due, extras dead, then an applied round
+        settle = time.time() + SETTLE * self.hang_s   # restarts, SIGCONTs due, extras dead, then an applied round
         while time.time() < settle:
             self.watch()   # first: an extra that just died sets its fault's effect time here
             last = max([f["effect"] or 0 for f in self.faults] + [0])
@@ -338,7 +343,7 @@ def report(c: Chaos) -> None:
          f"{applied} / {aborted} / {sum(s == {'excluded'} for s in seen.values())}"),
         (f"faults injected: all ({', '.join(kinds)})", f"{len(c.faults)} {tuple(map(len, kinds.values()))}"),
         (f"faults survived: all ({', '.join(kinds)})", f"{sum(survived)} {tuple(survived)}"),
-        ("hangs: no round for 120 s, live and not stopped", len(c.hangs)),
+        (f"hangs: no round for {c.hang_s:.0f} s, live and not stopped", len(c.hangs)),
         ("rounds with two applied digests (must be 0)", len(diverged)),
         ("rounds both applied and aborted (must be 0)", len(split)),
         ("rounds applied by a group of 1 (swarm always >= 3 up)", len(solo)),
@@ -390,11 +395,15 @@ def main() -> None:
     ap.add_argument("--mbit", type=float, default=100.0, help="--netns: every peer's cap each way")
     ap.add_argument("--model", choices=("tiny", "small", "base"), help="preset (default: tiny; base with --netns)")
     ap.add_argument("--target-steps", type=int, help="run spec (default: 150 for tiny, 10 otherwise)")
+    ap.add_argument("--hang-s", type=float, help="a live peer with no round for this long hangs; the extras' "
+                    "deadline, the gap between faults and the settling time scale with it (default: 120; 300 "
+                    "for base, whose rounds take a minute on 2 cores)")
     ap.add_argument("--kinds", nargs="+", choices=("kill", "stop", "net", "join"),
                     help="fault kinds to draw from (default: kill stop net; with --netns also join)")
     args = ap.parse_args()
     args.model = args.model or ("base" if args.netns else "tiny")
     args.target_steps = args.target_steps or (150 if args.model == "tiny" else 10)
+    args.hang_s = args.hang_s or (300.0 if args.model == "base" else 120.0)
     args.kinds = args.kinds or (["kill", "stop", "net", "join"] if args.netns else ["kill", "stop", "net"])
     if args.peers <= MIN_ALIVE:
         ap.error(f"--peers must be more than {MIN_ALIVE}")
