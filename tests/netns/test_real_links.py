@@ -159,7 +159,7 @@ def test_newcomer_on_a_slow_link_says_it_cannot_keep_up(slow_swarm):
             f"{str(e).splitlines()[0]}\nthe swarm did {len(a_rows)} rounds meanwhile ({min(secs, default=0):.1f}-"
             f"{max(secs, default=0):.1f} s each); the slow peer's rounds: "
             f"{[(r['round'], r['outcome'], round(r['round_seconds'], 1)) for r in slow_swarm.metrics('slow')]}\n"
-            f"{story(slow_swarm, ('slow',))}") from None
+            f"{story(slow_swarm, ('slow',))}\n--- its log's tail:\n{log_tail(proc.log_path, 15)}") from None
     text = match.group(0).split(": ", 1)[-1]   # the message, past the time stamp and logger
     assert len(re.findall(r"\d+(?:\.\d+)?", text)) >= 3, f"rate, update size and round time expected: {text}"
     seen = len(slow_swarm.metrics("a"))
