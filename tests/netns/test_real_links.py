@@ -1,22 +1,24 @@
 """Peers on real, rate-capped links (tests/links.py: one network namespace per host, tbf caps
-each way), where a state download takes longer than a round.
+each way), where a state download takes longer than a round's training.
 
 Main swarm: 4 peers at 100 Mbit/s each way, the `small` preset (3.3 M parameters: 26 MB of
-theta + momentum) with `--target-steps 8`. One download of the state takes at least 2.1 s
-at 12.5 MB/s, and about 6 s when the three starting peers pull it from the genesis peer's one
-uplink at once; a round's training is 8 inner steps summed over the swarm, 2 steps a peer of
-about 0.27 s (0.55 s with 4 peers on 2 cores), so a download takes 4 to 12 rounds' worth of
-training (a whole round, with averaging, digests and eval, takes about 3.5 s). Measured on the
-2-core CI machine: 26 MB in 3 to 7 s, rounds of 3 to 4.5 s. With `--min-peers 4` the swarm must
-still start round 0 with all four and keep them all (a); a newcomer at 100 Mbit/s gets into a
-group within a few rounds of getting the state (b).
+theta + momentum) with `--target-steps 8`. One download of the state takes at least 2.1 s at
+12.5 MB/s, and about 6 s when the three starting peers pull it from the genesis peer's one uplink
+at once; a round's training is 8 inner steps summed over the swarm, 2 steps a peer of about 0.27 s
+(0.55 s with 4 peers on 2 cores), so a download takes 4 to 12 rounds' worth of training. Measured
+on this 2-core machine: 26 MB in 2.7 to 7 s; whole rounds (averaging, digests, eval) of 2.5-5 s,
+8-10 s while other test runs share the cores. (a) With `--min-peers 4` no peer may begin round 0
+before all four hold the state (its metrics row's time - round_seconds against the others'
+`downloaded the state` log lines), and rounds 0-5 must each have all four. (b) A newcomer at
+100 Mbit/s contributes to a group within 4 rounds of the swarm after it got the state.
 
 Slow swarm (c): 2 peers of the `tiny` preset with `--codec fp32` (0.96 MB of state; the averaged
-update is half of it, 0.48 MB) and rounds of 1.5-2.5 s, then a newcomer on a 0.5 Mbit/s link each
-way: one round's update takes at least 7.7 s to arrive there (measured: more, the DHT shares the
-link; its 0.96 MB state took 26 s), three rounds or more; it must say once that it cannot keep up, with numbers and advice.
+update is half of it, 0.48 MB), rounds of 1-3 s, then a newcomer on a 0.5 Mbit/s link each way:
+one round's update takes at least 7.7 s to reach it (measured: more, the DHT shares the link; its
+0.96 MB state took 25-30 s), three rounds or more. It must say once that it cannot keep up, with
+its numbers.
 
-In every test no state round may have two digests across the peers' metrics (d).
+(d) In every test no state round may have two digests across the peers' metrics.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ MAIN = ["--model", "small", "--target-steps", "8", "--min-peers", "4", "--batch-
         "--eval-batches", "1", "--run-id", "links-main"]
 FIRST = ("a", "b", "c", "d")
 ROUNDS = 6                     # rounds 0..5 with all four
+READY_SLACK_S = 0.5            # a round's start (metrics time - round_seconds) vs a log line's time stamp
 NEWCOMER_ROUNDS = 4            # the most swarm rounds from holding the state to contributing
 SLOW = ["--model", "tiny", "--codec", "fp32", "--target-steps", "40", "--min-peers", "2", "--batch-size", "4",
         "--eval-batches", "1", "--run-id", "links-slow"]
@@ -49,6 +52,12 @@ STORY = re.compile(r"round 0 starts|downloaded the state|starting although|exclu
 def log_time(stamp: str) -> float:
     """The epoch time of a log line's asctime (`2026-12-01 21:57:28,315`, local time)."""
     return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def first_download(swarm: NetSwarm, name: str) -> float | None:
+    """When `name` first held a downloaded state (its log line), None if it never downloaded one."""
+    m = re.search(DOWNLOADED, swarm.log(name), re.MULTILINE)
+    return log_time(m.group(1)) if m else None
 
 
 def story(swarm: NetSwarm, names, max_lines: int = 25) -> str:
@@ -107,9 +116,18 @@ class TestMainSwarm:
         rows = {name: main_swarm.wait_rounds(name, ROUNDS, max(1.0, deadline - time.monotonic()))
                 for name in FIRST}
         problems = []
+        # together: nobody begins round 0 before the last of them holds the state (only ready peers count)
+        ready = {name: first_download(main_swarm, name) for name in FIRST}
+        last_ready = max((t for t in ready.values() if t is not None), default=0.0)
         for name, rs in rows.items():
             if rs[0]["round"] != 0:
                 problems.append(f"{name}: its first round is {rs[0]['round']}, not 0")
+                continue
+            began = rs[0]["time"] - rs[0]["round_seconds"]
+            if began < last_ready - READY_SLACK_S:
+                problems.append(f"{name} began round 0 {last_ready - began:.1f} s before the last peer held the "
+                                f"state ({'created it' if ready[name] is None else 'downloaded it'}; "
+                                f"{rs[0]['steps']} of round 0's steps)")
             for r in rs[:ROUNDS]:
                 if r["outcome"] != "applied" or r["group_size"] != 4 or len(r["contributors"]) != 4:
                     problems.append(f"{name} round {r['round']}: {r['outcome']}, group of {r['group_size']}, "
