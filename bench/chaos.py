@@ -5,7 +5,16 @@ while it lives; SIGKILLed by us if it has not reached its point after 240 s). At
 p0 is never faulted (it paces the faults and is the peer whose threads and fds are shown). Prints rounds,
 faults survived, hangs, divergences, memory and kill-to-next-round times. Not a test.
 
+With --netns (root): every process on its own host of a tests/links.py Topology (network namespaces,
+tbf caps of --mbit each way, 100 Mbit/s by default), the `base` preset by default (--model), and one
+more fault kind, `join`: a fresh peer with no state joins mid-run and leaves by itself after
+NEWCOMER_ROUNDS rounds (one extra peer at a time, like the self-killing ones). Both modes also print
+the state rounds with two digests, the solo rounds while 2 or more peers held the state, and each
+newcomer's time from its start to its first contribution beside its download time.
+
     .venv/bin/python bench/chaos.py [--peers 5] [--faults 100] [--minutes 60] [--seed 0] [--root DIR]
+    .venv/bin/python bench/chaos.py --netns [--model base] [--mbit 100] [--target-steps 10] [--hang-s 300]
+                                    [--kinds kill stop net join]
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import statistics
 import subprocess
@@ -26,17 +36,23 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests import procs  # noqa: E402
+from tests.links import LinksUnavailable, Topology  # noqa: E402
 
 LOCAL = ["--dht-host-maddrs", "/ip4/127.0.0.1/tcp/0", "--host", "127.0.0.1", "--threads", "1"]
-RUN = ["--model", "tiny", "--codec", "int8", "--target-steps", "150", "--min-peers", "3", "--batch-size", "4",
-       "--eval-batches", "1", "--join-window-s", "4", "--run-id", "chaos"]
+RUN = ["--codec", "int8", "--min-peers", "3", "--batch-size", "4", "--eval-batches", "1", "--join-window-s", "4",
+       "--run-id", "chaos"]   # and --model, --target-steps: per mode, see main()
 POINTS = ("after_join", "after_send", "serving_shard", "leader_commit")
-MIN_ALIVE, HANG_S, EXTRA_DEADLINE_S, GAP_S, SETTLE_S = 3, 120, 240, 180, 300   # GAP_S: most s between faults
+MIN_ALIVE = 3
+# with --hang-s 120 (loopback's default): an extra's deadline 240 s, at most 180 s between faults, 300 s to settle
+EXTRA_DEADLINE, GAP, SETTLE = 2.0, 1.5, 2.5   # times --hang-s
+NEWCOMER_ROUNDS, NEWCOMER_DEADLINE = 6, 6.0   # a `join` peer leaves after this many rounds; killed at 6 x --hang-s
+DOWNLOADED = re.compile(r"downloaded the state of round (\d+) from .*: ([\d.]+) MB in ([\d.]+) s")
 
 
 class Peer:
-    def __init__(self, name: str, proc: subprocess.Popen, slot: int | None):
-        self.name, self.proc, self.slot = name, proc, slot   # slot None: a self-killing extra peer
+    def __init__(self, name: str, proc: subprocess.Popen, slot: int | None, kind: str = ""):
+        self.name, self.proc, self.slot = name, proc, slot   # slot None: an extra peer (kind net or join)
+        self.kind, self.host = kind, None                     # host: its Topology host in --netns mode
         self.started = self.progress = time.time()
         self.stopped, self.hung, self.died, self.orphans_checked = False, False, None, False
         self.kids: dict[int, psutil.Process] = {}   # every descendant ever seen
@@ -55,12 +71,33 @@ class Chaos:
         self.res: list[tuple[float, int, int]] = []          # p0: (time, threads, open fds)
         self.faults, self.hangs, self.orphans = [], [], []
         self.last_sample, self.boot, self.t_end = 0.0, None, 0.0
+        self.run_args = [*RUN, "--model", args.model, "--target-steps", str(args.target_steps)]
+        self.topo = Topology("chaos") if args.netns else None
+        self.hang_s = args.hang_s
 
-    def start_peer(self, name: str, slot: int | None, env: dict | None = None) -> Peer:
-        args = [*LOCAL, *RUN, "--initial-peers", self.addr, "--metrics-file", f"{self.root}/{name}.jsonl"]
-        proc = procs.start_proc(procs.python_module("peer.cli", *args),
-                                {"OMP_NUM_THREADS": "1", **(env or {})}, self.root / f"{name}.log")
-        self.peers[name] = peer = Peer(name, proc, slot)
+    def host_for(self, slot: int | None):
+        """--netns: a slot's peers run on the slot's host; an extra on a pool host nobody uses now."""
+        if slot is not None:
+            name = f"slot{slot}"
+        else:
+            busy = {p.host.name for p in self.live() if p.host is not None}
+            name = next((h for h in self.topo.hosts if h.startswith("extra") and h not in busy),
+                        f"extra{sum(h.startswith('extra') for h in self.topo.hosts)}")
+        if name not in self.topo.hosts:
+            self.topo.add_host(name, self.args.mbit, self.args.mbit)
+        return self.topo.hosts[name]
+
+    def start_peer(self, name: str, slot: int | None, env: dict | None = None, kind: str = "",
+                   extra: tuple[str, ...] = ()) -> Peer:
+        host = self.host_for(slot) if self.topo else None
+        where = LOCAL if host is None else ["--dht-host-maddrs", host.maddr(), "--host", host.ip, "--threads", "1"]
+        args = [*where, *self.run_args, "--initial-peers", self.addr, "--metrics-file", f"{self.root}/{name}.jsonl",
+                *extra]
+        argv, env = procs.python_module("peer.cli", *args), {"OMP_NUM_THREADS": "1", **(env or {})}
+        log = self.root / f"{name}.log"
+        proc = procs.start_proc(argv, env, log) if host is None else self.topo.start(host, argv, env, log)
+        self.peers[name] = peer = Peer(name, proc, slot, kind)
+        peer.host = host
         return peer
 
     def rows(self, name: str) -> list[dict]:
@@ -86,16 +123,20 @@ class Chaos:
         return any(r["outcome"] == "applied" and r["time"] > t for n in self.peers for r in self.rows(n))
 
     def inject(self) -> bool:
-        now, kind, secs = time.time(), self.rng.choice(["kill", "stop", "net"]), self.rng.uniform(5, 20)
+        now, kind, secs = time.time(), self.rng.choice(self.args.kinds), self.rng.uniform(5, 20)
         cands = [p for p in self.active() if p.slot != 0]
-        if kind != "net" and (len(self.active()) - 1 < MIN_ALIVE or not cands):
-            kind = "net"
-        if kind == "net" and any(p.slot is None for p in self.live()):
+        if kind in ("kill", "stop") and (len(self.active()) - 1 < MIN_ALIVE or not cands):
+            kind = "net" if "net" in self.args.kinds else "join"
+        if kind in ("net", "join") and any(p.slot is None for p in self.live()):
             return False
-        if kind == "net":
+        if kind == "join":   # a fresh peer: no state, no checkpoint; it downloads the state and joins
+            victim = self.start_peer(f"n{len(self.faults) + 1}", None, kind="join",
+                                     extra=("--max-rounds", str(NEWCOMER_ROUNDS)))
+            detail, effect = f"newcomer, leaves after {NEWCOMER_ROUNDS} rounds", now
+        elif kind == "net":
             point = self.rng.choice(POINTS)
             victim = self.start_peer(f"x{len(self.faults) + 1}-{point}", None,
-                                     {"DILOCO_FAULTS": json.dumps([{"point": point, "action": "kill"}])})
+                                     {"DILOCO_FAULTS": json.dumps([{"point": point, "action": "kill"}])}, "net")
             detail, effect = point, None   # takes effect when it dies
         else:
             victim = self.rng.choice(cands)
@@ -147,32 +188,39 @@ class Chaos:
                     self.orphans += [f"orphan of {p.name}: {procs._describe(k)}" for k in p.kids.values()
                                      if not procs._is_gone(k)]
                 continue
-            if p.slot is None and now - p.started > EXTRA_DEADLINE_S:
+            if p.slot is None and now - p.started > self.hang_s * (NEWCOMER_DEADLINE if p.kind == "join"
+                                                                   else EXTRA_DEADLINE):
                 os.kill(p.proc.pid, signal.SIGKILL)
-                next(f for f in self.faults if f["victim"] == p.name)["detail"] += " (never got there)"
+                next(f for f in self.faults if f["victim"] == p.name)["detail"] += (
+                    " (SIGKILLed at the deadline)" if p.kind == "join" else " (never got there)")
                 p.proc.wait(10)
                 continue
             p.progress = max([p.progress] + [r["time"] for r in self.rows(p.name)[-1:]])
-            if not p.stopped and now - p.progress > HANG_S and not p.hung:   # one line per episode
-                self.hangs.append(f"HANG {p.name}: no round for {HANG_S} s at {now - self.t0:.0f} s")
+            if not p.stopped and now - p.progress > self.hang_s and not p.hung:   # one line per episode
+                self.hangs.append(f"HANG {p.name}: no round for {self.hang_s:.0f} s at {now - self.t0:.0f} s")
                 print(self.hangs[-1], flush=True)
-            p.hung = not p.stopped and now - p.progress > HANG_S
+            p.hung = not p.stopped and now - p.progress > self.hang_s
 
     def run(self) -> None:
         print(f"logs and metrics in {self.root}", flush=True)
-        boot = procs.python_module("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0")
-        self.boot = procs.start_proc(boot, None, self.root / "bootstrap.log")
+        if self.topo is None:
+            boot = procs.python_module("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0")
+            self.boot = procs.start_proc(boot, None, self.root / "bootstrap.log")
+        else:   # its own host, uncapped: it carries only DHT traffic
+            host = self.topo.add_host("bootstrap")
+            boot = procs.python_module("bootstrap", "--host-maddrs", host.maddr())
+            self.boot = self.topo.start(host, boot, None, self.root / "bootstrap.log")
         self.addr = procs.wait_for_line(self.boot, r"^Join through: (\S+)", 60).group(1)
         for i in range(self.args.peers):
             self.start_peer(f"p{i}", i)
         end_at = self.t0 + 60 * self.args.minutes   # p0 is never faulted: its rounds pace the faults
-        base, gap, gap_end = len(self.rows("p0")), self.rng.randint(1, 3), time.time() + GAP_S
+        base, gap, gap_end = len(self.rows("p0")), self.rng.randint(1, 3), time.time() + GAP * self.hang_s
         while len(self.faults) < self.args.faults and time.time() < end_at:
             self.watch()
             if (len(self.rows("p0")) >= base + gap or time.time() > gap_end) and self.inject():
-                base, gap, gap_end = len(self.rows("p0")), self.rng.randint(1, 3), time.time() + GAP_S
+                base, gap, gap_end = len(self.rows("p0")), self.rng.randint(1, 3), time.time() + GAP * self.hang_s
             time.sleep(0.5)
-        settle = time.time() + SETTLE_S   # restarts and SIGCONTs due, extras dead, then an applied round
+        settle = time.time() + SETTLE * self.hang_s   # restarts, SIGCONTs due, extras dead, then an applied round
         while time.time() < settle:
             self.watch()   # first: an extra that just died sets its fault's effect time here
             last = max([f["effect"] or 0 for f in self.faults] + [0])
@@ -208,14 +256,61 @@ class Chaos:
             print(f"ORPHAN after stop, of {name}: {procs._describe(k)}")
             k.kill()
         print(f"stopped everything; orphans after stop: {len(left)}")
+        if self.topo is not None:
+            self.topo.close()
 
 
 def fmt(xs: list[float]) -> str:
     return f"{statistics.median(xs):.1f} s / {max(xs):.1f} s (n={len(xs)})" if xs else "n/a"
 
 
+def held(c: Chaos, rows: dict[str, list[dict]]) -> dict[str, tuple[float, float]]:
+    """When each peer held the run's state: from the start of its first round (it had the state
+    then) until it died or the run ended."""
+    return {n: (rs[0]["time"] - rs[0]["round_seconds"], c.peers[n].died or c.t_end)
+            for n, rs in rows.items() if rs}
+
+
+def newcomer_lines(c: Chaos, rows: dict[str, list[dict]]) -> tuple[list[str], list[float]]:
+    """Per `join` peer: start -> first contribution, beside its state download (from its log)."""
+    lines, waits = [], []
+    for name, p in c.peers.items():
+        if p.kind != "join":
+            continue
+        log = (c.root / f"{name}.log").read_text(errors="replace")
+        got = DOWNLOADED.search(log)
+        download = (f"state of round {got.group(1)}: {got.group(2)} MB in {got.group(3)} s" if got
+                    else "no state downloaded")
+        mine = [r for r in rows[name] if r["outcome"] == "applied" and r["peer_id"] in r["contributors"]]
+        if mine:
+            waits.append(mine[0]["time"] - p.started)
+            first = f"first contribution {waits[-1]:.1f} s after its start (round {mine[0]['round']})"
+        else:
+            lived = (p.died or c.t_end) - p.started
+            first = (f"never contributed (lived {lived:.0f} s; rounds: "
+                     + (", ".join(f"{r['round']} {r['outcome']}" for r in rows[name]) or "none") + ")")
+        lines.append(f"{name} at {p.started - c.t0:.0f} s: {first}; {download}")
+    return lines, waits
+
+
 def report(c: Chaos) -> None:
     rows = {name: c.rows(name) for name in c.peers}
+    states: dict[int, set[str]] = {}
+    for rs in rows.values():
+        for r in rs:
+            states.setdefault(r["state_round"], set()).add(r["digest"])
+    two_digests = sorted(n for n, ds in states.items() if len(ds) > 1)
+    spans = held(c, rows)
+    lonely = []   # solo rounds while 2 or more peers held the state (the solo peer counts)
+    for name, rs in rows.items():
+        for r in rs:
+            if r["outcome"] == "applied" and r["group_size"] == 1:
+                at = r["time"] - r["round_seconds"]
+                holders = [n for n, (t0, t1) in spans.items() if t0 <= at <= t1]
+                if len(holders) >= 2:
+                    lonely.append(f"round {r['round']}: {name} applied alone while {len(holders)} peers held "
+                                  f"the state ({', '.join(sorted(holders))})")
+    joined, waits = newcomer_lines(c, rows)
     killed = {f["victim"] for f in c.faults if f["kind"] == "kill"}
     longest = [n for n, p in c.peers.items() if p.slot is not None and "." not in n and n not in killed]
     clean = [n for n in longest if n not in {f["victim"] for f in c.faults}]   # never faulted
@@ -230,7 +325,7 @@ def report(c: Chaos) -> None:
             if r["outcome"] == "applied" and r["group_size"] == 1]   # there were always >= 3 peers up
     diverged = [n for n, rs in by_round.items()
                 if len({r["digest"] for _, r in rs if r["outcome"] == "applied"}) > 1]
-    kinds = {k: [f for f in c.faults if f["kind"] == k] for k in ("kill", "stop", "net")}
+    kinds = {k: [f for f in c.faults if f["kind"] == k] for k in ("kill", "stop", "net", *c.args.kinds)}
     survived = [sum(1 for f in fs if f["effect"] and c.applied_after(f["effect"])) for fs in kinds.values()]
     to_next, to_applied = [], []
     for f in kinds["kill"]:
@@ -246,20 +341,25 @@ def report(c: Chaos) -> None:
         ("longest-living peers (never killed)", ", ".join(longest) or "none"),
         ("rounds applied / aborted / only excluded, as they saw them",
          f"{applied} / {aborted} / {sum(s == {'excluded'} for s in seen.values())}"),
-        ("faults injected: all (kill, stop, net)", f"{len(c.faults)} {tuple(map(len, kinds.values()))}"),
-        ("faults survived: all (kill, stop, net)", f"{sum(survived)} {tuple(survived)}"),
-        ("hangs: no round for 120 s, live and not stopped", len(c.hangs)),
+        (f"faults injected: all ({', '.join(kinds)})", f"{len(c.faults)} {tuple(map(len, kinds.values()))}"),
+        (f"faults survived: all ({', '.join(kinds)})", f"{sum(survived)} {tuple(survived)}"),
+        (f"hangs: no round for {c.hang_s:.0f} s, live and not stopped", len(c.hangs)),
         ("rounds with two applied digests (must be 0)", len(diverged)),
         ("rounds both applied and aborted (must be 0)", len(split)),
         ("rounds applied by a group of 1 (swarm always >= 3 up)", len(solo)),
+        ("state rounds with two digests, any peer (must be 0)", len(two_digests)),
+        ("solo rounds while 2 or more peers held the state", len(lonely)),
+        ("newcomers that contributed / joined", f"{len(waits)} / {len(joined)}"),
+        ("newcomer start -> first contribution: median / max", fmt(waits)),
         ("sum of the peers' own divergence counters", sum(r[-1]["divergences"] for r in rows.values() if r)),
         ("SIGKILL -> next round ends on survivors: median / max", fmt(to_next)),
         ("SIGKILL -> next applied round: median / max", fmt(to_applied)),
         ("orphans 15 s after a peer died", len(c.orphans)),
         ("tracebacks in peer logs", tracebacks),
     ]
-    print(f"\nchaos: {c.args.peers} peers, {(c.t_end - c.t0) / 60:.1f} min, seed {c.args.seed}, "
-          f"logs in {c.root}")
+    where = f"netns, {c.args.mbit} Mbit/s each way" if c.args.netns else "127.0.0.1"
+    print(f"\nchaos: {c.args.peers} peers of {c.args.model} ({where}), {(c.t_end - c.t0) / 60:.1f} min, "
+          f"seed {c.args.seed}, logs in {c.root}")
     for key, value in table:
         print(f"  {key:<56} {value}")
     print("  peak RSS with children, MB: slot, first minute of its first process, last minute of its last")
@@ -275,8 +375,15 @@ def report(c: Chaos) -> None:
     for n in sorted(set(diverged) | set(split)):
         print(f"  ! round {n}: " + "; ".join(f"{name} {r['outcome']}, {r['group_size']} peers, "
                                              f"{r['digest'][:12]}" for name, r in by_round[n]))
-    for line in solo + c.hangs + c.orphans:
+    for n in two_digests:
+        print(f"  ! state round {n} has {len(states[n])} digests: "
+              + ", ".join(d[:12] for d in sorted(states[n])))
+    for line in solo + lonely + c.hangs + c.orphans:
         print("  ! " + line)
+    if joined:
+        print("  newcomers: start -> first contribution; state download")
+    for line in joined:
+        print("    " + line)
 
 
 def main() -> None:
@@ -284,10 +391,26 @@ def main() -> None:
     for flag, kind, default in (("peers", int, 5), ("faults", int, 100), ("minutes", float, 60),
                                 ("seed", int, 0), ("root", str, "")):   # root: default a new temp dir
         ap.add_argument(f"--{flag}", type=kind, default=default)
+    ap.add_argument("--netns", action="store_true", help="each peer on its own rate-capped host (needs root)")
+    ap.add_argument("--mbit", type=float, default=100.0, help="--netns: every peer's cap each way")
+    ap.add_argument("--model", choices=("tiny", "small", "base"), help="preset (default: tiny; base with --netns)")
+    ap.add_argument("--target-steps", type=int, help="run spec (default: 150 for tiny, 10 otherwise)")
+    ap.add_argument("--hang-s", type=float, help="a live peer with no round for this long hangs; the extras' "
+                    "deadline, the gap between faults and the settling time scale with it (default: 120; 300 "
+                    "for base, whose rounds take a minute on 2 cores)")
+    ap.add_argument("--kinds", nargs="+", choices=("kill", "stop", "net", "join"),
+                    help="fault kinds to draw from (default: kill stop net; with --netns also join)")
     args = ap.parse_args()
+    args.model = args.model or ("base" if args.netns else "tiny")
+    args.target_steps = args.target_steps or (150 if args.model == "tiny" else 10)
+    args.hang_s = args.hang_s or (300.0 if args.model == "base" else 120.0)
+    args.kinds = args.kinds or (["kill", "stop", "net", "join"] if args.netns else ["kill", "stop", "net"])
     if args.peers <= MIN_ALIVE:
         ap.error(f"--peers must be more than {MIN_ALIVE}")
-    chaos = Chaos(args)
+    try:
+        chaos = Chaos(args)
+    except LinksUnavailable as e:
+        ap.error(f"--netns needs network namespaces: {e}")
     try:
         chaos.run()
     finally:

@@ -22,19 +22,28 @@ class Swarm:
         self.bootstrap_addr = ""
 
     def start_bootstrap(self) -> str:
-        proc = start_proc(python_module("bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
-                                        "--identity-path", str(self.root / "bootstrap.key")),
-                          None, self.root / "bootstrap.log")
-        self.procs["bootstrap"] = proc
+        proc = self.launch("bootstrap", python_module("bootstrap", "--host-maddrs", self.bootstrap_maddr(),
+                                                      "--identity-path", str(self.root / "bootstrap.key")), None)
         self.bootstrap_addr = wait_for_line(proc, r"^Join through: (\S+)", 60).group(1)
         return self.bootstrap_addr
 
     def start_peer(self, name: str, extra: list[str] = (), env: dict | None = None, join: bool = True):
-        args = [*LOCAL, *self.run_args, "--metrics-file", str(self.metrics_path(name)), *extra]
+        args = [*self.host_args(name), *self.run_args, "--metrics-file", str(self.metrics_path(name)), *extra]
         if join:
             args += ["--initial-peers", self.bootstrap_addr]
-        proc = start_proc(python_module("peer.cli", *args), {"OMP_NUM_THREADS": "1", **(env or {})},
-                          self.root / f"{name}.log")
+        return self.launch(name, python_module("peer.cli", *args), {"OMP_NUM_THREADS": "1", **(env or {})})
+
+    # where processes run: on 127.0.0.1 here; tests/links.py's NetSwarm puts each in its namespace
+    def host_args(self, name: str) -> list[str]:
+        """The peer's DHT and gRPC listen addresses and its torch threads."""
+        return LOCAL
+
+    def bootstrap_maddr(self) -> str:
+        return "/ip4/127.0.0.1/tcp/0"
+
+    def launch(self, name: str, argv: list[str], env: dict | None):
+        """Starts process `name` (log in root/<name>.log) and keeps it in self.procs."""
+        proc = start_proc(argv, env, self.root / f"{name}.log")
         self.procs[name] = proc
         return proc
 
