@@ -46,7 +46,7 @@ MIN_ALIVE = 3
 # with --hang-s 120 (loopback's default): an extra's deadline 240 s, at most 180 s between faults, 300 s to settle
 EXTRA_DEADLINE, GAP, SETTLE = 2.0, 1.5, 2.5   # times --hang-s
 NEWCOMER_ROUNDS, NEWCOMER_DEADLINE = 6, 6.0   # a `join` peer leaves after this many rounds; killed at 6 x --hang-s
-DOWNLOADED = re.compile(r"downloaded the state of round (\d+) from .*: ([\d.]+) MB in ([\d.]+) s")
+DOWNLOADED = re.compile(r"downloaded the state of round (\d+): ([\d.]+) MB in ([\d.]+) s")
 
 
 class Peer:

@@ -44,7 +44,7 @@ SLOW = ["--model", "tiny", "--codec", "fp32", "--target-steps", "40", "--min-pee
         "--eval-batches", "1", "--run-id", "links-slow"]
 SLOW_MBIT = 0.5
 SLOW_LINE_S = 120              # from the slow newcomer's start to its "cannot keep up" line
-DOWNLOADED = r"^(\S+ \S+) \S+ peer\.net\.state_sync: downloaded the state of round (\d+) from .*$"
+DOWNLOADED = r"^(\S+ \S+) \S+ peer\.net\.state_sync: downloaded the state of round (\d+): .*$"
 STORY = re.compile(r"round 0 starts|downloaded the state|starting although|excluded|catching up|"
                    r"caught up|cannot keep up|applied, 1 peers|closing the group without|failed")
 
