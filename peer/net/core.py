@@ -23,7 +23,7 @@ from peer.net import swarm
 from peer.net.client import Channels, Reject, describe_rpc_error
 from peer.net.deadlines import Deadlines
 from peer.net.loop import Deadline
-from peer.net.replay import UpdateLog
+from peer.net.replay import KEEP_ROUNDS, UpdateLog
 from peer.net.round import ClosedElsewhere, LeaderGroup, Tally, check_member, leader_rank
 from peer.net.state_sync import StateSnapshot
 
@@ -35,6 +35,7 @@ SPEC_REFRESH_S = 10.0   # every peer re-publishes the run spec, so it outlives t
 PROGRESS_S = 0.1        # a training member reports its progress to the round's leader this often
 GRANT_FRESH_S = 1.5     # a leader's answer older than this is not trusted: the DHT view decides
 ROUND_MARKS = 6         # swarm rounds remembered to measure how often the swarm closes one
+PIN_S = 20.0            # an older state asked for this recently is kept for the download using it
 
 
 @dataclass
@@ -70,7 +71,8 @@ class NetCore:
         self.others = (time.monotonic(), 0.0, 0.0)   # (when, their steps, their steps/s)
         self.rounds: dict[int, RoundCtx] = {}
         self.snapshot: StateSnapshot | None = None
-        self.prev_snapshot: StateSnapshot | None = None   # for downloads begun before our round moved on
+        self.old_snapshots: dict[str, tuple[StateSnapshot, float]] = {}  # sha256 -> (state, last asked for)
+        self.snapshot_asked = 0.0   # when a download last asked for the current snapshot
         self.ef, self.owner_ef = ErrorFeedback(), ErrorFeedback()
         self.last_refresh_error = ""
         self.viewed_at = 0.0   # when the view was last read from the DHT
@@ -436,17 +438,29 @@ class NetCore:
         return await group.decision
 
     def set_snapshot(self, snap: StateSnapshot | None) -> None:
-        """Serves `snap` from now on, and the one before it to downloads that asked for it."""
-        self.prev_snapshot, self.snapshot = (self.snapshot if snap is not None else None), snap
+        """Serves `snap` from now on. Older states stay for the downloads that began on them:
+        the one before, and those asked for in the last PIN_S seconds, at most KEEP_ROUNDS back
+        (a newcomer that gets one replays the rounds since)."""
+        now, old = time.monotonic(), self.snapshot
+        if snap is None:
+            self.snapshot, self.old_snapshots = None, {}
+            return
+        kept = {sha: (s, t) for sha, (s, t) in self.old_snapshots.items()
+                if now - t < PIN_S and s.header.round >= snap.header.round - KEEP_ROUNDS}
+        if old is not None and old.header.sha256 != snap.header.sha256 and now - self.snapshot_asked < PIN_S:
+            kept[old.header.sha256] = (old, self.snapshot_asked)
+        self.snapshot, self.old_snapshots, self.snapshot_asked = snap, kept, 0.0
 
     async def handle_get_state(self, req: pb.StateRequest):
         snap = self.snapshot
         if req.sha256 and snap is not None and snap.header.sha256 != req.sha256:
-            prev = self.prev_snapshot
-            if prev is None or prev.header.sha256 != req.sha256:
+            if req.sha256 not in self.old_snapshots:
                 raise Reject(grpc.StatusCode.FAILED_PRECONDITION,
                              f"state {req.sha256[:12]} is not held here any more (serving round {snap.header.round})")
-            snap = prev
+            snap = self.old_snapshots[req.sha256][0]
+            self.old_snapshots[req.sha256] = (snap, time.monotonic())   # still in use: keep it a while
+        elif snap is not None:
+            self.snapshot_asked = time.monotonic()
         if snap is None or snap.header.round < req.min_round:
             have = snap.header.round if snap else "none"
             raise Reject(grpc.StatusCode.FAILED_PRECONDITION, f"state of round {req.min_round} wanted, have {have}")

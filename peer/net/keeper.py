@@ -21,7 +21,7 @@ from peer.net.loop import Deadline
 from peer.net.member import run_round
 from peer.net.replay import KEEP_ROUNDS, replay
 from peer.net.round import Outcome
-from peer.net.state_sync import StateSnapshot, download
+from peer.net.state_sync import Received, StateSnapshot, download
 from peer.outer import GlobalState, outer_step
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ class Keeper:
         self.missed = 0              # rounds in a row we did not contribute to
         self.failures = 0            # attempts in a row that did not get a newer state
         self.fetch_rate_bps: float | None = None   # how fast states and updates reach us
+        self.failed_downloads = 0    # downloads that did not end with a state (its donors moved on, ...)
 
     # ---- holding a state ------------------------------------------------------------------
     async def adopt(self, state: GlobalState) -> None:
@@ -271,11 +272,10 @@ class Keeper:
                 ahead.check(core.live_peers())
             donors = self._donors(min_round)
             if donors:
+                received, started = Received(), time.monotonic()
                 try:
-                    started = time.monotonic()
                     state = await download(core.channels, [(r.peer_id, r.addr) for r in donors], min_round,
-                                           core.peer_id, core.numel, core.spec_hash, deadline)
-                    self._measured(8 * core.numel, time.monotonic() - started)
+                                           core.peer_id, core.numel, core.spec_hash, deadline, received=received)
                     why = await self._disputed(state)
                     if not why and digest and state.round == min_round and state.digest() != digest:
                         why = f"its digest {state.digest()[:12]} is not the agreed {digest[:12]}"
@@ -285,6 +285,12 @@ class Keeper:
                     log.warning("downloaded state rejected: %s; asking again", why)
                 except (RuntimeError, TimeoutError) as e:
                     last_error = str(e)
+                    self.failed_downloads += 1
+                finally:
+                    self._measured(received.num_bytes, time.monotonic() - started)
+                verdict = self.lag_verdict()
+                if verdict and self.failed_downloads >= MISSED_BEFORE_VERDICT:
+                    raise CannotKeepUp(verdict)  # the state moves on faster than it reaches us
             await core.next_view(min(deadline.left(), 1.0))
         raise TimeoutError(f"no state of round >= {min_round} within the deadline: {last_error}")
 

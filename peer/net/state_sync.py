@@ -146,16 +146,36 @@ def _choose(donors: list[Donor]) -> tuple[pb.StateHeader, list[Donor]]:
     return header, chosen
 
 
+class Received:
+    """Payload bytes a download received, whether it succeeded or not (a rate measure)."""
+
+    def __init__(self) -> None:
+        self.num_bytes = 0
+
+
 async def download(channels: Channels, donors: list[tuple[str, str]], min_round: int, me: str,
-                   expected_numel: int, spec_hash: str, deadline: Deadline, *, range_bytes: int = RANGE_BYTES
-                   ) -> GlobalState:
+                   expected_numel: int, spec_hash: str, deadline: Deadline, *, range_bytes: int = RANGE_BYTES,
+                   received: Received | None = None) -> GlobalState:
     """Downloads the state from several donors (peer id, address) at once, in byte ranges of
     the state most of them offer; donors of another state are dropped, and when none of the
     chosen state is left, it starts over from the state the others serve now."""
+    asked: list[Donor] = []
+    try:
+        return await _download(channels, donors, min_round, me, expected_numel, spec_hash, deadline, range_bytes,
+                               asked)
+    finally:
+        if received is not None:
+            received.num_bytes += sum(d.served_bytes for d in asked)
+
+
+async def _download(channels: Channels, donors: list[tuple[str, str]], min_round: int, me: str,
+                    expected_numel: int, spec_hash: str, deadline: Deadline, range_bytes: int,
+                    asked: list[Donor]) -> GlobalState:
     started, buf = time.monotonic(), bytearray(8 * expected_numel)
     request = pb.StateRequest(min_round=min_round, requester=me)
     errors: list[str] = []
     candidates = [Donor(peer_id, address) for peer_id, address in donors]
+    asked += candidates
     while candidates and not deadline.expired():
         await _probe_all(channels, candidates, min_round, me, expected_numel, spec_hash, deadline)
         errors += [f"{d.name}: {d.failed}" for d in candidates if d.failed]
@@ -176,6 +196,7 @@ async def download(channels: Channels, donors: list[tuple[str, str]], min_round:
         if deadline.expired():
             errors.append(f"the deadline passed with {fetch.left_bytes} of {len(buf)} bytes missing")
         candidates = [Donor(d.peer_id, d.address) for d in offering if d.other is not None]
+        asked += candidates
         if candidates:
             log.info("state download: no donor serves round %d (sha256 %s) any more; starting over from the "
                      "state %d donors serve now", header.round, header.sha256[:12], len(candidates))
