@@ -103,10 +103,6 @@ class Keeper:
         """The state and the residuals that go with it, taken together."""
         return self.state, self.core.ef.state_dict(), self.core.owner_ef.state_dict()
 
-    def load_residuals(self, residuals: dict, owner_residuals: dict) -> None:
-        self.core.ef.load_state_dict(residuals)
-        self.core.owner_ef.load_state_dict(owner_residuals)
-
     # ---- the first state --------------------------------------------------------------------
     async def start(self, ckpt: GlobalState | None, fresh: GlobalState) -> GlobalState:
         """From our checkpoint or from the swarm, whichever is newer; a new run starts from `fresh`."""
@@ -223,18 +219,20 @@ class Keeper:
             self.missed = 0
             return
         self.missed += 1
-        verdict = self.lag_verdict()
-        if self.missed >= MISSED_BEFORE_VERDICT and verdict:
+        verdict = self.lag_verdict(self.missed)
+        if verdict:
             raise CannotKeepUp(verdict)
 
-    def lag_verdict(self) -> str:
-        """The one line that says our link is too slow for the run ("" when it is not, or
-        when we do not know yet)."""
+    def lag_verdict(self, misses: int) -> str:
+        """The one line that says our link is too slow for the run, once `misses` (rounds or
+        downloads lost in a row) are evidence enough: one when an update takes over twice a
+        round to reach us, MISSED_BEFORE_VERDICT when it takes over one. "" otherwise."""
         period_s, rate = self.core.round_period_s(), self.fetch_rate_bps
-        if period_s is None or rate is None or self.core.spec is None:
+        if period_s is None or rate is None or self.core.spec is None or misses < 1:
             return ""
         update = get_codec(self.core.spec.codec).encoded_size(self.core.numel)
-        if update / rate <= period_s:
+        slowness = update / rate / period_s
+        if slowness <= 1 or (slowness <= 2 and misses < MISSED_BEFORE_VERDICT):
             return ""
         return (f"cannot keep up with the swarm: this peer receives {rate / 1e6:.2f} MB/s, one round's update "
                 f"is {update / 1e6:.2f} MB ({update / rate:.1f} s to fetch) and the swarm closes a round every "
@@ -288,8 +286,8 @@ class Keeper:
                     self.failed_downloads += 1
                 finally:
                     self._measured(received.num_bytes, time.monotonic() - started)
-                verdict = self.lag_verdict()
-                if verdict and self.failed_downloads >= MISSED_BEFORE_VERDICT:
+                verdict = self.lag_verdict(self.failed_downloads)
+                if verdict:
                     raise CannotKeepUp(verdict)  # the state moves on faster than it reaches us
             await core.next_view(min(deadline.left(), 1.0))
         raise TimeoutError(f"no state of round >= {min_round} within the deadline: {last_error}")

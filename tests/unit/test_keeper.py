@@ -58,15 +58,18 @@ def test_a_slow_link_is_named_with_its_figures():
     core = NetCore(None, PeerConfig(run_id="slow"), "me")  # type: ignore[arg-type]
     core.spec, core.numel = SPEC, 1_000_000
     keeper = Keeper(core, genesis=False)
-    assert keeper.lag_verdict() == "", "nothing measured yet: no verdict"
+    assert keeper.lag_verdict(5) == "", "nothing measured yet: no verdict"
     now = time.monotonic()
     core.round_marks = [(now - 9, 10), (now - 6, 11), (now - 3, 12), (now, 13)]   # a round every 3 s
     keeper.fetch_rate_bps = 1e6   # 4 MB of fp32 update: 4 s to fetch, more than a round
-    line = keeper.lag_verdict()
+    assert keeper.lag_verdict(2) == "", "a little too slow: three rounds missed are evidence, two are not"
+    line = keeper.lag_verdict(3)
     assert "cannot keep up with the swarm" in line
     assert "1.00 MB/s" in line and "4.00 MB" in line and "every 3.0 s" in line and "--target-steps" in line
+    keeper.fetch_rate_bps = 0.5e6   # 8 s to fetch: over twice a round, one miss tells
+    assert "cannot keep up" in keeper.lag_verdict(1)
     keeper.fetch_rate_bps = 10e6
-    assert keeper.lag_verdict() == "", "0.4 s per update keeps up with a 3 s round"
+    assert keeper.lag_verdict(9) == "", "0.4 s per update keeps up with a 3 s round"
 
 
 @pytest.fixture
