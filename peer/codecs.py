@@ -176,8 +176,8 @@ class ResidualUpdate:
 class ErrorFeedback:
     """This peer's error-feedback residual: one flat float32 tensor of the model's numel (zeros from the
     first update on), sliced by the shard bounds of the current roster, so it outlives any change of
-    group size. Local, never shared; not thread-safe: the net loop updates it, the trainer saves it
-    between rounds.
+    group size. Local, never shared; not thread-safe: only the net loop updates and copies it (a
+    checkpoint takes its copy on the loop, with the state it belongs to).
 
     A member sends shard [a, b): t = ef.compensate(a, x, numel); p = codec.encode(t); when the round
     applied and the shard's header lists this peer as a contributor: ef.update(a, t, decode(p), numel).

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -30,8 +30,13 @@ class GlobalState:
     def clone(self) -> GlobalState:
         return GlobalState(self.theta.clone(), self.momentum.clone(), self.round, self.global_samples)
 
+    _digest: str = field(default="", init=False, repr=False, compare=False)
+
     def digest(self) -> str:
-        return digest(self.theta, self.momentum, self.round, self.global_samples)
+        """Computed once: a GlobalState's tensors are never changed in place (every step makes new ones)."""
+        if not self._digest:
+            self._digest = digest(self.theta, self.momentum, self.round, self.global_samples)
+        return self._digest
 
 
 def num_params(model: torch.nn.Module) -> int:

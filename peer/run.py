@@ -27,7 +27,8 @@ class Interrupted(BaseException):
 
 class StopRequest:
     """Set by SIGINT/SIGTERM. The signal interrupts a network wait at once; inside a critical
-    section (an inner step, applying a round, a checkpoint) it is raised when the section ends."""
+    section (an inner step: the optimizer state a checkpoint keeps) it is raised when the
+    section ends. A round's next state is decided on the network loop, never half-way."""
 
     requested = ""
     critical = 0

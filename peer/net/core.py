@@ -1,6 +1,8 @@
-"""The peer's network state and the round protocol, all on the network loop: progress in
-the DHT, the trigger estimate, Join / Contribute / GetShard / Commit / GetState handlers,
-and a member's whole round. Never blocks: big tensor work goes to an executor."""
+"""The peer's network state and the round protocol's leader side, all on the network loop:
+progress in the DHT and the view of the swarm, readiness, the round-start barrier, the
+trigger (Progress leases), Join / Commit / Progress / GetState / GetUpdates handlers (the
+owner side is owner.py, a member's round member.py, the next state keeper.py). Never blocks:
+big tensor work goes to an executor."""
 
 from __future__ import annotations
 
@@ -522,7 +524,8 @@ class NetCore:
 
     def join_window_s(self) -> float:
         """The join window in force, from the slowest inner step of the live peers and ours.
-        Also called from the trainer thread: it only reads (step_s is replaced, never changed)."""
+        Also called from the trainer thread: it reads values the loop replaces (step_s, view), and
+        the only thing it writes is which window Deadlines last logged."""
         live = {r.peer_id for r in self.live_peers()}
         own = [1.0 / self.rate] if self.rate > 0 else []
         slowest = max([s for p, s in self.step_s.items() if p in live] + own, default=0.0)

@@ -176,12 +176,14 @@ class Keeper:
                 None, outer_step, state.theta, state.momentum, outcome.avg, self.core.spec.outer_lr,
                 self.core.spec.outer_momentum)
             new = GlobalState(theta, momentum, r + 1, state.global_samples + outcome.samples)
+            await asyncio.get_running_loop().run_in_executor(None, new.digest)   # hashed off the loop, once
             self.commit(r, new, outcome)
             await self.adopt(new)
             return new
         log.warning("round %d: %s: %s", r, outcome.kind, outcome.reason)
         if outcome.kind == "aborted" and outcome.decided:  # every member heard the same abort
             new = GlobalState(state.theta, state.momentum, r + 1, state.global_samples)
+            await asyncio.get_running_loop().run_in_executor(None, new.digest)
             self.commit(r, new, outcome)
             await self.adopt(new)
             return new
@@ -383,4 +385,5 @@ class Keeper:
             return state
         self.core.updates.clear()
         await self.adopt(new)
+        await self.publish_digest(new)   # ours is the majority's now: no stale minority digest stays
         return new

@@ -49,15 +49,6 @@ class StateSnapshot:
             yield pb.StateChunk(data=self.payload[i:min(end, i + CHUNK_BYTES)])
 
 
-def unpack(header: pb.StateHeader, payload: bytes | bytearray) -> GlobalState:
-    """Checks and unpacks a downloaded state; raises ValueError saying what is wrong."""
-    if len(payload) != header.num_bytes or header.num_bytes != 8 * header.numel:
-        raise ValueError(f"state payload has {len(payload)} bytes, expected {8 * header.numel}")
-    if hashlib.sha256(payload).hexdigest() != header.sha256:
-        raise ValueError("state payload sha256 does not match its header")
-    return _to_state(header, payload)
-
-
 def _to_state(header: pb.StateHeader, payload: bytes | bytearray) -> GlobalState:
     """The tensors of a payload whose sha256 was checked: views of a bytearray (no copy of a
     large state), copies of read-only bytes."""

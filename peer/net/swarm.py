@@ -49,7 +49,7 @@ async def read(dht: hivemind.DHT, key: str, timeout_s: float) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class PeerRecord:
-    """One peer's progress and membership record, as published every second or so."""
+    """One peer's progress and membership record, as published every half second."""
 
     peer_id: str
     addr: str            # host:port of its gRPC server ("" in client mode)
