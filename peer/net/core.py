@@ -167,8 +167,9 @@ class NetCore:
             await asyncio.sleep(REFRESH_S)
 
     def swarm_round(self) -> int:
-        """The highest round a live peer trains for (-1 when none is known)."""
-        return max((r.round for r in self.live_peers() if r.addr or r.client), default=-1)
+        """The highest round a live peer trains for or holds the state of (-1 when none is known):
+        a peer that applied round r holds r+1 before it starts training it."""
+        return max((max(r.round, r.state_round) for r in self.live_peers() if r.addr or r.client), default=-1)
 
     def live_peers(self, round_: int | None = None) -> list[swarm.PeerRecord]:
         now, gone = time.monotonic(), self.gone
@@ -346,9 +347,11 @@ class NetCore:
         group.add(req.member)
         window = self.join_window_s()
         deadline = Deadline(window + 10)
-        while not group.maybe_close(self.expected_members(r), window):
+        while True:
             if self.swarm_round() > r and not group.closed:  # the swarm finished round r without this group
                 group.roster.set_exception(ClosedElsewhere(f"the swarm at round {self.swarm_round()}"))
+                break  # (checked first: the members who moved on are no longer expected, a group of us alone is)
+            if group.maybe_close(self.expected_members(r), window):
                 break
             missing = group.window_over(self.expected_members(r), window)
             if missing and not group.probed and not group.probing:
