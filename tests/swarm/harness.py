@@ -98,8 +98,9 @@ class Swarm:
         assert not split, f"state rounds with two digests across the swarm: {split}"
 
     def forget(self, name: str) -> None:
-        """`name` died holding rounds it applied while it was alone (the others frozen): those
-        states died with it, and the swarm's own next states of those rounds differ."""
+        """Leaves `name` out of the one-digest check: states it held died with it before anyone
+        else got them (it trained alone while the others were frozen), or it resumed alone from
+        an older checkpoint after the peers holding the newer states left without one."""
         self.lost.add(name)
 
     def wait_exit(self, name: str, timeout_s: float) -> int:

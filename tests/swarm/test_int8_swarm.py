@@ -110,5 +110,8 @@ def test_checkpoint_on_exit_and_resume_after_full_stop(swarm, tmp_path):
     swarm.start_peer("a-again", ["--checkpoint-dir", str(ckpt_dir), "--max-rounds", "1"],
                      join=False)
     assert swarm.wait_exit("a-again", 120) == 0, swarm.log("a-again")[-3000:]
+    # b and the newcomer trained on after a left and kept no checkpoint: those newer states died with
+    # them, so a's round after its checkpoint starts a new history (the one-digest check leaves it out)
+    swarm.forget("a-again")
     assert f"resuming from our checkpoint of round {ckpt.state.round}" in swarm.log("a-again")
     assert swarm.metrics("a-again")[0]["round"] == ckpt.state.round
