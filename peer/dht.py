@@ -69,9 +69,9 @@ class ChildSafeDHT(hivemind.DHT):
     the parent stops it with `shutdown` (SIGKILL after a deadline), and it dies with the parent anyway."""
 
     def run(self) -> None:  # runs in the forked DHT process
-        _die_with_parent(self._parent_pid)  # hivemind records the creator's pid in __init__
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # neither the handler our parent may have installed
         signal.signal(signal.SIGINT, signal.SIG_IGN)   # nor the default: see the class docstring
+        _die_with_parent(self._parent_pid)  # hivemind records the creator's pid in __init__
         asyncio.subprocess.create_subprocess_exec = partial(
             _spawn_dying_with_parent, asyncio.subprocess.create_subprocess_exec
         )
@@ -150,13 +150,15 @@ def _check_port_free(maddr: str) -> None:
 def _start_once(timeout_s: float, **dht_kwargs) -> ChildSafeDHT:
     """One attempt; on failure the DHT process is gone (p2pd follows it) and hivemind's error is raised."""
     dht = ChildSafeDHT(start=False, startup_timeout=max(timeout_s, 1.0), **dht_kwargs)
-    dht.start()
-    try:
+    try:  # also a signal (Interrupted) right after the fork: the process must not outlive this call
+        dht.start()
         dht.wait_until_ready(timeout=timeout_s)
     except BaseException as e:
-        dht.join(timeout=1.0)  # after a reported failure it exits by itself, stopping p2pd
-        if dht.is_alive():
-            dht.kill()
+        if dht.pid is not None:  # forked
+            dht.join(timeout=1.0)  # after a reported failure it exits by itself, stopping p2pd
+            if dht.is_alive():
+                dht.kill()
+                dht.join(timeout=1.0)
         if isinstance(e, concurrent.futures.TimeoutError):
             raise DHTStartError(f"the DHT process was not ready within {timeout_s:.0f} s") from None
         raise
