@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import TYPE_CHECKING
 
 from peer.config import (
@@ -39,23 +40,34 @@ class Interrupted(BaseException):
 class StopRequest:
     """Set by SIGINT/SIGTERM. The signal interrupts a network wait at once; inside a critical
     section (an inner step, applying a round, a checkpoint) it is raised when the section ends.
-    It is raised once: a signal while leaving (the same one sent to the whole process group,
-    a second Ctrl-C) must not cut the goodbye short."""
+    Once `run` is leaving (`leaving`), a signal (the group's, a second Ctrl-C) changes nothing."""
 
     requested = ""
     critical = 0
-    raised = False
+    leaving = False
 
     @classmethod
     def check(cls) -> None:
-        if cls.requested and not cls.critical and not cls.raised:
-            cls.raised = True
+        if cls.requested and not cls.critical and not cls.leaving:
             raise Interrupted(cls.requested)
 
 
-def _on_signal(signum, frame):  # noqa: ARG001
+# An exception raised inside these would leave a lock held that other threads need: logging's (every
+# log line, the network loop's too) or an import's; there the signal is tried again a little later.
+_DEFER_INSIDE = ("logging", "importlib")
+_RETRY_S = 0.05
+
+
+def _on_signal(signum, frame):
     if not StopRequest.requested:
         StopRequest.requested = signal.Signals(signum).name
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").split(".")[0] in _DEFER_INSIDE:
+            retry = threading.Timer(_RETRY_S, signal.pthread_kill, (threading.main_thread().ident, signum))
+            retry.daemon = True
+            retry.start()
+            return
+        frame = frame.f_back
     StopRequest.check()
 
 
@@ -82,25 +94,36 @@ class _Parts:
     trainer: Trainer | None = None
 
     def stop(self) -> None:
+        started = time.monotonic()
         if self.node is not None:
             self.node.stop()
         if self.dht is not None:
             self.dht.shutdown()
+            log.info("network side and DHT process stopped in %.1f s", time.monotonic() - started)
         stuck = [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]
         if stuck:
             log.warning("threads that will hold up the exit: %s", ", ".join(stuck))
 
 
+def _catch_stop_signals() -> None:
+    """Our handler for SIGTERM and SIGINT, with SA_RESTART: torch spins forever (holding the GIL) on
+    a read() that a signal interrupts while it starts its torch_shm_manager (the first shared tensor,
+    made by hivemind's DHT). Python's own waits still wake up at once: sem_timedwait, poll and
+    nanosleep are never restarted."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _on_signal)
+        signal.siginterrupt(signum, False)
+
+
 def run(cfg: PeerConfig, explicit: set[str]) -> int:
-    setup_logging(cfg.log_level)
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    _catch_stop_signals()  # first: a signal during the heavy imports below already means "exit 0"
     parts, code = _Parts(), EXIT_CRASH
     try:
         try:
+            setup_logging(cfg.log_level)
             code = _start_and_train(cfg, explicit, parts)
         finally:
-            StopRequest.raised = True  # from here on a signal changes nothing: we are leaving
+            StopRequest.leaving = True  # from here on a signal changes nothing
     except Interrupted as e:
         log.info("%s received: leaving the swarm", e)
         if parts.node is not None:
