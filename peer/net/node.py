@@ -81,8 +81,7 @@ class Node:
         """Leaves the swarm and stops the network side, in at most about goodbye_s + grace_s + 7 s
         whatever hangs: a last record saying we are gone (best effort, and only while the DHT process
         lives), the gRPC server (calls in flight get grace_s), the client channels, then the loop.
-        Each step runs even when the one before failed: a server left running on a closed loop
-        breaks the interpreter's exit."""
+        A failed goodbye skips nothing: a server left running on a closed loop breaks the exit."""
         goodbye = self.core.spec is not None and self.dht.is_alive()
         if self.core.spec is not None and not goodbye:
             log.warning("the DHT process is gone: leaving without telling the swarm")
@@ -101,10 +100,11 @@ class Node:
                 self._server = None
             await self.core.channels.close()
 
-        try:
-            self.net.call(_stop(), goodbye_s + grace_s + 2)
-        except Exception as e:
-            log.warning("stopping the gRPC server and channels: %s", str(e) or type(e).__name__)
+        if self.net.loop.is_running():  # not when a signal came before `start` ran it
+            try:
+                self.net.call(_stop(), goodbye_s + grace_s + 2)
+            except Exception as e:
+                log.warning("stopping the gRPC server and channels: %s", str(e) or type(e).__name__)
         self.net.stop()
 
     # ---- the run spec -------------------------------------------------------------------
