@@ -155,8 +155,9 @@ def _start_once(timeout_s: float, **dht_kwargs) -> ChildSafeDHT:
         dht.wait_until_ready(timeout=timeout_s)
     except BaseException as e:
         if dht.pid is not None:  # forked
-            dht.join(timeout=1.0)  # after a reported failure it exits by itself, stopping p2pd
-            if dht.is_alive():
+            if isinstance(e, Exception):  # after a reported failure it exits by itself, stopping p2pd
+                dht.join(timeout=1.0)
+            if dht.is_alive():  # or a signal came: nothing will stop it but us
                 dht.kill()
                 dht.join(timeout=1.0)
         if isinstance(e, concurrent.futures.TimeoutError):
