@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from functools import partial
 
 import hivemind
+import torch.multiprocessing
 from hivemind.dht.validation import RecordValidatorBase
 from hivemind.utils.multiaddr import Multiaddr
 
@@ -147,6 +148,21 @@ def _check_port_free(maddr: str) -> None:
             raise DHTStartError(f"cannot listen on {maddr}: {e.strerror}{hint}") from None
 
 
+def _start_shm_manager_deaf_to_stop_signals() -> None:
+    """hivemind shares tensors (its futures' state) with torch's file_system strategy, for which torch
+    starts torch_shm_manager on the first shared tensor. systemd's stop signals every process of the
+    unit, and a manager gone before us makes our next free of a shared tensor abort (SIGABRT, 'Broken
+    pipe'). Started with SIGTERM and SIGINT blocked, it inherits the mask; it ends by itself once its
+    clients are gone. A signal that comes meanwhile waits for the unblock."""
+    if torch.multiprocessing.get_sharing_strategy() != "file_system":
+        return
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        torch.empty(1).share_memory_()  # starts the manager once per process
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 def _start_once(timeout_s: float, **dht_kwargs) -> ChildSafeDHT:
     """One attempt; on failure the DHT process is gone (p2pd follows it) and hivemind's error is raised."""
     dht = ChildSafeDHT(start=False, startup_timeout=max(timeout_s, 1.0), **dht_kwargs)
@@ -190,6 +206,7 @@ def create_dht(
         raise ValueError(f"identity path {identity_path!r}: its directory does not exist")
     for host in hosts:
         _check_port_free(host)
+    _start_shm_manager_deaf_to_stop_signals()
     kwargs = dict(initial_peers=peers, host_maddrs=hosts, announce_maddrs=announce, identity_path=identity_path,
                   client_mode=client_mode, record_validators=list(record_validators))
     deadline = time.monotonic() + startup_timeout_s
