@@ -77,7 +77,7 @@ def _serve(args: argparse.Namespace) -> int:
         logger.info("caught %s, shutting down", signal.Signals(signal_number).name)
         stop.set()
 
-    # installed after the DHT process is forked, so that it keeps the default handlers
+    # the DHT process ignores both (a signal to the whole group reaches it too): dht.shutdown stops it
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:

@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import os
 import re
+import select
 import signal
 import socket
 import sys
@@ -19,6 +20,7 @@ from collections.abc import Iterable
 from functools import partial
 
 import hivemind
+import torch.multiprocessing
 from hivemind.dht.validation import RecordValidatorBase
 from hivemind.utils.multiaddr import Multiaddr
 
@@ -27,6 +29,7 @@ logger = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 _PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 _PROBE_TIMEOUT_S = 3.0
+SHUTDOWN_TIMEOUT_S = 3.0  # for the DHT process to stop (DHTNode.shutdown stops p2pd)
 
 
 class DHTStartError(RuntimeError):
@@ -43,8 +46,12 @@ def _die_with_parent(expected_parent_pid: int) -> None:
 
 def _p2pd_preexec(parent_pid: int) -> None:
     """In the forked p2pd, before exec (uvloop runs preexec_fn too): die with the DHT process, and leave
-    the terminal's process group: Ctrl-C reaches only the peer, which stops its children itself."""
+    the terminal's process group: Ctrl-C reaches only the peer, which stops its children itself. The
+    DHT process ignores SIGTERM and SIGINT, p2pd must not (hivemind stops it with SIGTERM): libuv resets
+    them in the child, asyncio's own loop would not."""
     os.setpgid(0, 0)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     _die_with_parent(parent_pid)
 
 
@@ -56,15 +63,37 @@ def _spawn_dying_with_parent(original, *args, **kwargs):
 class ChildSafeDHT(hivemind.DHT):
     """hivemind.DHT whose forked process, and the p2pd it spawns, are SIGKILLed when their parent dies.
     PR_SET_PDEATHSIG fires when the *thread* that forked exits: create it from the main thread (the DHT
-    process runs its event loop, which spawns p2pd, in its own main thread)."""
+    process runs its event loop, which spawns p2pd, in its own main thread).
+
+    The DHT process ignores SIGTERM and SIGINT: a signal to the whole process group (Ctrl-C, systemd's
+    stop, `kill -- -PGID`) reaches it with its parent, which still needs it to say goodbye to the swarm;
+    the parent stops it with `shutdown` (SIGKILL after a deadline), and it dies with the parent anyway."""
 
     def run(self) -> None:  # runs in the forked DHT process
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # neither the handler our parent may have installed
+        signal.signal(signal.SIGINT, signal.SIG_IGN)   # nor the default: see the class docstring
         _die_with_parent(self._parent_pid)  # hivemind records the creator's pid in __init__
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the handler our parent may have installed
         asyncio.subprocess.create_subprocess_exec = partial(
             _spawn_dying_with_parent, asyncio.subprocess.create_subprocess_exec
         )
         super().run()
+
+    def shutdown(self, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
+        """Asks the DHT process to stop (it stops p2pd) and waits at most timeout_s, then SIGKILLs it
+        (p2pd follows it). Never blocks longer: not on a full pipe to a stuck process either."""
+        if not self.is_alive():
+            return
+        try:  # a message this small is written at once or not at all (PIPE_BUF) once the pipe is writable
+            if select.select([], [self._outer_pipe], [], min(timeout_s, 1.0))[1]:
+                self._outer_pipe.send(("_shutdown", [], {}))
+            self._outer_pipe.close()  # a straggling call now fails at once instead of waiting on a dead process
+        except (OSError, ValueError) as e:  # the pipe is broken or closed: the process is going away
+            logger.debug("asking the DHT process to stop: %s", e)
+        self.join(timeout_s)
+        if self.is_alive():
+            logger.warning("the DHT process did not stop within %.1f s; killing it", timeout_s)
+            self.kill()
+            self.join(1.0)
 
 
 def parse_maddr(value: str, *, need_peer_id: bool = False, need_port: bool = False) -> Multiaddr:
@@ -119,16 +148,34 @@ def _check_port_free(maddr: str) -> None:
             raise DHTStartError(f"cannot listen on {maddr}: {e.strerror}{hint}") from None
 
 
+def _start_shm_manager_deaf_to_stop_signals() -> None:
+    """hivemind shares tensors (its futures' state) with torch's file_system strategy, for which torch
+    starts torch_shm_manager on the first shared tensor. systemd's stop signals every process of the
+    unit, and a manager gone before us makes our next free of a shared tensor abort (SIGABRT, 'Broken
+    pipe'). Started with SIGTERM and SIGINT blocked, it inherits the mask; it ends by itself once its
+    clients are gone. A signal that comes meanwhile waits for the unblock."""
+    if torch.multiprocessing.get_sharing_strategy() != "file_system":
+        return
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        torch.empty(1).share_memory_()  # starts the manager once per process
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 def _start_once(timeout_s: float, **dht_kwargs) -> ChildSafeDHT:
     """One attempt; on failure the DHT process is gone (p2pd follows it) and hivemind's error is raised."""
     dht = ChildSafeDHT(start=False, startup_timeout=max(timeout_s, 1.0), **dht_kwargs)
-    dht.start()
-    try:
+    try:  # also a signal (Interrupted) right after the fork: the process must not outlive this call
+        dht.start()
         dht.wait_until_ready(timeout=timeout_s)
     except BaseException as e:
-        dht.join(timeout=1.0)  # after a reported failure it exits by itself, stopping p2pd
-        if dht.is_alive():
-            dht.kill()
+        if dht.pid is not None:  # forked
+            if isinstance(e, Exception):  # after a reported failure it exits by itself, stopping p2pd
+                dht.join(timeout=1.0)
+            if dht.is_alive():  # or a signal came: nothing will stop it but us
+                dht.kill()
+                dht.join(timeout=1.0)
         if isinstance(e, concurrent.futures.TimeoutError):
             raise DHTStartError(f"the DHT process was not ready within {timeout_s:.0f} s") from None
         raise
@@ -159,6 +206,7 @@ def create_dht(
         raise ValueError(f"identity path {identity_path!r}: its directory does not exist")
     for host in hosts:
         _check_port_free(host)
+    _start_shm_manager_deaf_to_stop_signals()
     kwargs = dict(initial_peers=peers, host_maddrs=hosts, announce_maddrs=announce, identity_path=identity_path,
                   client_mode=client_mode, record_validators=list(record_validators))
     deadline = time.monotonic() + startup_timeout_s

@@ -4,8 +4,12 @@ spec, and the trainer; signals and failures become exit statuses, children are s
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
+import threading
+import time
+from typing import TYPE_CHECKING
 
 from peer.config import (
     EXIT_CONFIG,
@@ -18,7 +22,15 @@ from peer.config import (
 )
 from peer.logs import setup_logging
 
+if TYPE_CHECKING:
+    from peer.dht import ChildSafeDHT
+    from peer.net.node import Node
+    from peer.trainer import Trainer
+
 log = logging.getLogger(__name__)
+
+
+STOP_DEADLINE_S = 20.0  # from the start of stopping to the end of the process, whatever hangs
 
 
 class Interrupted(BaseException):
@@ -27,81 +39,148 @@ class Interrupted(BaseException):
 
 class StopRequest:
     """Set by SIGINT/SIGTERM. The signal interrupts a network wait at once; inside a critical
-    section (an inner step: the optimizer state a checkpoint keeps) it is raised when the
-    section ends. A round's next state is decided on the network loop, never half-way."""
+    section (an inner step: the optimizer state a checkpoint keeps) it is raised when the section
+    ends; a round's next state is decided on the network loop, never half-way. Once `run` is
+    leaving (`leaving`), a signal (the group's, a second Ctrl-C) changes nothing."""
 
     requested = ""
     critical = 0
+    leaving = False
 
     @classmethod
     def check(cls) -> None:
-        if cls.requested and not cls.critical:
+        if cls.requested and not cls.critical and not cls.leaving:
             raise Interrupted(cls.requested)
 
 
-def _on_signal(signum, frame):  # noqa: ARG001
-    StopRequest.requested = signal.Signals(signum).name
+# An exception raised inside these would leave a lock held that other threads need: logging's (every
+# log line, the network loop's too) or an import's; there the signal is tried again a little later.
+_DEFER_INSIDE = ("logging", "importlib")
+_RETRY_S = 0.05
+
+
+def _on_signal(signum, frame):
+    if not StopRequest.requested:
+        StopRequest.requested = signal.Signals(signum).name
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").split(".")[0] in _DEFER_INSIDE:
+            retry = threading.Timer(_RETRY_S, signal.pthread_kill, (threading.main_thread().ident, signum))
+            retry.daemon = True
+            retry.start()
+            return
+        frame = frame.f_back
     StopRequest.check()
 
 
+def _exit_if_stuck(code: int, after_s: float) -> None:
+    """The last resort: if stopping, or the interpreter's exit after it (joining threads, atexit
+    handlers), still runs `after_s` from now, say so and end the process with `code` at once."""
+    def _hard_exit() -> None:
+        others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+        log.error("stopping took more than %.0f s (threads still running: %s): exiting now", after_s,
+                  ", ".join(others) or "none")
+        sys.stderr.flush()
+        os._exit(code)
+
+    timer = threading.Timer(after_s, _hard_exit)
+    timer.daemon = True
+    timer.start()
+
+
+class _Parts:
+    """What `run` started, stopped in the reverse order; every step is bounded."""
+
+    dht: ChildSafeDHT | None = None
+    node: Node | None = None
+    trainer: Trainer | None = None
+
+    def stop(self) -> None:
+        started = time.monotonic()
+        if self.node is not None:
+            self.node.stop()
+        if self.dht is not None:
+            self.dht.shutdown()
+            log.info("network side and DHT process stopped in %.1f s", time.monotonic() - started)
+        stuck = [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]
+        if stuck:
+            log.warning("threads that will hold up the exit: %s", ", ".join(stuck))
+
+
+def _catch_stop_signals() -> None:
+    """Our handler for SIGTERM and SIGINT, with SA_RESTART: torch spins forever (holding the GIL) on
+    a read() that a signal interrupts while it starts its torch_shm_manager (the first shared tensor,
+    made by hivemind's DHT). Python's own waits still wake up at once: sem_timedwait, poll and
+    nanosleep are never restarted."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _on_signal)
+        signal.siginterrupt(signum, False)
+
+
 def run(cfg: PeerConfig, explicit: set[str]) -> int:
-    setup_logging(cfg.log_level)
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    from peer.dht import DHTStartError, create_dht, join_addresses
-
-    dht = node = trainer = None
+    _catch_stop_signals()  # first: a signal during the heavy imports below already means "exit 0"
+    parts, code = _Parts(), EXIT_CRASH
     try:
-        try:  # hivemind forks its DHT process: before any thread, gRPC object or CUDA context
-            dht = create_dht(initial_peers=list(cfg.initial_peers), host_maddrs=list(cfg.dht_host_maddrs),
-                             announce_maddrs=list(cfg.dht_announce_maddrs) or None, client_mode=cfg.client_mode)
-        except ValueError as e:
-            log.error("bad address: %s", e)
-            return EXIT_CONFIG
-        except DHTStartError as e:
-            log.error("%s", e)
-            return EXIT_CRASH
-        from peer.net.node import CannotKeepUp, Node
-        from peer.trainer import Trainer
-
-        node = Node(cfg, dht)
-        node.start()
         try:
-            spec = node.resolve_spec(cfg.spec, explicit)
-        except ConfigError as e:
-            log.error("%s", e)
-            return EXIT_CONFIG
-        except IncompatibleRunError as e:
-            log.error("%s", e)
-            return EXIT_INCOMPATIBLE
-        for addr in join_addresses(dht):
-            print(f"Join through: {addr}", flush=True)
-        trainer = Trainer(cfg, spec, node, StopRequest)
-        try:
-            return trainer.run()
-        except CannotKeepUp as e:
-            log.error("%s", e)
-            return EXIT_INCOMPATIBLE
+            setup_logging(cfg.log_level)
+            code = _start_and_train(cfg, explicit, parts)
+        finally:
+            StopRequest.leaving = True  # from here on a signal changes nothing
     except Interrupted as e:
         log.info("%s received: leaving the swarm", e)
-        if node is not None:
-            node.drain(timeout_s=node.core.transfer_timeout_s())
-        if trainer is not None:
-            trainer.save_checkpoint("on exit")
-        return EXIT_OK
+        if parts.node is not None:
+            parts.node.drain(timeout_s=parts.node.core.transfer_timeout_s())
+        if parts.trainer is not None:
+            parts.trainer.save_checkpoint("on exit")
+        code = EXIT_OK
     except RuntimeError as e:
         log.error("%s", e)
-        return EXIT_CRASH
     except Exception:
         log.exception("peer crashed")
-        return EXIT_CRASH
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if node is not None:
-            node.stop()
-        if dht is not None:
-            dht.shutdown()
+        _exit_if_stuck(code, STOP_DEADLINE_S)
+        parts.stop()
         logging.shutdown()
         sys.stdout.flush()
+    return code
 
+
+def _start_and_train(cfg: PeerConfig, explicit: set[str], parts: _Parts) -> int:
+    from peer.dht import DHTStartError, create_dht, join_addresses
+
+    try:  # hivemind forks its DHT process: before any thread, gRPC object or CUDA context
+        parts.dht = dht = create_dht(
+            initial_peers=list(cfg.initial_peers), host_maddrs=list(cfg.dht_host_maddrs),
+            announce_maddrs=list(cfg.dht_announce_maddrs) or None, client_mode=cfg.client_mode)
+    except ValueError as e:
+        log.error("bad address: %s", e)
+        return EXIT_CONFIG
+    except DHTStartError as e:
+        log.error("%s", e)
+        return EXIT_CRASH
+    from peer.net.node import CannotKeepUp, Node
+    from peer.trainer import Trainer
+
+    parts.node = node = Node(cfg, dht)
+    node.start()
+    try:
+        spec = node.resolve_spec(cfg.spec, explicit)
+    except ConfigError as e:
+        log.error("%s", e)
+        return EXIT_CONFIG
+    except IncompatibleRunError as e:
+        log.error("%s", e)
+        return EXIT_INCOMPATIBLE
+    for addr in join_addresses(dht):
+        print(f"Join through: {addr}", flush=True)
+    try:
+        parts.trainer = Trainer(cfg, spec, node, StopRequest)
+    except (ConfigError, ValueError) as e:  # a per-peer setting this machine cannot honour (--device, --data)
+        log.error("%s", e)
+        return EXIT_CONFIG
+    try:
+        return parts.trainer.run()
+    except CannotKeepUp as e:
+        log.error("%s", e)
+        return EXIT_INCOMPATIBLE

@@ -81,19 +81,31 @@ class NetLoop:
         raise TimeoutError(f"network call did not finish within {timeout_s:.1f} s") from None
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Cancels every task still on the loop, then stops it and joins the thread."""
+        """Cancels every task still on the loop, stops it and joins the thread, which then closes it:
+        at most about timeout_s in all. A task or a loop that will not end is logged and left behind
+        (the thread is a daemon); stop what must end cleanly (servers, channels) before this."""
         if not self._thread.is_alive():
             return
+        deadline = Deadline(timeout_s)
 
         async def _cancel_all() -> None:
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for t in tasks:
                 t.cancel()
-            await asyncio.wait(tasks, timeout=timeout_s / 2) if tasks else None
+            if tasks:
+                _, pending = await asyncio.wait(tasks, timeout=deadline.left() / 2)
+                if pending:
+                    log.warning("%d network tasks did not end when cancelled: %s", len(pending),
+                                ", ".join(sorted(t.get_name() for t in pending)))
 
         try:
-            self.call(_cancel_all(), timeout_s)
+            self.call(_cancel_all(), deadline.left(0.1))
         except Exception as e:  # the loop is going away either way
             log.debug("cancelling network tasks: %s", e)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout_s)
+        try:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        except RuntimeError:  # closed already: the thread is ending by itself
+            pass
+        self._thread.join(deadline.left(0.1))
+        if self._thread.is_alive():
+            log.warning("the network loop did not stop within %.1f s; leaving it behind", timeout_s)

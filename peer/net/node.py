@@ -51,26 +51,46 @@ class Node:
     def start(self) -> str:
         """Starts the loop and the gRPC server; returns the host:port others dial."""
         self.net.start()
-        self._server, port = self.net.call(start_server(self.core, self.cfg.host, self.cfg.port), 30)
+
+        async def _start() -> int:  # kept on the loop at once: `stop` finds it even if a signal cut the wait
+            self._server, port = await start_server(self.core, self.cfg.host, self.cfg.port)
+            return port
+
+        port = self.net.call(_start(), 30)
         host = self.cfg.host if self.cfg.host not in ("0.0.0.0", "::", "") else announce_host(self.dht)
         self.core.address = self.cfg.announce_addr or f"{host}:{port}"
         self._refresher = self.net.submit(self.core.refresh_forever())
         log.info("gRPC server listens on %s:%d, announced as %s", self.cfg.host, port, self.core.address)
         return self.core.address
 
-    def stop(self, grace_s: float = 3.0) -> None:
+    def stop(self, grace_s: float = 3.0, goodbye_s: float = 2.0) -> None:
+        """Leaves the swarm and stops the network side, in at most about goodbye_s + grace_s + 7 s
+        whatever hangs: a last record saying we are gone (best effort, and only while the DHT process
+        lives), the gRPC server (calls in flight get grace_s), the client channels, then the loop.
+        A failed goodbye skips nothing: a server left running on a closed loop breaks the exit."""
+        goodbye = self.core.spec is not None and self.dht.is_alive()
+        if self.core.spec is not None and not goodbye:
+            log.warning("the DHT process is gone: leaving without telling the swarm")
+
         async def _stop() -> None:
+            if self._refresher is not None:  # its next record must not undo our goodbye
+                self._refresher.cancel()
             self.core.training, self.core.snapshot, self.core.address = False, None, ""
-            if self.core.spec is not None:  # tell the others we are gone: no leader, no donor
-                await asyncio.wait_for(self.core.publish(), 2.0)
+            if goodbye:  # tell the others we are gone: no leader, no donor
+                try:
+                    await asyncio.wait_for(self.core.publish(), goodbye_s)
+                except Exception as e:
+                    log.info("could not tell the swarm that we leave: %s", str(e) or type(e).__name__)
             if self._server is not None:
                 await self._server.stop(grace_s)
+                self._server = None
             await self.core.channels.close()
 
-        try:
-            self.net.call(_stop(), grace_s + 2)
-        except Exception as e:
-            log.debug("stopping the gRPC server: %s", e)
+        if self.net.loop.is_running():  # not when a signal came before `start` ran it
+            try:
+                self.net.call(_stop(), goodbye_s + grace_s + 2)
+            except Exception as e:
+                log.warning("stopping the gRPC server and channels: %s", str(e) or type(e).__name__)
         self.net.stop()
 
     # ---- the run spec -------------------------------------------------------------------
