@@ -289,9 +289,15 @@ class NetCore:
             ctx.tally = Tally(self.spec.target_steps)
         if r == self.round and self.training:  # our own steps count without a report over the wire
             ctx.tally.reports[self.peer_id] = (self.steps, self.rate, time.monotonic())
-        unseen = [p for p in self.live_peers(r) if p.phase == swarm.TRAIN and p.peer_id not in ctx.tally.reports]
+        # peers not heard from yet but about to train r (in its barrier, or finishing r-1) keep
+        # a share: a member that starts first must not take the whole round
+        unseen = [p for p in self.live_peers() if p.ready() and r - 1 <= p.round <= r
+                  and p.peer_id not in ctx.tally.reports and p.peer_id != req.peer_id]
+        training = [p for p in unseen if p.round == r and p.phase == swarm.TRAIN]
+        rates = [p.rate if p in training else 1.0 / self.step_s[p.peer_id] for p in unseen
+                 if p in training or self.step_s.get(p.peer_id, 0) > 0]
         allowed, close, total = ctx.tally.report(req.peer_id, req.steps, req.rate, time.monotonic(),
-                                                 sum(p.steps_now() for p in unseen), sum(p.rate for p in unseen))
+                                                 sum(p.steps_now() for p in training), sum(rates))
         return pb.ProgressReply(leader=True, allowed_steps=allowed, close=close, total_steps=total,
                                 current_round=self.round)
 
