@@ -3,6 +3,7 @@ Pure: imports nothing of peer.net and never pickles; never half-loads a damaged 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -31,7 +32,8 @@ _DTYPES = {str(d)[6:]: d for d in (torch.float32, torch.float64, torch.float16, 
                                    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
 _FIELDS = {"run_id": str, "spec_hash": str, "peer_id": str, "round": int, "global_samples": int,
            "theta": torch.Tensor, "momentum": torch.Tensor, "optimizer": dict, "data": dict,
-           "residuals": dict, "owner_residuals": dict}
+           "residuals": dict, "owner_residuals": dict, "spec": dict, "assets": dict}
+_OPTIONAL = {"spec": {}, "assets": {}}  # fields files written before them lack
 _NAME = re.compile(r"round-(\d+)\.ckpt")
 
 
@@ -51,6 +53,8 @@ class Checkpoint:
     data: dict[str, int]  # where this peer's data stream stands
     residuals: dict  # ErrorFeedback.state_dict() of this peer's sends: {} or {"residual": float32 of theta's numel}
     owner_residuals: dict  # the same for its re-encoding of the shards it owns
+    spec: dict = dataclasses.field(default_factory=dict)  # the run spec's record: what `peer export` rebuilds
+    assets: dict = dataclasses.field(default_factory=dict)  # str -> str: where this peer's model and tokenizer were
 
 
 def save(path: str | Path, ckpt: Checkpoint, midway: Callable[[], None] | None = None) -> int:
@@ -61,7 +65,8 @@ def save(path: str | Path, ckpt: Checkpoint, midway: Callable[[], None] | None =
     path, s = Path(path), ckpt.state
     fields = {"run_id": ckpt.run_id, "spec_hash": ckpt.spec_hash, "peer_id": ckpt.peer_id, "round": s.round,
               "global_samples": s.global_samples, "theta": s.theta, "momentum": s.momentum}
-    fields |= {key: getattr(ckpt, key) for key in ("optimizer", "data", "residuals", "owner_residuals")}
+    fields |= {key: getattr(ckpt, key) for key in ("optimizer", "data", "residuals", "owner_residuals", "spec",
+                                                   "assets")}
     found: list[tuple[str, torch.Tensor]] = []
     header: dict[str, Any] = {key: _encode(value, key, found) for key, value in fields.items()}
     table, chunks, end = [], [], 0
@@ -244,7 +249,8 @@ def _parse(path: Path, buf: bytearray) -> Checkpoint:
         raise fail(f"sha256 mismatch: stored {stored.hex()[:16]}.., content {actual.hex()[:16]}..; corrupted")
     try:
         tensors = _tensors(header["tensors"], torch.frombuffer(buf, dtype=torch.uint8), data_start, data_bytes)
-        values = {key: _decode(header[key], tensors) for key in _FIELDS}
+        values = {key: _decode(header[key], tensors) if key in header or key not in _OPTIONAL
+                  else dict(_OPTIONAL[key]) for key in _FIELDS}
         _upgrade_keyed_residuals(path, values)
         _check_fields(values)
     except (ValueError, TypeError, KeyError) as e:
@@ -277,6 +283,8 @@ def _check_fields(v: dict[str, Any]) -> None:
         flat = theta.dtype == momentum.dtype == torch.float32 and theta.dim() == 1 and momentum.shape == theta.shape
         wrong += [] if flat else ["theta/momentum (1-D float32 of one length)"]
         wrong += [] if all(isinstance(k, str) and _is_int(n) for k, n in v["data"].items()) else ["data (str: int)"]
+        wrong += [] if all(isinstance(k, str) and isinstance(n, str) for k, n in v["assets"].items()) else [
+            "assets (str: str)"]
         faults = {k: _residual_fault(v[k], theta.numel()) for k in ("residuals", "owner_residuals")}
         wrong += [f"{k} ({why})" for k, why in faults.items() if why]
     if wrong:

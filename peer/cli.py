@@ -17,8 +17,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-SPEC_FIELDS = {f.name for f in dataclasses.fields(RunSpec)} - {"protocol"}
-PEER_FIELDS = {f.name for f in dataclasses.fields(PeerConfig)} - {"spec"}
+# Spec fields derived from files (--model PATH, --tokenizer PATH), never typed by a user.
+DERIVED_SPEC_FIELDS = {"model_config", "model_hash", "tokenizer_hash"}
+SPEC_FIELDS = {f.name for f in dataclasses.fields(RunSpec)} - {"protocol"} - DERIVED_SPEC_FIELDS
+PEER_FIELDS = {f.name for f in dataclasses.fields(PeerConfig)} - {"spec", "model_path"}
 LIST_FIELDS = {"initial_peers", "dht_host_maddrs", "dht_announce_maddrs"}
 
 # (flag, type, help); every default lives in config.py, none here.
@@ -31,8 +33,16 @@ FLAGS: list[tuple[str, Any, str]] = [
     ("port", int, "gRPC port; 0 picks a free one"),
     ("announce-addr", str, "host:port other peers dial for gRPC (default: derived from the DHT address)"),
     ("batch-size", int, "sequences per inner step"),
-    ("data", str, "a text file or a directory of them; default: Python's standard library source"),
+    ("data", str, "a file or folder of .txt, .jsonl/.json or .parquet (streamed); default: Python's "
+                  "standard library source"),
+    ("eval-data", str, "held-out data of the same kinds (default: a fixed slice of --data is held out)"),
+    ("text-field", str, "the field that holds the text in .jsonl/.json/.parquet rows (default text)"),
+    ("tokenizer", str, "a local tokenizers/transformers tokenizer folder (default: byte-level, or the "
+                       "--model folder's own tokenizer)"),
     ("device", str, "auto, cpu, cuda or cuda:N"),
+    ("precision", str, "fp32, bf16 (autocast), fp16 (autocast + grad scaler) or auto (bf16 on a GPU that "
+                       "has it, else fp16 on a GPU, fp32 on a CPU)"),
+    ("grad-accum", int, "micro-batches of --batch-size summed into one inner step (for batches that do not fit)"),
     ("seed", int, "local seed (data order)"),
     ("threads", int, "torch CPU threads (0 = torch's default)"),
     ("metrics-file", str, "append one JSON object per round to this file"),
@@ -46,8 +56,13 @@ FLAGS: list[tuple[str, Any, str]] = [
     ("timeout-ceiling-s", float, "no communication deadline is longer than this (env DILOCO_TIMEOUT_CEILING_S)"),
     ("checkpoint-dir", str, "keep atomic checkpoints here and resume from them (one directory per run)"),
     ("checkpoint-every", int, "rounds between checkpoints (one is also written on SIGINT/SIGTERM)"),
+    ("export-every", int, "write the global state as a model folder every this many rounds (0 = never)"),
+    ("export-dir", str, "where --export-every writes (default <checkpoint-dir>/export)"),
     # run spec: the starting peer's values become the run's; joiners adopt them
-    ("model", str, "run spec: built-in GPT preset (tiny, small, base)"),
+    ("model", str, "run spec: a built-in GPT preset (tiny, small, base) or a local folder with a transformers "
+                   "causal LM config.json (and safetensors weights to continue from)"),
+    ("task", str, "run spec: your own task, module:callable returning a peer.tasks.Task (see README)"),
+    ("seq-len", int, "run spec: tokens per training window (0 = the model's own)"),
     ("model-seed", int, "run spec: seed of the initial parameters"),
     ("inner-lr", float, "run spec: AdamW peak learning rate"),
     ("weight-decay", float, "run spec: AdamW weight decay"),
@@ -149,12 +164,42 @@ def parse_config(argv: list[str] | None = None) -> tuple[PeerConfig, set[str]]:
     base_peer, base_spec = PeerConfig(), RunSpec()
     peer_kw = {k: _coerce(k, v, getattr(base_peer, k)) for k, v in values.items() if k in PEER_FIELDS}
     spec_kw = {k: _coerce(k, v, getattr(base_spec, k)) for k, v in values.items() if k in SPEC_FIELDS}
+    _model_and_tokenizer_files(peer_kw, spec_kw)
     cfg = PeerConfig(**peer_kw, spec=RunSpec(**spec_kw))
     validate_peer(cfg)
     return cfg, set(spec_kw)
 
 
+def _model_and_tokenizer_files(peer_kw: dict[str, Any], spec_kw: dict[str, Any]) -> None:
+    """--model PATH and --tokenizer PATH become spec fields (the config and the tokenizer hashes,
+    which every peer must share) plus the per-peer paths; a preset name stays as it is."""
+    from peer.config import MODELS
+
+    if not ("model" in spec_kw and spec_kw["model"] not in MODELS) and not peer_kw.get("tokenizer"):
+        return
+    from peer.tasks.base import TaskError  # imports torch: only when files are named
+    from peer.tasks.hf import read_model_folder
+    from peer.tasks.text import tokenizer_hash
+
+    try:
+        if "model" in spec_kw and spec_kw["model"] not in MODELS:
+            folder = read_model_folder(spec_kw["model"])
+            spec_kw |= {"model": "hf", "model_config": folder.config_json, "model_hash": folder.config_hash}
+            peer_kw["model_path"] = folder.path
+            if "tokenizer" not in peer_kw and folder.has_tokenizer:
+                peer_kw["tokenizer"] = folder.path
+        if peer_kw.get("tokenizer"):
+            spec_kw["tokenizer_hash"] = tokenizer_hash(peer_kw["tokenizer"])
+    except TaskError as e:
+        raise ConfigError(str(e)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        from peer.export import main as export_main
+
+        return export_main(argv[1:])
     try:
         cfg, explicit = parse_config(argv)
     except ConfigError as e:

@@ -14,7 +14,8 @@ PROTOCOL_VERSION = 1
 CODECS = ("fp32", "int8")
 WEIGHTINGS = ("steps", "samples", "equal")
 STALE_WORK = ("drop", "carry")
-MODELS = ("tiny", "small", "base")
+MODELS = ("tiny", "small", "base")  # built-in GPT presets; "hf" is a transformers causal LM from a config
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 EXIT_OK, EXIT_CRASH, EXIT_CONFIG, EXIT_AUTH, EXIT_INCOMPATIBLE = 0, 1, 2, 3, 4
 
@@ -32,8 +33,13 @@ class RunSpec:
     """What every peer of one run must share. Its hash travels in every Join."""
 
     protocol: int = PROTOCOL_VERSION
-    model: str = "small"            # built-in GPT preset
+    model: str = "small"            # built-in GPT preset, or "hf": a transformers causal LM built from model_config
+    model_config: str = ""          # "hf": canonical JSON of its config.json (every peer builds this shape)
+    model_hash: str = ""            # "hf": sha256 of model_config (16 hex), what a log line and a conflict name
     model_seed: int = 0             # seed of the initial parameters
+    task: str = ""                  # a user's task, module:callable ("" = the built-in or "hf" task above)
+    tokenizer_hash: str = "bytes"   # "bytes" (byte-level) or the hash of the tokenizer files every peer uses
+    seq_len: int = 0                # tokens per training window; 0 = the model's own (see peer/tasks)
     inner_lr: float = 1e-3          # AdamW peak learning rate
     weight_decay: float = 0.1
     warmup_samples: int = 20_000    # global samples of linear warmup
@@ -88,8 +94,14 @@ class PeerConfig:
     announce_addr: str = ""          # host:port others dial for gRPC; derived when empty
     client_mode: bool = False        # no inbound connections: sends and fetches, owns nothing
     batch_size: int = 8
-    data: str = ""                   # a text file or a directory; empty = built-in corpus
+    data: str = ""                   # a file or folder of .txt/.jsonl/.json/.parquet; empty = built-in corpus
+    eval_data: str = ""              # held-out data of the same kinds; empty = a fixed slice cut from --data
+    text_field: str = "text"         # the field holding the text in .jsonl/.json/.parquet rows
+    model_path: str = ""             # --model PATH: the local transformers model folder (config.json, weights)
+    tokenizer: str = ""              # a local tokenizer folder; empty = byte-level (or the model folder's own)
     device: str = "auto"
+    precision: str = "auto"          # fp32, bf16 (autocast), fp16 (autocast + grad scaler); auto: bf16 on a GPU
+    grad_accum: int = 1              # micro-batches of --batch-size per inner step
     seed: int = 0                    # local randomness (data order); the model seed is in the spec
     threads: int = 0                 # torch CPU threads; 0 = torch's default
     metrics_file: str = ""
@@ -102,6 +114,8 @@ class PeerConfig:
     timeout_ceiling_s: float = 300.0  # ... or longer than these, whatever was measured
     checkpoint_dir: str = ""         # empty = no checkpoints
     checkpoint_every: int = 10       # rounds between checkpoints (and one on SIGINT/SIGTERM)
+    export_every: int = 0            # rounds between exports of the global state as a model folder (0 = never)
+    export_dir: str = ""             # where those exports go; empty = <checkpoint-dir>/export
     spec: RunSpec = field(default_factory=RunSpec)
 
 
@@ -115,7 +129,20 @@ def _check(ok: bool, flag: str, value: Any, allowed: str) -> None:
 
 
 def validate_spec(s: RunSpec) -> None:
-    _check(s.model in MODELS, "model", s.model, f"one of {', '.join(MODELS)}")
+    _check(s.model in MODELS or s.model == "hf", "model", s.model,
+           f"one of {', '.join(MODELS)} or a local folder holding a transformers config.json")
+    if s.model == "hf":
+        _check(s.model_hash == config_hash(s.model_config), "model_hash", s.model_hash,
+               "the sha256 of the run's model config (the spec is inconsistent)")
+    else:
+        _check(s.model_config == "" and s.model_hash == "", "model_config", s.model_config[:40],
+               "empty for a built-in preset")
+    _check(s.task == "" or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", s.task) is not None, "task", s.task,
+           "module:callable, e.g. my_task:build")
+    _check(re.fullmatch(r"bytes|[0-9a-f]{16}", s.tokenizer_hash) is not None, "tokenizer_hash",
+           s.tokenizer_hash, "'bytes' or 16 hex digits")
+    _check(isinstance(s.seq_len, int) and 0 <= s.seq_len <= 1 << 20, "seq_len", s.seq_len,
+           "an integer >= 0 (0 = the model's own)")
     _check(s.codec in CODECS, "codec", s.codec, f"one of {', '.join(CODECS)}")
     _check(s.stale_work in STALE_WORK, "stale_work", s.stale_work, f"one of {', '.join(STALE_WORK)}")
     _check(s.weighting in WEIGHTINGS, "weighting", s.weighting, f"one of {', '.join(WEIGHTINGS)}")
@@ -153,16 +180,37 @@ def validate_peer(c: PeerConfig) -> None:
     _check(0 < c.timeout_floor_s <= c.timeout_ceiling_s, "timeout_floor_s", c.timeout_floor_s,
            f"seconds > 0 and <= --timeout-ceiling-s ({c.timeout_ceiling_s})")
     _check(c.checkpoint_every >= 1, "checkpoint_every", c.checkpoint_every, "an integer >= 1")
+    _check(c.precision in PRECISIONS, "precision", c.precision, f"one of {', '.join(PRECISIONS)}")
+    _check(1 <= c.grad_accum <= 4096, "grad_accum", c.grad_accum, "an integer from 1 to 4096")
+    _check(c.export_every >= 0, "export_every", c.export_every, "an integer >= 0 (0 = never)")
+    _check(c.export_every == 0 or bool(c.export_dir or c.checkpoint_dir), "export_every", c.export_every,
+           "0 unless --export-dir or --checkpoint-dir says where the exports go")
+    _check(c.text_field != "", "text_field", c.text_field, "a field name, e.g. text")
     _check(0.5 <= c.join_window_s <= 300, "join_window_s", c.join_window_s, "seconds in [0.5, 300]")
     validate_spec(c.spec)
+
+
+def config_hash(config_json: str) -> str:
+    """The 16-hex sha256 of a canonical model config: how peers and logs name a model's shape."""
+    return hashlib.sha256(config_json.encode()).hexdigest()[:16] if config_json else ""
+
+
+_FILE_CONFLICTS = {
+    "model_hash": "--model: this folder's config.json (hash {ours}) is not the run's (hash {theirs}); use the "
+                  "run's config.json, or drop --model to build the shape the run trains",
+    "tokenizer_hash": "--tokenizer: this tokenizer (hash {ours}) is not the run's (hash {theirs}); use the run's "
+                      "tokenizer folder (the same files every peer has)",
+}
 
 
 def spec_conflicts(run: RunSpec, wanted: RunSpec, explicit: set[str]) -> list[str]:
     """Lines naming every explicitly set spec field whose value differs from the run's."""
     lines = []
-    for name in sorted(explicit):
+    for name in sorted(explicit - {"model_config"}):  # the config's hash speaks for it
         ours, theirs = getattr(wanted, name), getattr(run, name)
-        if ours != theirs:
+        if ours != theirs and name in _FILE_CONFLICTS:
+            lines.append(_FILE_CONFLICTS[name].format(ours=ours, theirs=theirs))
+        elif ours != theirs:
             lines.append(f"--{name.replace('_', '-')} {ours!r} conflicts with the run's value {theirs!r}; "
                          f"drop the flag to adopt the run's value")
     return lines

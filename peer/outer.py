@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import math
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,26 +40,51 @@ class GlobalState:
         return self._digest
 
 
-def num_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+Params = torch.nn.Module | Sequence[torch.Tensor]
+"""A model (its parameters(), in order; a tied one once) or the list of parameters that travel."""
 
 
-def flatten_params(model: torch.nn.Module) -> torch.Tensor:
-    """A new flat float32 CPU tensor of model.parameters(), in order."""
-    parts = [p.detach().reshape(-1).to("cpu", torch.float32) for p in model.parameters()]
-    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.float32)
+def _params(params: Params) -> list[torch.Tensor]:
+    return list(params.parameters()) if isinstance(params, torch.nn.Module) else list(params)
+
+
+def num_params(params: Params) -> int:
+    return sum(p.numel() for p in _params(params))
+
+
+def flatten_params(params: Params, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The parameters as one flat float32 CPU tensor, in order: a new one, or written into `out`
+    (pinned host memory for a GPU model: the copies are asynchronous, then waited for)."""
+    ps = _params(params)
+    if out is None:
+        parts = [p.detach().reshape(-1).to("cpu", torch.float32) for p in ps]
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.float32)
+    _check_length(out, num_params(ps))
+    offset = 0
+    for p in ps:
+        out[offset : offset + p.numel()].view_as(p).copy_(p.detach(), non_blocking=True)
+        offset += p.numel()
+    if any(p.device.type == "cuda" for p in ps):
+        torch.cuda.synchronize()
+    return out
 
 
 @torch.no_grad()
-def assign_flat_(model: torch.nn.Module, flat: torch.Tensor) -> None:
-    """Copy flat into model.parameters(), in order, keeping each parameter's device and dtype."""
-    expected = num_params(model)
+def assign_flat_(params: Params, flat: torch.Tensor) -> None:
+    """Copy flat into the parameters, in order, keeping each parameter's device and dtype."""
+    ps = _params(params)
+    _check_length(flat, num_params(ps))
+    offset = 0
+    for p in ps:
+        p.copy_(flat[offset : offset + p.numel()].view_as(p), non_blocking=flat.is_pinned())
+        offset += p.numel()
+    if flat.is_pinned() and any(p.device.type == "cuda" for p in ps):
+        torch.cuda.synchronize()  # flat may be reused (a staging buffer) once this returns
+
+
+def _check_length(flat: torch.Tensor, expected: int) -> None:
     if flat.dim() != 1 or flat.numel() != expected:
         raise ValueError(f"flat has shape {tuple(flat.shape)}, expected ({expected},) for this model")
-    offset = 0
-    for p in model.parameters():
-        p.copy_(flat[offset : offset + p.numel()].view_as(p))
-        offset += p.numel()
 
 
 def pseudo_gradient(theta_r: torch.Tensor, local: torch.Tensor) -> torch.Tensor:

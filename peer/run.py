@@ -160,6 +160,7 @@ def _start_and_train(cfg: PeerConfig, explicit: set[str], parts: _Parts) -> int:
         log.error("%s", e)
         return EXIT_CRASH
     from peer.net.node import CannotKeepUp, Node
+    from peer.tasks import TaskError
     from peer.trainer import Trainer
 
     parts.node = node = Node(cfg, dht)
@@ -184,3 +185,7 @@ def _start_and_train(cfg: PeerConfig, explicit: set[str], parts: _Parts) -> int:
     except CannotKeepUp as e:
         log.error("%s", e)
         return EXIT_INCOMPATIBLE
+    except TaskError as e:  # bad data met while streaming: what is trained so far is kept
+        log.error("%s", e)
+        parts.trainer.save_checkpoint("before stopping on bad data")
+        return EXIT_CONFIG

@@ -11,6 +11,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from peer.config import ConfigError, PeerConfig, RunSpec
 from peer.faults import FaultPlan
 from peer.net.node import MAX_CARRY_ROUNDS, Node, Outcome
 from peer.outer import GlobalState, assign_flat_, flatten_params, pseudo_gradient
-from peer.tasks import BatchStream, ByteCorpus, build_model, eval_batches, inner_lr, start_position
+from peer.tasks import Task, TaskOptions, inner_lr, make_task, to_device
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,55 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def pick_precision(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype (float32: no autocast). auto: bf16 on a GPU that has it, else fp16 on a
+    GPU, fp32 on a CPU (where bf16 autocast is slower than fp32)."""
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16; "
+                          "use --precision fp16 or auto")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def task_options(cfg: PeerConfig, spec: RunSpec, peer_key: str) -> TaskOptions:
+    return TaskOptions(model=spec.model, model_config=spec.model_config, model_seed=spec.model_seed,
+                       seq_len=spec.seq_len, tokenizer_hash=spec.tokenizer_hash, model_path=cfg.model_path,
+                       tokenizer_path=cfg.tokenizer, data=cfg.data, eval_data=cfg.eval_data,
+                       text_field=cfg.text_field, batch_size=cfg.batch_size, eval_batches=cfg.eval_batches,
+                       peer_key=peer_key)
+
+
+def train_step(task: Task, model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               batches: list, device: torch.device, amp_dtype: torch.dtype) -> float:
+    """One optimizer step on the mean loss of `batches` (gradient accumulation: each micro-batch's
+    loss / len(batches) is backpropagated in turn); autocast to amp_dtype unless float32, the
+    scaler's loss scaling for float16. Returns the mean loss."""
+    opt.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=device)
+    for batch in batches:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+            loss = task.loss(model, to_device(batch, device))
+        scaler.scale(loss / len(batches)).backward()
+        total += loss.detach().float()
+    scaler.step(opt)
+    scaler.update()
+    return total.item() / len(batches)
+
+
+def optimizer_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
+    """AdamW groups as nanoGPT makes them: matrices (and embeddings) decay; biases and norms do not."""
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
 @dataclass
 class RoundStats:
     steps: int = 0
     samples: int = 0
+    tokens: int = 0
     loss_sum: float = 0.0
     train_s: float = 0.0
 
@@ -51,29 +97,41 @@ class Trainer:
         self.cfg, self.spec, self.node, self.stop = cfg, spec, node, stop
         self.state: GlobalState | None = None
         self.device = pick_device(cfg.device)
+        self.amp_dtype = pick_precision(cfg.precision, self.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.model = build_model(spec.model, spec.model_seed).to(self.device)
-        self.seq_len = self.model.config.block_size
-        corpus = ByteCorpus.load(cfg.data or None)
-        self.corpus = corpus
-        start = start_position(len(corpus.train), f"{cfg.seed}/{node.peer_id}")
-        self.stream = BatchStream(corpus.train, cfg.batch_size, self.seq_len, start)
-        self.eval_set = eval_batches(corpus.heldout, cfg.batch_size, self.seq_len, cfg.eval_batches)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=spec.inner_lr, betas=(0.9, 0.95),
-                                     weight_decay=spec.weight_decay)
+        t = time.monotonic()
+        # Everything a task can refuse (model folder, tokenizer, data) is refused here, before joining.
+        self.task: Task = make_task(spec.task, task_options(cfg, spec, f"{cfg.seed}/{node.peer_id}"))
+        self.model = self.task.build_model().to(self.device)
+        self.params = self.task.parameters(self.model)
+        self.stream = self.task.train_stream()
+        self.eval_set = self.task.eval_batches()
+        numel = sum(p.numel() for p in self.params)
+        # The outer state stays on the host; a GPU model's parameters cross through pinned memory.
+        self.host = torch.empty(numel, dtype=torch.float32, pin_memory=self.device.type == "cuda")
+        self.opt = torch.optim.AdamW(optimizer_groups(self.params, spec.weight_decay), lr=spec.inner_lr,
+                                     betas=(0.9, 0.95))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.faults = FaultPlan.from_env()
         self.dump_dir = os.environ.get("DILOCO_TEST_DUMP_DIR", "")
         self.divergences = 0
         self.carry: tuple[torch.Tensor, float, int] | None = None  # (delta, weight, origin round)
-        numel = sum(p.numel() for p in self.model.parameters())
         node.set_numel(numel)
-        log.info("model %s: %d parameters on %s; data %s (%d bytes, held-out unigram entropy %.3f nats)",
-                 spec.model, numel, self.device, corpus.name, len(corpus.train), corpus.unigram_entropy_nats())
+        log.info("task %s: %d parameters on %s (%s, %d x %d samples per step); ready in %.1f s",
+                 self.task.describe(), numel, self.device, str(self.amp_dtype)[6:], cfg.grad_accum,
+                 cfg.batch_size, time.monotonic() - t)
+
+    def local_params(self) -> torch.Tensor:
+        """The model's parameters in the host buffer (valid until the next call)."""
+        return flatten_params(self.params, out=self.host)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32)
 
     # ---- state --------------------------------------------------------------------------
     def fresh_state(self) -> GlobalState:
-        theta = flatten_params(self.model)
+        theta = self.local_params().clone()
         return GlobalState(theta=theta, momentum=torch.zeros_like(theta), round=0, global_samples=0)
 
     # ---- checkpoints --------------------------------------------------------------------
@@ -86,7 +144,11 @@ class Trainer:
         if ckpt is None:
             return None
         self.opt.load_state_dict(ckpt.optimizer)
-        self.stream.load_state_dict(ckpt.data)
+        try:
+            self.stream.load_state_dict(ckpt.data)
+        except ValueError as e:
+            log.warning("the checkpoint's data position does not fit this data (%s); reading from this "
+                        "peer's own start instead", e)
         self.node.load_residuals(ckpt.residuals, ckpt.owner_residuals)
         log.info("restored the inner optimizer, data position and residuals of round %d", ckpt.state.round)
         return ckpt
@@ -99,13 +161,28 @@ class Trainer:
             return
         ckpt = Checkpoint(state=state, run_id=self.cfg.run_id, spec_hash=self.node.core.spec_hash,
                           peer_id=self.node.peer_id, optimizer=self.opt.state_dict(),
-                          data=self.stream.state_dict(), residuals=residuals, owner_residuals=owner_residuals)
+                          data=self.stream.state_dict(), residuals=residuals, owner_residuals=owner_residuals,
+                          spec=self.spec.to_record(), assets=self.assets())
         t = time.monotonic()
         os.makedirs(self.cfg.checkpoint_dir, exist_ok=True)
         path = save_round(self.cfg.checkpoint_dir, ckpt,
                           midway=lambda: self.faults.hit("checkpoint_write", ckpt.state.round))
         log.info("checkpoint of round %d written %s: %s (%.2f s)", state.round, why, path,
                  time.monotonic() - t)
+
+    def assets(self) -> dict[str, str]:
+        """Where this peer's model folder and tokenizer are: `peer export` finds them there."""
+        found = {"model_path": self.cfg.model_path, "tokenizer_path": self.cfg.tokenizer}
+        return {k: os.path.abspath(v) for k, v in found.items() if v}
+
+    def export(self, state: GlobalState) -> None:
+        """--export-every: the model, holding `state`, written where its users load it."""
+        if not self.cfg.export_every or state.round % self.cfg.export_every:
+            return
+        out = Path(self.cfg.export_dir or os.path.join(self.cfg.checkpoint_dir, "export"))
+        t = time.monotonic()
+        self.task.export(self.model, out)
+        log.info("exported the global state of round %d to %s (%.1f s)", state.round, out, time.monotonic() - t)
 
     @contextlib.contextmanager
     def critical(self):
@@ -120,7 +197,7 @@ class Trainer:
 
     def adopt(self, state: GlobalState) -> GlobalState:
         """Trains from `state` next (the keeper's: read, never changed)."""
-        assign_flat_(self.model, state.theta)
+        assign_flat_(self.params, state.theta)
         self.state = state
         return state
 
@@ -147,24 +224,26 @@ class Trainer:
         step_s = 0.0
         while not self.node.should_stop(stats.steps, step_s):
             t = time.monotonic()
-            x, y = self.stream.next_batch()
             lr = inner_lr(base_samples + stats.samples * self.node.num_training(r), self.spec.inner_lr,
                           self.spec.warmup_samples, self.spec.total_samples)
             for group in self.opt.param_groups:
                 group["lr"] = lr
-            with self.critical():
-                _, loss = self.model(x.to(self.device), y.to(self.device))
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                self.opt.step()
+            with self.critical():  # the data position and the optimizer state move together
+                loss = self.inner_step(stats)
             self.faults.hit("inner_step", r)
             stats.steps += 1
-            stats.samples += x.shape[0]
-            stats.loss_sum += loss.item()
+            stats.loss_sum += loss
             step_s = time.monotonic() - t if stats.steps == 1 else 0.8 * step_s + 0.2 * (time.monotonic() - t)
             self.node.report_progress(stats.steps, stats.samples, 1.0 / max(step_s, 1e-6))
         stats.train_s = time.monotonic() - t0
         return stats
+
+    def inner_step(self, stats: RoundStats) -> float:
+        """One optimizer step over --grad-accum micro-batches; returns their mean loss."""
+        batches = [self.stream.next_batch() for _ in range(self.cfg.grad_accum)]
+        stats.samples += sum(self.task.samples(b) for b in batches)
+        stats.tokens += sum(self.task.tokens(b) for b in batches)
+        return train_step(self.task, self.model, self.opt, self.scaler, batches, self.device, self.amp_dtype)
 
     def weight_of(self, stats: RoundStats) -> float:
         if stats.steps == 0:
@@ -176,7 +255,7 @@ class Trainer:
         self.node.begin_round(r)
         stats = self.train_until_trigger(r, state.global_samples)
         self.faults.hit("before_average", r)
-        delta = pseudo_gradient(state.theta, flatten_params(self.model))
+        delta = pseudo_gradient(state.theta, self.local_params())
         fresh = self.weight_of(stats)
         carried = (min(self.carry[1], fresh), self.carry[2]) if self.carry and fresh > 0 else (0.0, -1)
         weight = fresh + carried[0]
@@ -184,6 +263,8 @@ class Trainer:
         result = self.node.finish_round(r, delta.clone(), weight, stats.samples, carried)
         new_state, outcome = self.adopt(result.state), result.outcome
         self.divergences = result.divergences
+        if new_state.round != r:
+            self.export(new_state)
         self.carry_over(r, delta, weight, carried[1], outcome, new_state)
         avg_s = time.monotonic() - t_avg
         self.dump(r, state, delta, weight, outcome, new_state)
@@ -204,7 +285,7 @@ class Trainer:
             self.carry = None
             return
         self.carry = (delta, weight, origin)
-        assign_flat_(self.model, torch.sub(new.theta, delta))
+        assign_flat_(self.params, torch.sub(new.theta, delta))
         log.info("round %d: carrying %.0f weight of work from round %d into round %d", r, weight, origin, new.round)
 
     @torch.no_grad()
@@ -212,7 +293,8 @@ class Trainer:
         if not self.eval_set:
             return float("nan")
         self.model.eval()
-        losses = [float(self.model(x.to(self.device), y.to(self.device))[1]) for x, y in self.eval_set]
+        with self.autocast():
+            losses = [float(self.task.loss(self.model, to_device(b, self.device))) for b in self.eval_set]
         self.model.train()
         return sum(losses) / len(losses)
 
@@ -221,8 +303,9 @@ class Trainer:
                eval_loss: float, round_s: float, avg_s: float) -> None:
         group = len(o.roster.members) if o.roster is not None else 0
         sps = stats.samples / stats.train_s if stats.train_s > 0 else 0.0
-        log.info("round %d: %s, %d peers, loss %.4f, eval %.4f, %.0f samples/s, sent %.2f MB, %.1f s "
-                 "(train %.1f s, %d steps; average %.1f s)%s", r, o.kind, group, stats.loss, eval_loss, sps,
+        tps = stats.tokens / stats.train_s if stats.train_s > 0 else 0.0
+        log.info("round %d: %s, %d peers, loss %.4f, eval %.4f, %.0f samples/s, %.0f tokens/s, sent %.2f MB, "
+                 "%.1f s (train %.1f s, %d steps; average %.1f s)%s", r, o.kind, group, stats.loss, eval_loss, sps, tps,
                  o.bytes_sent / 1e6, round_s, stats.train_s, stats.steps, avg_s,
                  f"; dropped {', '.join(p[-6:] for p in o.dropped)}" if o.dropped else "")
         if not self.cfg.metrics_file:
@@ -230,6 +313,7 @@ class Trainer:
         row = {"round": r, "peer_id": self.node.peer_id, "outcome": o.kind, "group_size": group,
                "weight": weight, "total_weight": o.total_weight, "steps": stats.steps, "samples": stats.samples,
                "loss": _num(stats.loss), "eval_loss": _num(eval_loss), "samples_per_s": sps,
+               "tokens": stats.tokens, "tokens_per_s": tps,
                "bytes_sent": o.bytes_sent, "bytes_received": o.bytes_received, "round_seconds": round_s,
                "average_seconds": avg_s, "digest": state.digest(), "state_round": state.round, "global_samples": state.global_samples,
                "leader": o.roster.leader if o.roster is not None else "",

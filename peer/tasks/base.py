@@ -157,7 +157,12 @@ def load_user_task(ref: str, options: TaskOptions) -> Task:
     build = getattr(module, attr, None)
     if not callable(build):
         raise TaskError(f"--task {ref!r}: {module_name} has no callable {attr!r}")
-    task = build(options)
+    try:
+        task = build(options)
+    except TaskError:
+        raise
+    except Exception as e:
+        raise TaskError(f"--task {ref!r}: {attr}(options) raised {type(e).__name__}: {e}") from e
     if not isinstance(task, Task):
         raise TaskError(f"--task {ref!r}: {attr}() returned {type(task).__name__}, expected a "
                         "peer.tasks.Task subclass")
