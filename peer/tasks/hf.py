@@ -1,8 +1,8 @@
 """Hugging Face causal LMs as the swarm's model: read a model folder, build the same model on every
-peer, and its next-token loss.
+peer, its next-token loss, and export (transformers models and the built-in GPT) as folders users load.
 
 No data or tokenizer code (peer/tasks/text.py), no peers, no network. transformers is imported only
-when a model is built: `read_model_folder` and `max_positions` run while the CLI checks flags.
+when a model is built or saved: `read_model_folder` and `max_positions` run while the CLI checks flags.
 """
 
 from __future__ import annotations
@@ -10,14 +10,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from peer.tasks.base import TaskError
 
 if TYPE_CHECKING:
     import torch
+
+    from peer.tasks.gpt import GPT
 
 IGNORED_CONFIG_KEYS = frozenset({
     "_name_or_path", "_commit_hash", "transformers_version", "torch_dtype", "dtype",
@@ -27,6 +32,9 @@ IGNORED_CONFIG_KEYS = frozenset({
 """config.json keys that change neither the model's shape nor its math: left out of the canonical
 JSON, so folders saved by other transformers versions or in other dtypes hash the same. The peer
 sets dtype (float32), attention ("sdpa" or "eager") and caching (off) itself."""
+
+GPT_EXPORT_TYPE = "diloco-gpt"
+"""config.json's model_type in an export of the built-in GPT (not a transformers model)."""
 
 _CAUSAL_RTOL = 1e-4
 """Relative change of earlier logits above which a model is taken to look ahead (see _check_causal)."""
@@ -47,6 +55,10 @@ class ModelFolder:
     model.safetensors.index.json lists); [] = no weights (the model starts from its seed)."""
     has_tokenizer: bool
     """The folder holds tokenizer.json or tokenizer_config.json."""
+
+
+class SavesTokenizer(Protocol):
+    def save(self, out_dir: Path) -> bool: ...
 
 
 def canonical_config(config: dict[str, Any]) -> str:
@@ -124,6 +136,55 @@ def causal_lm_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
 
     logits = model(input_ids=x, use_cache=False, return_dict=True).logits
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+
+
+def export_hf(model: torch.nn.Module, out_dir: Path, tokenizer: SavesTokenizer | None = None) -> None:
+    """save_pretrained (safetensors, a tied weight stored once) and the tokenizer, if any, into a
+    fresh folder that then replaces out_dir: `from_pretrained(out_dir)` gives these parameters bitwise."""
+    _transformers()
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)  # transformers 5 writes safetensors only (no safe_serialization flag)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+
+    _write_folder(Path(out_dir), write)
+
+
+def export_gpt(model: GPT, out_dir: Path) -> None:
+    """The built-in GPT as model.safetensors (the tied wte/lm_head stored once) and config.json
+    {"model_type": "diloco-gpt", GPTConfig fields}; `load_gpt_export` reads it back."""
+    from safetensors.torch import save_model
+
+    def write(tmp: Path) -> None:
+        save_model(model, str(tmp / "model.safetensors"))
+        config = {"model_type": GPT_EXPORT_TYPE, **asdict(model.config)}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    _write_folder(Path(out_dir), write)
+
+
+def load_gpt_export(path: Path) -> GPT:
+    """The GPT in a folder written by export_gpt (float32, CPU); TaskError for anything else."""
+    import torch
+    from safetensors.torch import load_model
+
+    from peer.tasks.gpt import GPT, GPTConfig
+
+    folder = Path(path)
+    config = _read_config(folder)
+    if config["model_type"] != GPT_EXPORT_TYPE:
+        raise TaskError(f"model folder {folder}: model_type {config['model_type']!r} is not "
+                        f"{GPT_EXPORT_TYPE!r}; load transformers models with from_pretrained")
+    fields = {k: v for k, v in config.items() if k != "model_type"}
+    try:
+        gpt_config = GPTConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise TaskError(f"model folder {folder}: config.json is not a GPTConfig: {e}") from e
+    with torch.random.fork_rng(devices=[]):  # the init is overwritten; keep the caller's RNG
+        model = GPT(gpt_config)
+    load_model(model, str(folder / "model.safetensors"))
+    return model
 
 
 # --- model folders (json only) -------------------------------------------------------------------
@@ -274,3 +335,25 @@ def _check_causal(model: torch.nn.Module, model_type: str) -> None:
         raise TaskError(f"model_type {model_type}: its causal LM head ({type(model).__name__}) sees later "
                         "tokens (changing the last token changes earlier logits); for an encoder such "
                         "as BERT set \"is_decoder\": true in config.json, or use a decoder model")
+
+
+def _write_folder(out_dir: Path, write: Callable[[Path], None]) -> None:
+    """write() into a new sibling folder, then put it in out_dir's place: a reader sees the old
+    folder, no folder for an instant, or the new one; never half a folder."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TaskError(f"export folder {out_dir}: exists and is not a folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the export from other users
+        write(tmp)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old)  # onto the empty folder mkdtemp made
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

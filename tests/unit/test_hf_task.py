@@ -1,4 +1,4 @@
-"""Hugging Face models (peer/tasks/hf.py): model folders, seeded builds, weights, loss, tied weights."""
+"""Hugging Face models (peer/tasks/hf.py): model folders, seeded builds, weights, loss, tied weights, export."""
 
 from __future__ import annotations
 
@@ -15,11 +15,15 @@ transformers = pytest.importorskip("transformers")
 
 from peer.outer import assign_flat_, flatten_params  # noqa: E402
 from peer.tasks.base import TaskError  # noqa: E402
+from peer.tasks.gpt import build_model  # noqa: E402
 from peer.tasks.hf import (  # noqa: E402
     build_hf_model,
     canonical_config,
     causal_lm_loss,
     embedding_size,
+    export_gpt,
+    export_hf,
+    load_gpt_export,
     max_positions,
     read_model_folder,
 )
@@ -229,10 +233,10 @@ def test_bf16_autocast_forward_backward() -> None:
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
 
 
-# --- tied weights -----------------------------------------------------------------------------------
+# --- tied weights and export -----------------------------------------------------------------------
 
 
-def test_tied_embeddings_travel_once_and_stay_tied() -> None:
+def test_tied_embeddings_travel_once_and_stay_tied(tmp_path: Path) -> None:
     model = build_hf_model(config_json("gpt2"), seed=0)
     wte, head = model.get_input_embeddings(), model.get_output_embeddings()
     assert head.weight is wte.weight
@@ -245,9 +249,66 @@ def test_tied_embeddings_travel_once_and_stay_tied() -> None:
     assign_flat_(model, new)
     assert head.weight is wte.weight and torch.equal(flatten_params(model), new)
 
+    export_hf(model, tmp_path / "out")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+    assert torch.equal(flatten_params(loaded), new)
+
 
 def test_untied_embeddings_both_travel() -> None:
     model = build_hf_model(config_json("llama"), seed=0)
     assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
     assert flatten_params(model).numel() == unique_numel(model)
     assert sum(p.shape == (VOCAB, 64) for p in model.parameters()) == 2
+
+
+class FakeTokenizer:
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+
+    def save(self, out_dir: Path) -> bool:
+        if self.fail:
+            raise OSError("disk full")
+        (Path(out_dir) / "tokenizer.json").write_text("{}")
+        return True
+
+
+def test_export_hf_round_trip_replaces_folder(tmp_path: Path) -> None:
+    model = build_hf_model(config_json("llama"), seed=0)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old export")
+    export_hf(model, out, tokenizer=FakeTokenizer())
+    assert not (out / "stale.txt").exists() and (out / "tokenizer.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folders left
+    assert read_model_folder(str(out)).has_tokenizer
+
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert torch.equal(flatten_params(loaded), flatten_params(model))
+    x, y = batch()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(causal_lm_loss(loaded, x, y), causal_lm_loss(model, x, y))
+
+    with pytest.raises(OSError, match="disk full"):
+        export_hf(model, out, tokenizer=FakeTokenizer(fail=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the old export stays whole
+    assert (out / "tokenizer.json").exists()
+
+
+def test_export_gpt_round_trip(tmp_path: Path) -> None:
+    model = build_model("tiny", seed=0)
+    export_gpt(model, tmp_path / "gpt")
+    config = json.loads((tmp_path / "gpt" / "config.json").read_text())
+    assert config["model_type"] == "diloco-gpt" and config["n_embd"] == model.config.n_embd
+
+    rng = torch.get_rng_state()
+    loaded = load_gpt_export(tmp_path / "gpt")
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert loaded.config == model.config and loaded.lm_head.weight is loaded.wte.weight
+    assert torch.equal(flatten_params(loaded), flatten_params(model))
+    x, y = batch(seq_len=32)
+    assert torch.equal(loaded(x % 256, y % 256)[1], model(x % 256, y % 256)[1])
+
+    with pytest.raises(TaskError, match="is not 'diloco-gpt'"):
+        load_gpt_export(config_folder(tmp_path / "hf", "llama"))
