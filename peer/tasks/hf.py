@@ -7,7 +7,6 @@ when a model is built or saved: `read_model_folder` and `max_positions` run whil
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from peer.config import config_hash as _config_hash
 from peer.tasks.base import TaskError
 
 if TYPE_CHECKING:
@@ -66,8 +66,7 @@ def canonical_config(config: dict[str, Any]) -> str:
     return json.dumps(_drop_ignored(config), sort_keys=True, separators=(",", ":"))
 
 
-def config_hash(config_json: str) -> str:
-    return hashlib.sha256(config_json.encode()).hexdigest()[:16]
+config_hash = _config_hash  # the run spec checks model_hash with this same function
 
 
 def read_model_folder(path: str) -> ModelFolder:
