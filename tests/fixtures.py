@@ -1,0 +1,62 @@
+"""Test data made on the spot: a small English-like corpus a tiny model learns within a few hundred
+steps, written as JSON lines, and a BPE tokenizer trained on it. No network, seconds at most."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+SUBJECTS = ("the cat", "the dog", "a bird", "my friend", "the teacher", "a child", "the old man", "the farmer")
+VERBS = ("sees", "likes", "finds", "follows", "helps", "watches", "calls", "feeds")
+OBJECTS = ("the ball", "a red apple", "the small house", "her brother", "the green door", "a white horse")
+PLACES = ("in the garden", "at the market", "by the river", "near the school", "on the hill", "in the kitchen")
+TIMES = ("every morning", "at night", "on sunday", "after lunch", "before dinner")
+COUNTS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+
+def sentence(rng: random.Random) -> str:
+    """One sentence of a small grammar: subject verb object place [time]; or a count up from a number."""
+    if rng.random() < 0.15:
+        start = rng.randrange(len(COUNTS) - 3)
+        return "We count " + ", ".join(COUNTS[start : start + 4]) + "."
+    words = [rng.choice(SUBJECTS), rng.choice(VERBS), rng.choice(OBJECTS), rng.choice(PLACES)]
+    if rng.random() < 0.5:
+        words.append(rng.choice(TIMES))
+    text = " ".join(words) + "."
+    return text[0].upper() + text[1:]
+
+
+def corpus_texts(n_rows: int, seed: int = 0) -> list[str]:
+    """n_rows paragraphs of 3 to 6 sentences."""
+    rng = random.Random(seed)
+    return [" ".join(sentence(rng) for _ in range(rng.randint(3, 6))) for _ in range(n_rows)]
+
+
+def write_jsonl_corpus(out_dir: Path | str, n_files: int = 3, rows_per_file: int = 200, seed: int = 0) -> Path:
+    """A folder of part-000.jsonl ... with rows {"text": paragraph, "id": "file-row"}; returns the folder."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(n_files):
+        texts = corpus_texts(rows_per_file, seed=seed * 1000 + i)
+        with open(out / f"part-{i:03d}.jsonl", "w", encoding="utf-8") as f:
+            for j, text in enumerate(texts):
+                f.write(json.dumps({"text": text, "id": f"{i}-{j}"}) + "\n")
+    return out
+
+
+def train_tokenizer(out_dir: Path | str, texts: list[str], vocab_size: int = 400) -> Path:
+    """A byte-level BPE tokenizer trained on texts, with the special token <|endoftext|> (id 0),
+    saved as out_dir/tokenizer.json; returns the folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out / "tokenizer.json"))
+    return out
