@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from tests.fixtures import train_tokenizer, write_jsonl_corpus
+from tests.procs import wait_for_line
 from tests.swarm.harness import Swarm
 
 SPEC = ["--codec", "int8", "--target-steps", "60", "--max-round-seconds", "60", "--batch-size", "4",
@@ -24,6 +25,22 @@ def make_files(root: Path) -> dict[str, Path]:
     texts = [line for f in sorted(corpus.glob("*.jsonl")) for line in f.read_text().splitlines()]
     tokenizer = train_tokenizer(root / "tokenizer", texts, vocab_size=400)
     return {"corpus": corpus, "tokenizer": tokenizer, "root": root}
+
+
+def start_hf_run(root: Path, files: dict[str, Path], kind: str, min_peers: int) -> tuple[Swarm, list[str]]:
+    """A bootstrap node and peer "a", which starts run `kind` from model_folder(kind) and keeps a
+    checkpoint every round; returns the swarm and the flags for more peers of the same kind."""
+    s = Swarm(root, [*SPEC, "--run-id", kind, "--data", str(files["corpus"])])
+    try:
+        s.start_bootstrap()
+        peer = ["--model", str(model_folder(files["root"], kind, 400)), "--tokenizer", str(files["tokenizer"]),
+                "--min-peers", str(min_peers)]
+        a = s.start_peer("a", [*peer, "--checkpoint-dir", str(s.root / "ckpt-a"), "--checkpoint-every", "1"])
+        wait_for_line(a, rf"started run {kind}", 90)  # the run's spec is a's, whoever else is quicker
+        return s, peer
+    except BaseException:
+        s.stop_all()
+        raise
 
 
 def model_folder(root: Path, kind: str, vocab: int) -> Path:

@@ -6,25 +6,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.swarm.harness import Swarm
-from tests.swarm.hf_helpers import SPEC, assert_same_states, export_and_eval, make_files, model_folder
+from tests.swarm.hf_helpers import assert_same_states, export_and_eval, start_hf_run
 
 pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    return make_files(tmp_path_factory.mktemp("hf-files"))
-
-
-@pytest.fixture(scope="module")
 def gpt2(files, tmp_path_factory):
-    model = model_folder(files["root"], "gpt2", 400)
-    s = Swarm(tmp_path_factory.mktemp("hf-gpt2"), [*SPEC, "--run-id", "gpt2", "--data", str(files["corpus"])])
+    s, peer = start_hf_run(tmp_path_factory.mktemp("hf-gpt2"), files, "gpt2", min_peers=2)
     try:
-        s.start_bootstrap()
-        peer = ["--model", str(model), "--tokenizer", str(files["tokenizer"]), "--min-peers", "2"]
-        s.start_peer("a", [*peer, "--checkpoint-dir", str(s.root / "ckpt-a"), "--checkpoint-every", "1"])
         s.start_peer("b", peer)
         for name in ("a", "b"):
             s.wait_rounds(name, 3, 240)

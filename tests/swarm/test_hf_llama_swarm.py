@@ -8,27 +8,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.procs import wait_for_line
-from tests.swarm.harness import Swarm
-from tests.swarm.hf_helpers import SPEC, assert_same_states, export_and_eval, make_files, model_folder
+from tests.swarm.hf_helpers import assert_same_states, export_and_eval, start_hf_run
 
 pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    return make_files(tmp_path_factory.mktemp("hf-files"))
-
-
-@pytest.fixture(scope="module")
 def llama(files, tmp_path_factory):
-    model = model_folder(files["root"], "llama", 400)
-    s = Swarm(tmp_path_factory.mktemp("hf-llama"), [*SPEC, "--run-id", "llama", "--data", str(files["corpus"])])
+    s, peer = start_hf_run(tmp_path_factory.mktemp("hf-llama"), files, "llama", min_peers=3)
     try:
-        s.start_bootstrap()
-        peer = ["--model", str(model), "--tokenizer", str(files["tokenizer"]), "--min-peers", "3"]
-        a = s.start_peer("a", [*peer, "--checkpoint-dir", str(s.root / "ckpt-a"), "--checkpoint-every", "1"])
-        wait_for_line(a, r"started run llama", 90)  # the run's spec is a's, whoever else is quicker
         s.start_peer("b", peer)
         # a joiner without --model: the config comes with the run spec, the tokenizer from its folder
         s.start_peer("c", ["--tokenizer", str(files["tokenizer"])])
