@@ -313,7 +313,7 @@ class Trainer:
         row = {"round": r, "peer_id": self.node.peer_id, "outcome": o.kind, "group_size": group,
                "weight": weight, "total_weight": o.total_weight, "steps": stats.steps, "samples": stats.samples,
                "loss": _num(stats.loss), "eval_loss": _num(eval_loss), "samples_per_s": sps,
-               "tokens": stats.tokens, "tokens_per_s": tps,
+               "tokens": stats.tokens, "tokens_per_s": tps, "device_max_memory_mb": self.device_memory_mb(),
                "bytes_sent": o.bytes_sent, "bytes_received": o.bytes_received, "round_seconds": round_s,
                "average_seconds": avg_s, "digest": state.digest(), "state_round": state.round, "global_samples": state.global_samples,
                "leader": o.roster.leader if o.roster is not None else "",
@@ -321,6 +321,12 @@ class Trainer:
                "time": time.time()}
         with open(self.cfg.metrics_file, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+    def device_memory_mb(self) -> float | None:
+        """The most GPU memory torch has held for this peer so far (None on a CPU)."""
+        if self.device.type != "cuda":
+            return None
+        return torch.cuda.max_memory_allocated(self.device) / 2**20
 
     def dump(self, r: int, state: GlobalState, delta: torch.Tensor, weight: float, o: Outcome,
              new: GlobalState) -> None:

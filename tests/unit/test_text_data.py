@@ -346,3 +346,24 @@ def test_memory_stays_bounded_while_streaming_a_big_file(tmp_path: Path) -> None
         if i % 50 == 0:
             peak = max(peak, process.memory_info().rss)
     assert peak - warm < size / 3, f"RSS grew {(peak - warm) / 1e6:.0f} MB streaming {size / 1e6:.0f} MB"
+
+
+def test_position_survives_a_checkpoint_file(tmp_path: Path) -> None:
+    """The stream's position, fingerprint included, goes through a real checkpoint file unchanged,
+    with the run spec and asset paths `peer export` reads; the restored stream goes on exactly."""
+    from peer.checkpoint import Checkpoint, latest, save_round
+    from peer.config import RunSpec
+    from peer.outer import GlobalState
+
+    make_folder(tmp_path / "data", ".jsonl")
+    stream = TextData(str(tmp_path / "data"), "text", BYTES, 8, heldout=False).train_stream(3, "peer-a")
+    take(stream, 7)
+    theta = torch.zeros(10)
+    spec = RunSpec(model="tiny").to_record()
+    save_round(tmp_path / "ckpt", Checkpoint(GlobalState(theta, theta.clone(), 3, 30), "run", "h", "p", {},
+                                             stream.state_dict(), {}, {}, spec, {"tokenizer_path": "/x"}))
+    loaded = latest(tmp_path / "ckpt")
+    assert loaded.data == stream.state_dict() and loaded.spec == spec and loaded.assets == {"tokenizer_path": "/x"}
+    fresh = TextData(str(tmp_path / "data"), "text", BYTES, 8, heldout=False).train_stream(3, "peer-a")
+    fresh.load_state_dict(loaded.data)
+    assert_same(take(fresh, 3), take(stream, 3))
