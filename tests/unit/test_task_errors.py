@@ -58,3 +58,25 @@ def test_a_model_folder_without_config_is_a_flag_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     p = run_peer(["--model", str(tmp_path / "empty")], tmp_path)
     assert p.returncode == 2 and "config.json" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_bad_row_met_while_training_keeps_a_checkpoint_then_exits_2(tmp_path: Path) -> None:
+    """Rows past the ones read before joining (1000 checked, up to 10 000 counted for the start)
+    are checked as they stream: the peer writes a checkpoint of what it trained, then stops
+    naming the file and the line."""
+    data = tmp_path / "data"
+    data.mkdir()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [f"row {i} says hi." for i in range(12_000)]
+    texts[11_900] = None  # in the last row group of 1000, past every row read before joining
+    pq.write_table(pa.table({"text": texts}), data / "big.parquet", row_group_size=1000)
+    ckpt = tmp_path / "ckpt"
+    p = run_peer(["--model", "tiny", "--data", str(data), "--eval-batches", "1", "--batch-size", "4",
+                  "--target-steps", "200", "--max-rounds", "100", "--checkpoint-dir", str(ckpt)], tmp_path)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "big.parquet row 11901" in p.stderr, p.stderr[-3000:]
+    assert "round 0: applied" in p.stderr  # met while training, not before joining
+    assert "checkpoint of round" in p.stderr and "before stopping on bad data" in p.stderr
+    assert list(ckpt.glob("round-*.ckpt")), "the work trained before the bad row was not kept"

@@ -116,14 +116,14 @@ def test_bf16_autocast_step_on_cpu_keeps_float32_parameters() -> None:
 
 @pytest.mark.timeout(180)
 def test_user_task_trains_in_a_real_peer_and_exports(tmp_path: Path) -> None:
-    """`peer --task sine_task:build` (the README's example) runs, its eval loss falls, and
-    `peer export` writes the checkpoint's parameters as safetensors."""
+    """`peer --task sine_task:build` (the README's example) runs, its eval loss falls, `peer
+    export` writes the checkpoint's parameters as safetensors, and so does --export-every."""
     env = {**os.environ, "PYTHONPATH": f"{EXAMPLES}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
     metrics, ckpts = tmp_path / "m.jsonl", tmp_path / "ckpt"
     cmd = [sys.executable, "-m", "peer.cli", "--task", "sine_task:build", "--target-steps", "60", "--max-rounds", "4",
            "--inner-lr", "3e-3", "--warmup-samples", "10", "--threads", "1", "--host", "127.0.0.1",
            "--dht-host-maddrs", "/ip4/127.0.0.1/tcp/0", "--metrics-file", str(metrics), "--checkpoint-dir", str(ckpts),
-           "--checkpoint-every", "1", "--run-id", "sine"]
+           "--checkpoint-every", "1", "--run-id", "sine", "--export-every", "2", "--export-dir", str(tmp_path / "live")]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
@@ -144,4 +144,6 @@ def test_user_task_trains_in_a_real_peer_and_exports(tmp_path: Path) -> None:
         sys.path.remove(str(EXAMPLES))
     model = task.build_model()
     model.load_state_dict(load_file(out / "model.safetensors"))
+    assert torch.equal(flatten_params(model), latest(ckpts).state.theta)
+    model.load_state_dict(load_file(tmp_path / "live" / "model.safetensors"))  # --export-every 2: round 4's
     assert torch.equal(flatten_params(model), latest(ckpts).state.theta)
