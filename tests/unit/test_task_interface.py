@@ -147,3 +147,22 @@ def test_user_task_trains_in_a_real_peer_and_exports(tmp_path: Path) -> None:
     assert torch.equal(flatten_params(model), latest(ckpts).state.theta)
     model.load_state_dict(load_file(tmp_path / "live" / "model.safetensors"))  # --export-every 2: round 4's
     assert torch.equal(flatten_params(model), latest(ckpts).state.theta)
+
+
+def test_fp16_autocast_with_the_grad_scaler_trains_on_cpu() -> None:
+    """The --precision fp16 path (autocast + GradScaler) that a GPU without bf16 takes, run on the
+    CPU: the loss falls, master weights stay float32; an inf gradient skips the step."""
+    task = gpt_task()
+    model = task.build_model()
+    opt = torch.optim.AdamW(optimizer_groups(list(model.parameters()), 0.1), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    batch, cpu = task.train_stream().next_batch(), torch.device("cpu")
+    losses = [train_step(task, model, opt, scaler, [batch], cpu, torch.float16) for _ in range(5)]
+    assert losses[-1] < losses[0] and all(p.dtype == torch.float32 for p in model.parameters())
+    before, scale = flatten_params(model), scaler.get_scale()
+    with torch.no_grad():
+        model.wte.weight[0, 0] = float("inf")  # every gradient becomes non-finite: the step is skipped
+    train_step(task, model, opt, scaler, [batch], cpu, torch.float16)
+    expected = before.clone()
+    expected[0] = float("inf")  # wte comes first in the flat order
+    assert scaler.get_scale() < scale and torch.equal(flatten_params(model), expected)
