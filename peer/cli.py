@@ -200,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         from peer.export import main as export_main
 
         return export_main(argv[1:])
+    if argv[:1] == ["plot"]:
+        from peer.plot import main as plot_main
+
+        return plot_main(argv[1:])
     try:
         cfg, explicit = parse_config(argv)
     except ConfigError as e:
