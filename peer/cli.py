@@ -179,7 +179,7 @@ def _model_and_tokenizer_files(peer_kw: dict[str, Any], spec_kw: dict[str, Any])
         return
     from peer.tasks.base import TaskError  # imports torch: only when files are named
     from peer.tasks.hf import read_model_folder
-    from peer.tasks.text import tokenizer_hash
+    from peer.tasks.tokenizer import tokenizer_hash
 
     try:
         if "model" in spec_kw and spec_kw["model"] not in MODELS:

@@ -146,15 +146,6 @@ def run(cfg: PeerConfig, explicit: set[str]) -> int:
     return code
 
 
-def _own_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("diloco-p2p")
-    except PackageNotFoundError:
-        return "(not installed)"
-
-
 def versions() -> str:
     """The versions a bug report needs, read from the installed packages (nothing is imported)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -163,16 +154,17 @@ def versions() -> str:
         try:
             return version(name)
         except PackageNotFoundError:
-            return "missing"
+            return "(not installed)"
 
     names = ("torch", "grpcio", "protobuf", "hivemind", "transformers", "datasets")
-    return f"python {sys.version.split()[0]}, " + ", ".join(f"{n} {of(n)}" for n in names)
+    return f"diloco-p2p peer {of('diloco-p2p')}; python {sys.version.split()[0]}, " + ", ".join(
+        f"{n} {of(n)}" for n in names)
 
 
 def _start_and_train(cfg: PeerConfig, explicit: set[str], parts: _Parts) -> int:
     from peer.dht import DHTStartError, create_dht, join_addresses
 
-    log.info("diloco-p2p peer %s; %s", _own_version(), versions())
+    log.info("%s", versions())
     try:  # hivemind forks its DHT process: before any thread, gRPC object or CUDA context
         parts.dht = dht = create_dht(
             initial_peers=list(cfg.initial_peers), host_maddrs=list(cfg.dht_host_maddrs),

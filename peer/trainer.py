@@ -56,6 +56,11 @@ def task_options(cfg: PeerConfig, spec: RunSpec, peer_key: str) -> TaskOptions:
                        peer_key=peer_key)
 
 
+def autocast(device: torch.device, amp_dtype: torch.dtype) -> torch.autocast:
+    """Autocast to amp_dtype (--precision); off for float32."""
+    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
+
+
 def train_step(task: Task, model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                batches: list, device: torch.device, amp_dtype: torch.dtype) -> float:
     """One optimizer step on the mean loss of `batches` (gradient accumulation: each micro-batch's
@@ -64,7 +69,7 @@ def train_step(task: Task, model: torch.nn.Module, opt: torch.optim.Optimizer, s
     opt.zero_grad(set_to_none=True)
     total = torch.zeros((), device=device)
     for batch in batches:
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+        with autocast(device, amp_dtype):
             loss = task.loss(model, to_device(batch, device))
         scaler.scale(loss / len(batches)).backward()
         total += loss.detach().float()
@@ -125,9 +130,6 @@ class Trainer:
     def local_params(self) -> torch.Tensor:
         """The model's parameters in the host buffer (valid until the next call)."""
         return flatten_params(self.params, out=self.host)
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32)
 
     # ---- state --------------------------------------------------------------------------
     def fresh_state(self) -> GlobalState:
@@ -293,7 +295,7 @@ class Trainer:
         if not self.eval_set:
             return float("nan")
         self.model.eval()
-        with self.autocast():
+        with autocast(self.device, self.amp_dtype):
             losses = [float(self.task.loss(self.model, to_device(b, self.device))) for b in self.eval_set]
         self.model.train()
         return sum(losses) / len(losses)

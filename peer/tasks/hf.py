@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from peer.config import config_hash as _config_hash
+from peer.config import config_hash  # the run spec checks model_hash with this same function
 from peer.tasks.base import TaskError
 
 if TYPE_CHECKING:
@@ -64,9 +64,6 @@ class SavesTokenizer(Protocol):
 def canonical_config(config: dict[str, Any]) -> str:
     """The canonical JSON text of a config dict (see ModelFolder.config_json)."""
     return json.dumps(_drop_ignored(config), sort_keys=True, separators=(",", ":"))
-
-
-config_hash = _config_hash  # the run spec checks model_hash with this same function
 
 
 def read_model_folder(path: str) -> ModelFolder:

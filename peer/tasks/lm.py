@@ -35,7 +35,7 @@ class _LMTask(Task):
                             "a folder holding the same tokenizer files as the other peers")
         self.tokenizer = None  # byte-level: peer.tasks.text (and datasets) load only when data is read
         if options.tokenizer_path:
-            from peer.tasks.text import load_tokenizer
+            from peer.tasks.tokenizer import load_tokenizer
 
             self.tokenizer = load_tokenizer(options.tokenizer_path)
             if self.tokenizer.hash != options.tokenizer_hash:
@@ -62,7 +62,8 @@ class _LMTask(Task):
     def open_data(self) -> None:
         """The streams from --data/--eval-data, read, checked and cut (the trainer asks for them
         before the peer joins, so bad data stops it there); `peer export` never opens them."""
-        from peer.tasks.text import ByteTokenizer, text_streams
+        from peer.tasks.text import text_streams
+        from peer.tasks.tokenizer import ByteTokenizer
 
         o = self.options
         self._stream, self._eval, self._data_text = text_streams(
