@@ -21,6 +21,7 @@ demo: $(STAMP)
 	$(PY) -m peer.demo
 
 test: $(STAMP)
+	bash scripts/system_deps.sh
 	$(VENV)/bin/ruff check peer bootstrap tests bench
 	$(PY) -m pytest -q --durations=15 tests
 
