@@ -32,6 +32,7 @@ FLAGS: list[tuple[str, Any, str]] = [
     ("host", str, "interface of the gRPC server (default 0.0.0.0)"),
     ("port", int, "gRPC port; 0 picks a free one"),
     ("announce-addr", str, "host:port other peers dial for gRPC (default: derived from the DHT address)"),
+    ("http-port", int, "serve /status (JSON), /metrics (Prometheus) and the swarm page here (0 = off)"),
     ("batch-size", int, "sequences per inner step"),
     ("data", str, "a file or folder of .txt, .jsonl/.json or .parquet (streamed); default: Python's "
                   "standard library source"),

@@ -92,6 +92,7 @@ class PeerConfig:
     host: str = "0.0.0.0"
     port: int = 0
     announce_addr: str = ""          # host:port others dial for gRPC; derived when empty
+    http_port: int = 0               # /status, /metrics and the swarm page on this port; 0 = no HTTP server
     client_mode: bool = False        # no inbound connections: sends and fetches, owns nothing
     batch_size: int = 8
     data: str = ""                   # a file or folder of .txt/.jsonl/.json/.parquet; empty = built-in corpus
@@ -166,6 +167,8 @@ def validate_peer(c: PeerConfig) -> None:
             _check(_MADDR.match(addr) is not None, name, addr,
                    "a multiaddr such as /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW...")
     _check(0 <= c.port <= 65535, "port", c.port, "0 (pick a free port) to 65535")
+    _check(0 <= c.http_port <= 65535, "http_port", c.http_port, "0 (no HTTP server) or a port up to 65535")
+    _check(c.http_port == 0 or c.http_port != c.port, "http_port", c.http_port, "a port other than --port")
     _check(c.announce_addr == "" or _HOSTPORT.match(c.announce_addr) is not None, "announce_addr",
            c.announce_addr, "host:port, e.g. 203.0.113.5:7000")
     _check(c.batch_size >= 1, "batch_size", c.batch_size, "an integer >= 1")

@@ -180,8 +180,8 @@ def _start_and_train(cfg: PeerConfig, explicit: set[str], parts: _Parts) -> int:
     from peer.trainer import Trainer
 
     parts.node = node = Node(cfg, dht)
-    node.start()
     try:
+        node.start()
         spec = node.resolve_spec(cfg.spec, explicit)
     except ConfigError as e:
         log.error("%s", e)

@@ -13,6 +13,7 @@ import torch
 from hivemind.utils import get_dht_time
 
 from peer.config import ConfigError, PeerConfig, RunSpec, spec_conflicts
+from peer.monitor import Monitor
 from peer.net import swarm
 from peer.net.core import GRANT_FRESH_S, PROBE_TIMEOUT_S, NetCore
 from peer.net.keeper import BACKOFF_S, STATE_TIMEOUT_S, CannotKeepUp, Keeper, RoundResult  # noqa: F401
@@ -20,6 +21,7 @@ from peer.net.loop import Deadline, NetLoop
 from peer.net.round import MAX_CARRY_ROUNDS, Outcome  # noqa: F401 - the trainer's view of a round
 from peer.net.server import start_server
 from peer.outer import GlobalState
+from peer.web import WebServer
 
 log = logging.getLogger(__name__)
 SPEC_SETTLE_S = 3.0   # how long competing spec proposals may take to show up in the DHT
@@ -43,6 +45,8 @@ class Node:
         self.net = NetLoop()
         self.core = NetCore(dht, cfg, self.peer_id)
         self._server: Any = None
+        self.monitor = Monitor()   # on the loop: the last round and the totals, for /status
+        self.web: WebServer | None = None   # --http-port
         self._refresher: Any = None
         self.keeper: Keeper | None = None   # made once the run spec is known (start_state)
         self.round_started = 0.0
@@ -54,6 +58,13 @@ class Node:
 
         async def _start() -> int:  # kept on the loop at once: `stop` finds it even if a signal cut the wait
             self._server, port = await start_server(self.core, self.cfg.host, self.cfg.port)
+            if self.cfg.http_port:
+                self.web = self.make_web()
+                try:
+                    await self.web.start(self.cfg.host, self.cfg.http_port)
+                except OSError as e:
+                    raise ConfigError(f"--http-port {self.cfg.http_port}: cannot listen on it ({e.strerror or e}); "
+                                      "pick a free port or 0 for no HTTP server") from None
             return port
 
         port = self.net.call(_start(), 30)
@@ -81,6 +92,8 @@ class Node:
                     await asyncio.wait_for(self.core.publish(), goodbye_s)
                 except Exception as e:
                     log.info("could not tell the swarm that we leave: %s", str(e) or type(e).__name__)
+            if self.web is not None:
+                await self.web.stop()
             if self._server is not None:
                 await self._server.stop(grace_s)
                 self._server = None
@@ -92,6 +105,20 @@ class Node:
             except Exception as e:
                 log.warning("stopping the gRPC server and channels: %s", str(e) or type(e).__name__)
         self.net.stop()
+
+    def make_web(self) -> WebServer:
+        """The routes of --http-port; every handler runs on the loop."""
+        web = WebServer()
+
+        async def status(_request):
+            return self.monitor.status(self.core)
+
+        web.add_json("/status", status)
+        return web
+
+    def report_round(self, row: dict) -> None:
+        """Hands the round's metrics row (a dict nobody changes afterwards) to the loop."""
+        self.net.loop.call_soon_threadsafe(self.monitor.observe, row)
 
     # ---- the run spec -------------------------------------------------------------------
     def resolve_spec(self, wanted: RunSpec, explicit: set[str], timeout_s: float = 30.0) -> RunSpec:
