@@ -80,6 +80,10 @@ FLAGS: list[tuple[str, Any, str]] = [
 ]
 
 
+# `peer NAME ...`: each module's main(argv) -> exit status; anything else runs a peer.
+SUBCOMMANDS = {"export": "peer.export", "plot": "peer.plot", "doctor": "peer.doctor"}
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
         self.exit(EXIT_CONFIG, f"peer: error: {message} (see peer --help)\n")
@@ -197,14 +201,10 @@ def _model_and_tokenizer_files(peer_kw: dict[str, Any], spec_kw: dict[str, Any])
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["export"]:
-        from peer.export import main as export_main
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        import importlib
 
-        return export_main(argv[1:])
-    if argv[:1] == ["plot"]:
-        from peer.plot import main as plot_main
-
-        return plot_main(argv[1:])
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     try:
         cfg, explicit = parse_config(argv)
     except ConfigError as e:

@@ -306,3 +306,17 @@ class ProgressReply(_message.Message):
     total_steps: int
     current_round: int
     def __init__(self, leader: _Optional[bool] = ..., allowed_steps: _Optional[int] = ..., close: _Optional[bool] = ..., total_steps: _Optional[int] = ..., current_round: _Optional[int] = ...) -> None: ...
+
+class LinkChunk(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class LinkReply(_message.Message):
+    __slots__ = ("bytes", "seconds")
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    bytes: int
+    seconds: float
+    def __init__(self, bytes: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...

@@ -74,6 +74,11 @@ class PeerStub:
                 request_serializer=peer__pb2.ProgressRequest.SerializeToString,
                 response_deserializer=peer__pb2.ProgressReply.FromString,
                 _registered_method=True)
+        self.LinkTest = channel.stream_unary(
+                '/diloco.Peer/LinkTest',
+                request_serializer=peer__pb2.LinkChunk.SerializeToString,
+                response_deserializer=peer__pb2.LinkReply.FromString,
+                _registered_method=True)
 
 
 class PeerServicer:
@@ -139,6 +144,14 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LinkTest(self, request_iterator, context):
+        """Link rate (peer doctor): the caller streams bytes for a few seconds; the callee drops them
+        and says how many arrived over how long (bounded in bytes, seconds and callers at once).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -181,6 +194,11 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.Progress,
                     request_deserializer=peer__pb2.ProgressRequest.FromString,
                     response_serializer=peer__pb2.ProgressReply.SerializeToString,
+            ),
+            'LinkTest': grpc.stream_unary_rpc_method_handler(
+                    servicer.LinkTest,
+                    request_deserializer=peer__pb2.LinkChunk.FromString,
+                    response_serializer=peer__pb2.LinkReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -399,6 +417,33 @@ class Peer:
             '/diloco.Peer/Progress',
             peer__pb2.ProgressRequest.SerializeToString,
             peer__pb2.ProgressReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LinkTest(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/diloco.Peer/LinkTest',
+            peer__pb2.LinkChunk.SerializeToString,
+            peer__pb2.LinkReply.FromString,
             options,
             channel_credentials,
             insecure,
