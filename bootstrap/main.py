@@ -81,7 +81,7 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        for address in join_addresses(dht):
+        for address in join_addresses(dht, initial_peers=args.initial_peers):
             print(f"Join through: {address}", flush=True)
         while not stop.is_set():
             try:
