@@ -285,3 +285,17 @@ def test_addresses_that_cannot_work_are_refused_before_joining():
     validate_peer(PeerConfig(host="127.0.0.1", initial_peers=remote, announce_addr="203.0.113.9:7000"))
     validate_peer(PeerConfig(host="127.0.0.1", initial_peers=remote, client_mode=True))
     validate_peer(PeerConfig(host="127.0.0.1", initial_peers=(remote[0].replace("203.0.113.5", "127.0.0.1"),)))
+
+
+def test_join_through_lines_are_never_loopback_for_a_swarm_elsewhere():
+    from peer.dht import create_dht, join_addresses
+
+    dht = create_dht(initial_peers=[], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    try:
+        local = join_addresses(dht)
+        assert local and all(a.startswith("/ip4/127.0.0.1/") for a in local), "all it has, for a local swarm"
+        far = ["/ip4/203.0.113.5/tcp/31337/p2p/12D3KooWJtMwoydwm5Qu2ZPWAD2aGhj5YsVd8KxPWb2wgPwyfFyM"]
+        assert join_addresses(dht, initial_peers=far) == []
+        assert join_addresses(dht, initial_peers=[local[0]]) == local
+    finally:
+        dht.shutdown()
