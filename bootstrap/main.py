@@ -95,7 +95,7 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     web = None
     try:
-        addresses = join_addresses(dht)
+        addresses = join_addresses(dht, initial_peers=args.initial_peers)
         for address in addresses:
             print(f"Join through: {address}", flush=True)
         status = {"role": "bootstrap", "peer_id": dht.peer_id.to_base58(), "join": addresses, "dht_peers": 0,

@@ -171,6 +171,7 @@ def validate_peer(c: PeerConfig) -> None:
     _check(c.http_port == 0 or c.http_port != c.port, "http_port", c.http_port, "a port other than --port")
     _check(c.announce_addr == "" or _HOSTPORT.match(c.announce_addr) is not None, "announce_addr",
            c.announce_addr, "host:port, e.g. 203.0.113.5:7000")
+    _check_reach(c)
     _check(c.batch_size >= 1, "batch_size", c.batch_size, "an integer >= 1")
     _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", c.device) is not None, "device", c.device,
            "auto, cpu, cuda or cuda:N")
@@ -191,6 +192,24 @@ def validate_peer(c: PeerConfig) -> None:
     _check(c.text_field != "", "text_field", c.text_field, "a field name, e.g. text")
     _check(0.5 <= c.join_window_s <= 300, "join_window_s", c.join_window_s, "seconds in [0.5, 300]")
     validate_spec(c.spec)
+
+
+def _check_reach(c: PeerConfig) -> None:
+    """Addresses that cannot work together: a client-mode peer needs a swarm to join (nobody could
+    dial it to get the state it would start), and a gRPC server on loopback only cannot serve a
+    swarm elsewhere unless --announce-addr names where a forwarded port reaches it."""
+    from peer.net.announce import WILDCARDS, is_loopback, maddr_host, remote_swarm
+
+    if c.client_mode and not c.initial_peers:
+        raise ConfigError("--client-mode needs --initial-peers: a client-mode peer accepts no connections, so it "
+                          "cannot start a run (nobody could download its state); start the run on a reachable "
+                          "machine and join it")
+    remote = [h for h in (maddr_host(p) for p in c.initial_peers) if h and not is_loopback(h)]
+    if (remote_swarm(remote) and c.host not in WILDCARDS and is_loopback(c.host) and not c.announce_addr
+            and not c.client_mode):
+        raise ConfigError(f"--host {c.host} listens on loopback only, but the initial peers are elsewhere "
+                          f"({remote[0]}): they could not reach this peer. Use --host 0.0.0.0 (or this machine's "
+                          "address), or --client-mode, or --announce-addr HOST:PORT where a forwarded port reaches it")
 
 
 def config_hash(config_json: str) -> str:

@@ -36,7 +36,7 @@ class Monitor:
         state_round = core.snapshot.header.round if core.snapshot is not None else -1
         return {
             "peer_id": core.peer_id, "run_id": core.run_id, "address": core.address,
-            "client_mode": core.cfg.client_mode, "spec_hash": core.spec_hash,
+            "client_mode": core.client_mode, "spec_hash": core.spec_hash,
             "round": core.round, "phase": core.phase, "state_round": state_round,
             "steps": core.steps, "samples": core.samples, "steps_per_s": core.rate if core.training else 0.0,
             "peers_in_view": len(core.live_peers()),

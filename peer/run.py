@@ -189,8 +189,12 @@ def _start_and_train(cfg: PeerConfig, explicit: set[str], parts: _Parts) -> int:
     except IncompatibleRunError as e:
         log.error("%s", e)
         return EXIT_INCOMPATIBLE
-    for addr in join_addresses(dht):
+    joins = [] if cfg.client_mode else join_addresses(dht, initial_peers=cfg.initial_peers)
+    for addr in joins:  # nobody can join through a client-mode peer: it accepts no connections
         print(f"Join through: {addr}", flush=True)
+    if not joins and not cfg.client_mode:
+        log.warning("no Join through: address to print: the DHT listens on loopback only (%s) and the swarm is "
+                    "elsewhere; use --dht-host-maddrs /ip4/0.0.0.0/tcp/PORT", " ".join(cfg.dht_host_maddrs))
     try:
         parts.trainer = Trainer(cfg, spec, node, StopRequest)
     except (ConfigError, ValueError) as e:  # a per-peer setting this machine cannot honour (--device, --data)

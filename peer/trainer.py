@@ -317,6 +317,7 @@ class Trainer:
                "bytes_sent": o.bytes_sent, "bytes_received": o.bytes_received, "round_seconds": round_s,
                "average_seconds": avg_s, "digest": state.digest(), "state_round": state.round, "global_samples": state.global_samples,
                "leader": o.roster.leader if o.roster is not None else "",
+               "owners": list(o.roster.owners) if o.roster is not None else [],
                "contributors": o.contributors, "dropped": o.dropped, "divergences": self.divergences,
                "time": time.time()}
         self.node.report_round(row)   # handed over: never changed after this

@@ -78,6 +78,9 @@ class Servicer(peer_pb2_grpc.PeerServicer):
     async def Health(self, request: pb.HealthRequest, context):
         return self.core.health()
 
+    async def DialBack(self, request: pb.DialBackRequest, context):
+        return await self._guard(context, "DialBack", self.core.dialer.handle(request, context.peer()))
+
     async def LinkTest(self, request_iterator, context):
         return await self._guard(context, "LinkTest", self.link_tests.handle(request_iterator))
 
