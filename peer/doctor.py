@@ -120,29 +120,25 @@ def run(cfg, timeout_s: float) -> list[Check]:
             n = -1
         checks.append(Check("DHT", PASS, f"joined in {time.monotonic() - t:.1f} s"
                             + (f"; {n} other DHT peer(s) in the routing table" if n >= 0 else "")))
-        from peer.net.loop import NetLoop
+        from peer.net.node import Node
 
-        loop = NetLoop("doctor")
-        loop.start()
+        node = Node(cfg, dht)   # the gRPC server and the address a peer with these flags would announce
         try:
-            checks += loop.call(_network_checks(dht, cfg), 120)
+            node.start()
+            checks += node.net.call(_network_checks(node), 120)
         finally:
-            loop.stop()
+            node.stop()
     finally:
         dht.shutdown()
     return checks
 
 
-async def _network_checks(dht, cfg) -> list[Check]:
+async def _network_checks(node) -> list[Check]:
     from peer.config import PROTOCOL_VERSION, RunSpec
     from peer.net import swarm
-    from peer.net.core import NetCore
-    from peer.net.node import announce_host
-    from peer.net.server import start_server
 
+    core, cfg, dht = node.core, node.cfg, node.dht
     checks: list[Check] = []
-    peer_id = dht.peer_id.to_base58()
-    # the run
     spec = None
     try:
         proposals = await swarm.read(dht, swarm.spec_key(cfg.run_id), 10.0)
@@ -158,14 +154,15 @@ async def _network_checks(dht, cfg) -> list[Check]:
             checks.append(Check("run", FAIL, f"run {cfg.run_id}: {e}",
                                 f"install the diloco-p2p version the run uses (this one speaks protocol "
                                 f"{PROTOCOL_VERSION}) or pick another --run-id"))
-    elif proposals == {} and not checks:
+    elif not checks:
         checks.append(Check("run", WARN, f"no run named {cfg.run_id!r} in the DHT",
                             "a peer started with this --run-id starts the run; check the name if you meant to join one"))
     try:
         view = await swarm.read_peers(dht, cfg.run_id, 5.0)
     except TimeoutError:
         view = {}
-    live = [r for r in view.values() if r.fresh() and r.peer_id != peer_id and (spec is None or r.spec == spec.hash())]
+    live = [r for r in view.values() if r.fresh() and r.peer_id != core.peer_id
+            and (spec is None or r.spec == spec.hash())]
     serving = [r for r in live if r.addr and not r.client]
     if spec is not None:
         model = spec.model if spec.model != "hf" else f"hf {spec.model_hash}"
@@ -175,57 +172,38 @@ async def _network_checks(dht, cfg) -> list[Check]:
         for name in ("gRPC port", "DHT port", "clock", "link"):
             checks.append(Check(name, SKIP, "no serving peer of the run to check against"))
         return checks
-
-    core = NetCore(dht, cfg, peer_id)
-    server, port = await start_server(core, cfg.host, cfg.port)
-    try:
-        host = cfg.host if cfg.host not in ("0.0.0.0", "::", "") else announce_host(dht)
-        address = cfg.announce_addr or f"{host}:{port}"
-        dht_ports = _dht_tcp_addresses(dht, host)
-        if cfg.client_mode:
-            checks.append(Check("gRPC port", SKIP, "client mode: no inbound connections needed"))
-            checks.append(Check("DHT port", SKIP, "client mode: the DHT node accepts no inbound connections"))
-        else:
-            checks += await _dial_back(core, serving, peer_id, address, dht_ports, cfg)
-        checks.append(await _clock(core, serving))
-        checks.append(await _link(core, serving[0], spec))
-    finally:
-        await server.stop(1.0)
-        await core.channels.close()
+    if cfg.client_mode:
+        checks.append(Check("gRPC port", SKIP, "client mode: no inbound connections needed"))
+        checks.append(Check("DHT port", SKIP, "client mode: the DHT node accepts no inbound connections"))
+    elif not core.address:
+        checks.append(Check("gRPC port", FAIL, "no address of this machine routes to the initial peers",
+                            "pass --announce-addr PUBLIC_IP:PORT, or use --client-mode"))
+    else:
+        checks += await _dial_back(core, serving, [core.dht_address] if core.dht_address else [])
+    checks.append(await _clock(core, serving))
+    checks.append(await _link(core, serving[0], spec))
     return checks
 
 
-def _dht_tcp_addresses(dht, host: str) -> list[str]:
-    """host:port of our DHT node's TCP listeners, as the peers would dial them."""
-    from peer.dht import join_addresses
+async def _dial_back(core, serving, dht_addresses: list[str]) -> list[Check]:
+    import grpc
 
-    ports = []
-    for maddr in join_addresses(dht):
-        parts = maddr.split("/")
-        if "tcp" in parts:
-            ports.append(parts[parts.index("tcp") + 1])
-    return [f"{host}:{p}" for p in dict.fromkeys(ports)]
-
-
-async def _dial_back(core, serving, peer_id: str, address: str, dht_addresses: list[str], cfg) -> list[Check]:
-    from peer._proto import peer_pb2 as pb
+    from peer.net import reach
     from peer.net.client import describe_rpc_error
 
     asked: list[str] = []
     for rec in serving[:DIAL_PEERS]:
         try:
-            reply = await core.channels.stub(rec.addr).DialBack(
-                pb.DialBackRequest(peer_id=peer_id, grpc_address=address, tcp_addresses=dht_addresses, timeout_s=3.0),
-                timeout=15.0)
-        except Exception as e:
-            asked.append(f"{rec.peer_id[-6:]}: {describe_rpc_error(e) if hasattr(e, 'code') else e}")
+            reply = await reach.ask(core.channels, rec.addr, core.peer_id, core.address, dht_addresses)
+        except grpc.aio.AioRpcError as e:
+            asked.append(f"{rec.peer_id[-6:]}: {describe_rpc_error(e)}")
             continue
-        return [_dial_check(r, rec.peer_id, reply.caller_host, cfg) for r in reply.results]
+        return [_dial_check(r, rec.peer_id, reply.caller_host) for r in reply.results]
     return [Check("gRPC port", FAIL, "no peer answered our dial-back request: " + "; ".join(asked),
                   "the peers may run an older version; try again, or ask the run's operator")]
 
 
-def _dial_check(result, by: str, seen_as: str, cfg) -> Check:
+def _dial_check(result, by: str, seen_as: str) -> Check:
     from peer._proto import peer_pb2 as pb
 
     name = "gRPC port" if result.grpc else "DHT port"
@@ -233,7 +211,7 @@ def _dial_check(result, by: str, seen_as: str, cfg) -> Check:
     if result.status == pb.DialResult.OK:
         return Check(name, PASS, f"{result.address} reachable from peer {by[-6:]} ({result.ms:.0f} ms)")
     status = pb.DialResult.Status.Name(result.status).lower().replace("_", " ")
-    what = f"port {port} at {result.address} is not reachable from peer {by[-6:]}: {status}" + (
+    what = f"{result.address} is not reachable from peer {by[-6:]}: {status}" + (
         f" ({result.detail})" if result.detail else "")
     if result.status == pb.DialResult.NOT_CALLER:
         fix = (f"the peer sees this machine as {seen_as}: announce that host ("
@@ -248,20 +226,16 @@ def _dial_check(result, by: str, seen_as: str, cfg) -> Check:
 
 
 async def _clock(core, serving) -> Check:
-    from hivemind.utils import get_dht_time
-
-    from peer._proto import peer_pb2 as pb
+    from peer.net import reach
 
     offsets = []
     for rec in serving[:5]:
-        t0 = get_dht_time()
         try:
-            h = await core.channels.stub(rec.addr).Health(pb.HealthRequest(), timeout=3.0)
-        except Exception:
+            sample = await reach.clock_sample(core.channels.stub(rec.addr), 3.0)
+        except Exception:  # a peer that does not answer says nothing about clocks
             continue
-        t1 = get_dht_time()
-        if h.time > 0:
-            offsets.append(h.time - (t0 + t1) / 2)
+        if sample is not None:
+            offsets.append(sample.offset_s)
     if not offsets:
         return Check("clock", SKIP, "no peer reported its clock (older versions do not)")
     skew = statistics.median(offsets)
@@ -295,7 +269,8 @@ async def _link(core, rec, spec) -> Check:
     update = get_codec(spec.codec).encoded_size(header.numel)
     # a round moves about one update each way per member (reduce-scatter up, all-gather down)
     each_s = max(update * 8 / max(up, 1e-6) / 1e6, update * 8 / max(down, 1e-6) / 1e6)
-    line += f"; one round's update ({spec.codec}, {update / 1e6:.1f} MB) takes about {each_s:.1f} s each way"
+    took = f"{each_s:.1f} s" if each_s >= 1 else f"{each_s * 1000:.0f} ms"
+    line += f"; one round's update ({spec.codec}, {update / 1e6:.2f} MB) takes about {took} each way"
     if each_s > spec.max_round_seconds:
         return Check("link", WARN, line, "this link moves one update slower than a round lasts: the peer will say it "
                      "cannot keep up (exit 4); use a faster link or a run with a smaller model / stronger codec")
@@ -303,21 +278,22 @@ async def _link(core, rec, spec) -> Check:
 
 
 async def _download(stub, pb):
-    """Streams the peer's state for at most LINK_TEST_S or LINK_TEST_BYTES; (bytes, seconds, header)."""
+    """Streams the peer's state (again and again, if it is small) for at most LINK_TEST_S or
+    LINK_TEST_BYTES; (payload bytes, seconds, header)."""
     header, got = None, 0
     t0 = time.monotonic()
-    call = stub.GetState(pb.StateRequest(min_round=0, requester="doctor", offset=0, length=LINK_TEST_BYTES),
-                         timeout=LINK_TEST_S + 10)
-    try:
-        async for chunk in call:
-            if chunk.HasField("header"):
-                header = chunk.header
-                t0 = time.monotonic()   # the rate counts payload only
-            got += len(chunk.data)
-            if time.monotonic() - t0 > LINK_TEST_S:
-                break
-    finally:
-        call.cancel()
+    while got < LINK_TEST_BYTES and time.monotonic() - t0 < LINK_TEST_S:
+        call = stub.GetState(pb.StateRequest(min_round=0, requester="doctor", sha256=header.sha256 if header else ""),
+                             timeout=LINK_TEST_S + 10)
+        try:
+            async for chunk in call:
+                if chunk.HasField("header"):
+                    header = chunk.header
+                got += len(chunk.data)
+                if got >= LINK_TEST_BYTES or time.monotonic() - t0 > LINK_TEST_S:
+                    break
+        finally:
+            call.cancel()
     return got, time.monotonic() - t0, header
 
 
