@@ -201,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         from peer.export import main as export_main
 
         return export_main(argv[1:])
+    if argv[:1] == ["status"]:
+        from peer.status import main as status_main
+
+        return status_main(argv[1:])
     if argv[:1] == ["plot"]:
         from peer.plot import main as plot_main
 
