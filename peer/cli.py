@@ -82,7 +82,7 @@ FLAGS: list[tuple[str, Any, str]] = [
 
 
 # `peer NAME ...`: each module's main(argv) -> exit status; anything else runs a peer.
-SUBCOMMANDS = {"export": "peer.export", "plot": "peer.plot", "doctor": "peer.doctor"}
+SUBCOMMANDS = {"export": "peer.export", "plot": "peer.plot", "doctor": "peer.doctor", "status": "peer.status"}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -120,7 +120,9 @@ class PeerConfig:
     spec: RunSpec = field(default_factory=RunSpec)
 
 
-_MADDR = re.compile(r"^/(ip4|ip6|dns|dns4|dns6)/[^/]+/(tcp|udp)/\d+(/.*)?$")
+RUN_ID = re.compile(r"[A-Za-z0-9_.\-]{1,64}")   # a run id, also in DHT keys and URLs
+RUN_ID_RULE = "1 to 64 letters, digits, '.', '_' or '-'"
+MADDR = re.compile(r"^/(ip4|ip6|dns|dns4|dns6)/[^/]+/(tcp|udp)/\d+(/.*)?$")
 _HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
 
 
@@ -160,11 +162,10 @@ def validate_spec(s: RunSpec) -> None:
 
 
 def validate_peer(c: PeerConfig) -> None:
-    _check(re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", c.run_id) is not None, "run_id", c.run_id,
-           "1 to 64 letters, digits, '.', '_' or '-'")
+    _check(RUN_ID.fullmatch(c.run_id) is not None, "run_id", c.run_id, RUN_ID_RULE)
     for name in ("initial_peers", "dht_host_maddrs", "dht_announce_maddrs"):
         for addr in getattr(c, name):
-            _check(_MADDR.match(addr) is not None, name, addr,
+            _check(MADDR.match(addr) is not None, name, addr,
                    "a multiaddr such as /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW...")
     _check(0 <= c.port <= 65535, "port", c.port, "0 (pick a free port) to 65535")
     _check(0 <= c.http_port <= 65535, "http_port", c.http_port, "0 (no HTTP server) or a port up to 65535")

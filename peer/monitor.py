@@ -1,18 +1,30 @@
-"""What a peer tells about itself over HTTP (`/status`), kept on the network loop.
+"""What a peer tells about itself over HTTP (`/status`) and in its DHT history record, kept on
+the network loop.
 
 The trainer hands each round's metrics row (the object it writes to `--metrics-file`) to the
 loop with `Node.report_round` (a copy nobody changes afterwards: ARCHITECTURE.md section 2);
-`Monitor.observe` keeps the last one and the run's totals. `/status` joins them with the
-core's live fields, all read on the loop."""
+`Monitor.observe` keeps the last one, the run's totals and the recent rounds. `/status` joins
+them with the core's live fields, all read on the loop; `publish_forever` stores the recent
+rounds as `{run}.history` (the swarm page's curves and drops) after each round and before the
+record expires."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from typing import TYPE_CHECKING, Any
 
+from peer.net import swarm
+
 if TYPE_CHECKING:
+    import hivemind
+
     from peer.net.core import NetCore
+
+log = logging.getLogger(__name__)
+HISTORY_REFRESH_S = 10.0   # the history record is re-stored this often (it expires after RECORD_TTL_S)
 
 
 class Monitor:
@@ -22,10 +34,19 @@ class Monitor:
         self.outcomes: Counter[str] = Counter()   # rounds by outcome: applied, aborted, excluded
         self.bytes_sent = self.bytes_received = 0
         self.divergences = 0
+        self.rows: deque[list[Any]] = deque(maxlen=swarm.HISTORY_ROUNDS)   # compact rows, oldest first
+        self.drops: deque[list[Any]] = deque(maxlen=swarm.DROP_ROUNDS)     # [round, {peer: reason}]
+        self._changed: asyncio.Event | None = None   # made on the loop by publish_forever
 
     def observe(self, row: dict[str, Any]) -> None:
         """One round's metrics row, on the loop."""
         self.last = row
+        self.rows.append(swarm.history_row(row))
+        drops = swarm.round_drops(row)
+        if drops:
+            self.drops.append([int(row["round"]), drops])
+        if self._changed is not None:
+            self._changed.set()
         self.outcomes[str(row.get("outcome", ""))] += 1
         self.bytes_sent += int(row.get("bytes_sent") or 0)
         self.bytes_received += int(row.get("bytes_received") or 0)
@@ -45,3 +66,30 @@ class Monitor:
             "divergences": self.divergences, "last_round": self.last,
             "uptime_s": time.time() - self.started,
         }
+
+    def history(self) -> dict[str, Any]:
+        """The value of our `{run}.history` record (swarm.parse_history reads it back)."""
+        return {"rows": list(self.rows), "drops": list(self.drops), "t": time.time()}
+
+    async def publish_forever(self, dht: hivemind.DHT, run_id: str, peer_id: str) -> None:
+        """Stores the history record after every round and every HISTORY_REFRESH_S; a slow DHT is
+        logged once and tried again at the next turn. Runs until cancelled (Node.stop)."""
+        self._changed = asyncio.Event()
+        failed = ""
+        while True:
+            try:
+                await asyncio.wait_for(self._changed.wait(), HISTORY_REFRESH_S)
+            except asyncio.TimeoutError:
+                pass
+            self._changed.clear()
+            if not self.rows:
+                continue
+            try:
+                await swarm.store(dht, swarm.history_key(run_id), peer_id, self.history(), 5.0)
+                failed = ""
+            except TimeoutError as e:
+                if str(e) != failed:
+                    log.warning("publishing our round history: %s; trying again in %.0f s", e, HISTORY_REFRESH_S)
+                failed = str(e)
+            except Exception:  # a bug, not a slow DHT: say so with the traceback, and keep publishing
+                log.exception("publishing our round history failed")

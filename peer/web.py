@@ -80,9 +80,8 @@ class WebServer:
             raise
         sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
         self.port = sockets[0].getsockname()[1] if sockets else port
-        log.info("HTTP server on http://%s:%d (/status%s)", host, self.port,
-                 "".join(f", {r.resource.canonical}" for r in self.app.router.routes()
-                         if r.resource is not None and r.resource.canonical not in ("/status",)))
+        paths = dict.fromkeys(r.resource.canonical for r in self.app.router.routes() if r.resource is not None)
+        log.info("HTTP server on http://%s:%d (%s)", host, self.port, ", ".join(paths))   # GET and HEAD: once
         return self.port
 
     async def stop(self, timeout_s: float = 3.0) -> None:

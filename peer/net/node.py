@@ -12,6 +12,7 @@ import hivemind
 import torch
 from hivemind.utils import get_dht_time
 
+from peer import swarmview
 from peer.config import ConfigError, PeerConfig, RunSpec, spec_conflicts
 from peer.monitor import Monitor
 from peer.net import announce, swarm
@@ -70,6 +71,7 @@ class Node:
         self.monitor = Monitor()   # on the loop: the last round and the totals, for /status
         self.web: WebServer | None = None   # --http-port
         self._refresher: Any = None
+        self._historian: Any = None   # monitor.publish_forever: our {run}.history record
         self.keeper: Keeper | None = None   # made once the run spec is known (start_state)
         self.round_started = 0.0
 
@@ -96,6 +98,7 @@ class Node:
             host = split_host_port(self.core.address)[0]
             self.core.dht_address = dht_tcp_address(host, list(self.cfg.dht_announce_maddrs), visible)
         self._refresher = self.net.submit(self.core.refresh_forever())
+        self._historian = self.net.submit(self.monitor.publish_forever(self.dht, self.cfg.run_id, self.peer_id))
         said = "nothing (client mode)" if self.core.client_mode else self.core.address
         log.info("gRPC server listens on %s:%d, announced as %s", self.cfg.host, port, said)
         return self.core.address
@@ -135,6 +138,8 @@ class Node:
         async def _stop() -> None:
             if self._refresher is not None:  # its next record must not undo our goodbye
                 self._refresher.cancel()
+            if self._historian is not None:
+                self._historian.cancel()
             self.core.training, self.core.snapshot, self.core.address = False, None, ""
             if goodbye:  # tell the others we are gone: no leader, no donor
                 try:
@@ -163,6 +168,7 @@ class Node:
             return self.monitor.status(self.core)
 
         web.add_json("/status", status)
+        swarmview.add_routes(web, self.dht, self.cfg.run_id)   # the swarm page and its JSON
         return web
 
     def report_round(self, row: dict) -> None:
@@ -198,13 +204,9 @@ class Node:
             if self.cfg.initial_peers:
                 await asyncio.sleep(SPEC_SETTLE_S)
             proposals = await swarm.read(self.dht, key, 10.0) or {self.peer_id: mine}
-        valid = []
-        for v in proposals.values():
-            if isinstance(v, dict) and isinstance(v.get("created"), (int, float)) and isinstance(v.get("origin"), str):
-                valid.append(v)
-        if not valid:
+        winner = swarm.winning_spec(proposals)
+        if winner is None:
             raise RuntimeError(f"the run {self.cfg.run_id} has only malformed spec records in the DHT")
-        winner = min(valid, key=lambda v: (v["created"], v["origin"]))
         self._spec_record = self.core.spec_record = winner
         spec = RunSpec.from_record(winner["spec"])
         if winner["origin"] == self.peer_id:
