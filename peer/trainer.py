@@ -306,10 +306,11 @@ class Trainer:
         group = len(o.roster.members) if o.roster is not None else 0
         sps = stats.samples / stats.train_s if stats.train_s > 0 else 0.0
         tps = stats.tokens / stats.train_s if stats.train_s > 0 else 0.0
+        dropped = ", ".join(f"{p[-6:]} ({o.drop_reasons.get(p, '?')})" for p in o.dropped)
         log.info("round %d: %s, %d peers, loss %.4f, eval %.4f, %.0f samples/s, %.0f tokens/s, sent %.2f MB, "
                  "%.1f s (train %.1f s, %d steps; average %.1f s)%s", r, o.kind, group, stats.loss, eval_loss, sps, tps,
                  o.bytes_sent / 1e6, round_s, stats.train_s, stats.steps, avg_s,
-                 f"; dropped {', '.join(p[-6:] for p in o.dropped)}" if o.dropped else "")
+                 f"; dropped {dropped}" if dropped else "")
         row = {"round": r, "peer_id": self.node.peer_id, "outcome": o.kind, "group_size": group,
                "weight": weight, "total_weight": o.total_weight, "steps": stats.steps, "samples": stats.samples,
                "loss": _num(stats.loss), "eval_loss": _num(eval_loss), "samples_per_s": sps,
@@ -317,8 +318,8 @@ class Trainer:
                "bytes_sent": o.bytes_sent, "bytes_received": o.bytes_received, "round_seconds": round_s,
                "average_seconds": avg_s, "digest": state.digest(), "state_round": state.round, "global_samples": state.global_samples,
                "leader": o.roster.leader if o.roster is not None else "",
-               "contributors": o.contributors, "dropped": o.dropped, "divergences": self.divergences,
-               "time": time.time()}
+               "contributors": o.contributors, "dropped": o.dropped, "drop_reasons": dict(o.drop_reasons),
+               "divergences": self.divergences, "time": time.time()}
         self.node.report_round(row)   # handed over: never changed after this
         if not self.cfg.metrics_file:
             return
