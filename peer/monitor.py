@@ -1,9 +1,10 @@
-"""What a peer tells about itself over HTTP (`/status`), kept on the network loop.
+"""What a peer tells about itself over HTTP (`/status`, and `/metrics` through peer/metrics.py),
+kept on the network loop.
 
 The trainer hands each round's metrics row (the object it writes to `--metrics-file`) to the
 loop with `Node.report_round` (a copy nobody changes afterwards: ARCHITECTURE.md section 2);
 `Monitor.observe` keeps the last one and the run's totals. `/status` joins them with the
-core's live fields, all read on the loop."""
+core's live fields, all read on the loop. Nothing here is touched from another thread."""
 
 from __future__ import annotations
 
@@ -11,8 +12,13 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client import Histogram
+
 if TYPE_CHECKING:
     from peer.net.core import NetCore
+
+ROUND_BUCKETS_S = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, float("inf"))
+AVERAGE_BUCKETS_S = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60, 120, 300, float("inf"))
 
 
 class Monitor:
@@ -20,16 +26,28 @@ class Monitor:
         self.started = time.time()
         self.last: dict[str, Any] | None = None   # the last round's metrics row
         self.outcomes: Counter[str] = Counter()   # rounds by outcome: applied, aborted, excluded
+        self.drops: Counter[str] = Counter()      # dropped peers over all rounds, by reason (round.DROP_REASONS)
         self.bytes_sent = self.bytes_received = 0
+        self.samples = self.tokens = 0            # trained here, over all rounds
         self.divergences = 0
+        # in no registry: peer/metrics.py yields them with the rest at scrape time
+        self.round_seconds = Histogram("diloco_round_seconds", "Seconds per round, training and averaging",
+                                       buckets=ROUND_BUCKETS_S, registry=None)
+        self.average_seconds = Histogram("diloco_average_seconds", "Seconds per round from the hand-over of the "
+                                         "delta to the next state", buckets=AVERAGE_BUCKETS_S, registry=None)
 
     def observe(self, row: dict[str, Any]) -> None:
         """One round's metrics row, on the loop."""
         self.last = row
         self.outcomes[str(row.get("outcome", ""))] += 1
+        self.drops.update((row.get("drop_reasons") or {}).values())
         self.bytes_sent += int(row.get("bytes_sent") or 0)
         self.bytes_received += int(row.get("bytes_received") or 0)
+        self.samples += int(row.get("samples") or 0)
+        self.tokens += int(row.get("tokens") or 0)
         self.divergences = int(row.get("divergences") or 0)
+        self.round_seconds.observe(float(row.get("round_seconds") or 0.0))
+        self.average_seconds.observe(float(row.get("average_seconds") or 0.0))
 
     def status(self, core: NetCore) -> dict[str, Any]:
         """The peer now, as `/status` answers it."""
@@ -42,6 +60,6 @@ class Monitor:
             "peers_in_view": len(core.live_peers()),
             "deadlines": {"join_window_s": core.join_window_s(), "transfer_timeout_s": core.transfer_timeout_s()},
             "rounds": dict(self.outcomes), "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
-            "divergences": self.divergences, "last_round": self.last,
+            "drops": dict(self.drops), "divergences": self.divergences, "last_round": self.last,
             "uptime_s": time.time() - self.started,
         }

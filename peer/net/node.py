@@ -13,6 +13,7 @@ import torch
 from hivemind.utils import get_dht_time
 
 from peer.config import ConfigError, PeerConfig, RunSpec, spec_conflicts
+from peer.metrics import CONTENT_TYPE_LATEST, PeerMetrics
 from peer.monitor import Monitor
 from peer.net import swarm
 from peer.net.core import GRANT_FRESH_S, PROBE_TIMEOUT_S, NetCore
@@ -110,10 +111,16 @@ class Node:
         """The routes of --http-port; every handler runs on the loop."""
         web = WebServer()
 
+        metrics = PeerMetrics(self.monitor, self.core, lambda: self.keeper)
+
         async def status(_request):
             return self.monitor.status(self.core)
 
+        async def prometheus(_request):
+            return metrics.text()
+
         web.add_json("/status", status)
+        web.add_text("/metrics", prometheus, CONTENT_TYPE_LATEST)
         return web
 
     def report_round(self, row: dict) -> None:
