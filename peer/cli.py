@@ -50,6 +50,8 @@ FLAGS: list[tuple[str, Any, str]] = [
     ("metrics-file", str, "append one JSON object per round to this file"),
     ("max-rounds", int, "finish after this many rounds and exit 0 (0 = no limit)"),
     ("log-level", str, "DEBUG, INFO, WARNING or ERROR"),
+    ("progress", str, "a progress bar per round: auto (when stderr is a terminal and the log is not DEBUG), "
+                      "on or off"),
     ("eval-batches", int, "held-out batches evaluated after every round (0 = none)"),
     ("min-peers-timeout-s", float, "how long round 0 waits for --min-peers before starting anyway"),
     ("join-window-s", float, "the most a round's leader waits for the rest of the group (the window in force "

@@ -16,6 +16,7 @@ WEIGHTINGS = ("steps", "samples", "equal")
 STALE_WORK = ("drop", "carry")
 MODELS = ("tiny", "small", "base")  # built-in GPT presets; "hf" is a transformers causal LM from a config
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PROGRESS = ("auto", "on", "off")   # --progress: auto = a bar when stderr is a terminal
 
 EXIT_OK, EXIT_CRASH, EXIT_CONFIG, EXIT_AUTH, EXIT_INCOMPATIBLE = 0, 1, 2, 3, 4
 
@@ -108,6 +109,7 @@ class PeerConfig:
     metrics_file: str = ""
     max_rounds: int = 0              # 0 = run until stopped
     log_level: str = "INFO"
+    progress: str = "auto"           # a progress bar per round: on, off, auto (when stderr is a terminal)
     eval_batches: int = 8
     min_peers_timeout_s: float = 600.0
     join_window_s: float = 30.0      # the most a leader waits for the rest of the group (see deadlines.py)
@@ -180,6 +182,7 @@ def validate_peer(c: PeerConfig) -> None:
     _check(c.max_rounds >= 0, "max_rounds", c.max_rounds, "an integer >= 0 (0 = no limit)")
     _check(c.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level", c.log_level,
            "DEBUG, INFO, WARNING or ERROR")
+    _check(c.progress in PROGRESS, "progress", c.progress, "auto (a bar on a terminal), on or off")
     _check(c.eval_batches >= 0, "eval_batches", c.eval_batches, "an integer >= 0")
     _check(c.min_peers_timeout_s > 0, "min_peers_timeout_s", c.min_peers_timeout_s, "a positive number")
     _check(0 < c.timeout_floor_s <= c.timeout_ceiling_s, "timeout_floor_s", c.timeout_floor_s,

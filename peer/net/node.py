@@ -14,6 +14,7 @@ from hivemind.utils import get_dht_time
 
 from peer import swarmview
 from peer.config import ConfigError, PeerConfig, RunSpec, spec_conflicts
+from peer.metrics import CONTENT_TYPE_LATEST, PeerMetrics
 from peer.monitor import Monitor
 from peer.net import announce, swarm
 from peer.net.core import GRANT_FRESH_S, PROBE_TIMEOUT_S, NetCore
@@ -164,11 +165,17 @@ class Node:
         """The routes of --http-port; every handler runs on the loop."""
         web = WebServer()
 
+        metrics = PeerMetrics(self.monitor, self.core, lambda: self.keeper)
+
         async def status(_request):
             return self.monitor.status(self.core)
 
+        async def prometheus(_request):
+            return metrics.text()
+
         web.add_json("/status", status)
         swarmview.add_routes(web, self.dht, self.cfg.run_id)   # the swarm page and its JSON
+        web.add_text("/metrics", prometheus, CONTENT_TYPE_LATEST)
         return web
 
     def report_round(self, row: dict) -> None:
@@ -307,7 +314,25 @@ class Node:
                 except TimeoutError:
                     pass
             return grant[2] or steps >= grant[1]
-        when, their_steps, their_rate = c.others
-        remaining = spec.target_steps - steps - their_steps - their_rate * (now - when)
+        remaining, their_rate = self._dht_left(steps, now)
         return remaining < 1 + their_rate * step_s
+
+    def _dht_left(self, steps: int, now: float) -> tuple[float, float]:
+        """Steps of the round's target nobody did yet by the DHT view, and the others' steps/s."""
+        assert self.core.spec is not None
+        when, their_steps, their_rate = self.core.others
+        return self.core.spec.target_steps - steps - their_steps - their_rate * (now - when), their_rate
+
+    def swarm_left(self, steps: int) -> tuple[float, float, float]:
+        """For the progress bar: (steps of the round's target left, the others' steps/s, seconds
+        left before the round's time limit); no steps are left once the leader closes the round.
+        Read from the trainer thread, like should_stop."""
+        spec, c, now = self.core.spec, self.core, time.monotonic()
+        assert spec is not None
+        left_s = spec.max_round_seconds - (now - self.round_started)
+        remaining, their_rate = self._dht_left(steps, now)
+        grant = c.grant
+        if grant is not None and grant[0] == c.round and now - grant[3] < GRANT_FRESH_S and grant[2]:
+            remaining = 0.0
+        return remaining, their_rate, left_s
 
