@@ -93,10 +93,13 @@ class Monitor:
         self._changed = asyncio.Event()
         failed = ""
         while True:
+            # not asyncio.wait_for: on Python < 3.12 it can swallow a cancel that comes as the event
+            # is set, and this loop would then outlive Node.stop
+            waiter = asyncio.ensure_future(self._changed.wait())
             try:
-                await asyncio.wait_for(self._changed.wait(), HISTORY_REFRESH_S)
-            except asyncio.TimeoutError:
-                pass
+                await asyncio.wait({waiter}, timeout=HISTORY_REFRESH_S)
+            finally:
+                waiter.cancel()
             self._changed.clear()
             if not self.rows:
                 continue
