@@ -69,9 +69,9 @@ class WebServer:
 
     async def start(self, host: str, port: int) -> int:
         """Listens on host:port (0 picks a free port); returns the port. A port in use raises OSError."""
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, shutdown_timeout=1.0)
+        site = web.TCPSite(self._runner, host, port)
         try:
             await site.start()
         except OSError:
