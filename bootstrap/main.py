@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import TimeoutError as FutureTimeoutError
 
@@ -40,6 +41,16 @@ def _positive_float(value: str) -> float:
         number = -1.0
     if not number > 0:
         raise argparse.ArgumentTypeError(f"{value!r} is not a positive number of seconds")
+    return number
+
+
+def _port(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port (0 to 65535)")
     return number
 
 
@@ -80,6 +91,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="seconds between two log lines with the number of peers seen (default: 5)")
     parser.add_argument("--startup-timeout-s", type=_positive_float, default=30.0,
                         help="give up joining the initial peers after this many seconds (default: 30)")
+    parser.add_argument("--http-port", type=_port, default=_port(os.environ.get("DILOCO_HTTP_PORT", "0")),
+                        help="serve /status (JSON) and the swarm page on this port (0 = off; env DILOCO_HTTP_PORT)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser.parse_args(argv)
 
@@ -99,24 +112,73 @@ def _serve(args: argparse.Namespace) -> int:
     # the DHT process ignores both (a signal to the whole group reaches it too): dht.shutdown stops it
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    web = None
     try:
-        addresses = join_addresses(dht)
+        addresses = join_addresses(dht, initial_peers=args.initial_peers)
         for address in addresses:
             print(f"Join through: {address}", flush=True)
+        status = {"role": "bootstrap", "peer_id": dht.peer_id.to_base58(), "join": addresses, "dht_peers": 0,
+                  "started": time.time()}
         if args.join_file:
             write_join_file(args.join_file, addresses)
             logger.info("wrote %d join address(es) to %s", len(addresses), args.join_file)
+        if args.http_port:
+            web = _start_web(dht, status, args.http_port)
         while not stop.is_set():
             try:
                 num_peers = count_dht_peers(dht, timeout_s=min(args.refresh_period_s, 5.0), refresh=True)
+                status = {**status, "dht_peers": num_peers}   # replaced whole: the web loop reads it
+                if web is not None:
+                    web.status = status
                 logger.info("%d other DHT peers in the routing table", num_peers)
             except FutureTimeoutError:
                 logger.warning("the DHT process did not report its peer count within the refresh period")
             stop.wait(args.refresh_period_s)
     finally:
+        if web is not None:
+            web.stop()
         dht.shutdown()
         logger.info("DHT node shut down")
     return 0
+
+
+class _Web:
+    """The bootstrap's HTTP server on a loop thread of its own (the node has no other loop).
+    The main thread replaces `status` whole; handlers on the loop only read it."""
+
+    def __init__(self, dht, status: dict):
+        from peer.net.loop import NetLoop
+        from peer.web import WebServer
+
+        self.dht, self.status = dht, status
+        self.loop = NetLoop("web")
+        self.server = WebServer()
+
+        async def get_status(_request):
+            return {**self.status, "uptime_s": time.time() - self.status["started"]}
+
+        self.server.add_json("/status", get_status)
+
+    def start(self, port: int) -> None:
+        self.loop.start()
+        self.loop.call(self.server.start("0.0.0.0", port), 10)
+
+    def stop(self) -> None:
+        try:
+            self.loop.call(self.server.stop(), 5)
+        except Exception as e:  # stopping anyway
+            logger.warning("stopping the HTTP server: %s", e)
+        self.loop.stop()
+
+
+def _start_web(dht, status: dict, port: int) -> _Web:
+    web = _Web(dht, status)
+    try:
+        web.start(port)
+    except OSError as e:
+        web.loop.stop()
+        raise ValueError(f"--http-port {port}: cannot listen on it ({e.strerror or e}); pick a free port") from None
+    return web
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -34,7 +34,9 @@ FLAGS: list[tuple[str, Any, str]] = [
     ("dht-announce-maddrs", str, "multiaddrs others reach this peer's DHT node at (behind NAT, Docker)"),
     ("host", str, "interface of the gRPC server (default 0.0.0.0)"),
     ("port", int, "gRPC port; 0 picks a free one"),
-    ("announce-addr", str, "host:port other peers dial for gRPC (default: derived from the DHT address)"),
+    ("announce-addr", str, "host:port other peers dial for gRPC (default: --host, else this machine's address "
+                           "that routes to the first initial peer)"),
+    ("http-port", int, "serve /status (JSON), /metrics (Prometheus) and the swarm page here (0 = off)"),
     ("batch-size", int, "sequences per inner step"),
     ("data", str, "a file or folder of .txt, .jsonl/.json or .parquet (streamed); default: Python's "
                   "standard library source"),
@@ -91,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="peer", description="Train one model with a swarm of peers (DiLoCo over a "
                 "hivemind DHT and gRPC).", argument_default=argparse.SUPPRESS)
     p.add_argument("--config", help="a TOML file with the same keys as the flags (flags win)")
-    p.add_argument("--client-mode", action="store_true", help="accept no inbound connections (NAT)")
+    p.add_argument("--client-mode", action="store_true",
+                   help="accept no inbound connections (NAT): send and fetch, own no shard, never lead; "
+                        "needs --initial-peers")
     for name, typ, text in FLAGS:
         dest = name.replace("-", "_")
         if dest in LIST_FIELDS:

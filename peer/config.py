@@ -96,6 +96,7 @@ class PeerConfig:
     host: str = "0.0.0.0"
     port: int = 0
     announce_addr: str = ""          # host:port others dial for gRPC; derived when empty
+    http_port: int = 0               # /status, /metrics and the swarm page on this port; 0 = no HTTP server
     client_mode: bool = False        # no inbound connections: sends and fetches, owns nothing
     batch_size: int = 8
     data: str = ""                   # a file or folder of .txt/.jsonl/.json/.parquet; empty = built-in corpus
@@ -174,8 +175,11 @@ def validate_peer(c: PeerConfig) -> None:
     _check(c.initial_peers_file_wait_s > 0, "initial_peers_file_wait_s", c.initial_peers_file_wait_s,
            "a positive number of seconds")
     _check(0 <= c.port <= 65535, "port", c.port, "0 (pick a free port) to 65535")
+    _check(0 <= c.http_port <= 65535, "http_port", c.http_port, "0 (no HTTP server) or a port up to 65535")
+    _check(c.http_port == 0 or c.http_port != c.port, "http_port", c.http_port, "a port other than --port")
     _check(c.announce_addr == "" or _HOSTPORT.match(c.announce_addr) is not None, "announce_addr",
            c.announce_addr, "host:port, e.g. 203.0.113.5:7000")
+    _check_reach(c)
     _check(c.batch_size >= 1, "batch_size", c.batch_size, "an integer >= 1")
     _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", c.device) is not None, "device", c.device,
            "auto, cpu, cuda or cuda:N")
@@ -225,6 +229,24 @@ def read_initial_peers_file(path: str, wait_s: float, poll_s: float = 0.5) -> tu
                               "(--initial-peers-file-wait-s); start the bootstrap node with --join-file "
                               f"{path}, or pass --initial-peers")
         time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+
+
+def _check_reach(c: PeerConfig) -> None:
+    """Addresses that cannot work together: a client-mode peer needs a swarm to join (nobody could
+    dial it to get the state it would start), and a gRPC server on loopback only cannot serve a
+    swarm elsewhere unless --announce-addr names where a forwarded port reaches it."""
+    from peer.net.announce import WILDCARDS, is_loopback, maddr_host, remote_swarm
+
+    if c.client_mode and not c.initial_peers and not c.initial_peers_file:
+        raise ConfigError("--client-mode needs --initial-peers: a client-mode peer accepts no connections, so it "
+                          "cannot start a run (nobody could download its state); start the run on a reachable "
+                          "machine and join it")
+    remote = [h for h in (maddr_host(p) for p in c.initial_peers) if h and not is_loopback(h)]
+    if (remote_swarm(remote) and c.host not in WILDCARDS and is_loopback(c.host) and not c.announce_addr
+            and not c.client_mode):
+        raise ConfigError(f"--host {c.host} listens on loopback only, but the initial peers are elsewhere "
+                          f"({remote[0]}): they could not reach this peer. Use --host 0.0.0.0 (or this machine's "
+                          "address), or --client-mode, or --announce-addr HOST:PORT where a forwarded port reaches it")
 
 
 def config_hash(config_json: str) -> str:

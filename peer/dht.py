@@ -24,6 +24,8 @@ import torch.multiprocessing
 from hivemind.dht.validation import RecordValidatorBase
 from hivemind.utils.multiaddr import Multiaddr
 
+from peer.net.announce import maddr_host, remote_swarm
+
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
@@ -253,11 +255,14 @@ async def _visible_maddrs(_dht: hivemind.DHT, node: hivemind.DHTNode) -> list[Mu
     return await node.get_visible_maddrs(latest=True)
 
 
-def join_addresses(dht: hivemind.DHT, timeout_s: float = 10.0) -> list[str]:
+def join_addresses(dht: hivemind.DHT, timeout_s: float = 10.0, initial_peers: Iterable[str] = ()) -> list[str]:
     """Full multiaddrs (/ip4/../tcp/../p2p/<id>) others can join through, public first; loopback ones
-    only when they are all we have (a node bound to 127.0.0.1). TimeoutError after timeout_s."""
+    only when they are all we have (a node bound to 127.0.0.1) and no initial peer is elsewhere: a
+    swarm on other machines gets none (maybe no address at all). TimeoutError after timeout_s."""
     ranked = sorted({str(m) for m in _call(dht, _visible_maddrs, timeout_s)}, key=_address_rank)
     routable = [m for m in ranked if _address_rank(m)[0] < 2]
+    if remote_swarm([maddr_host(p) for p in initial_peers]):
+        return routable
     return routable or ranked
 
 

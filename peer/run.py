@@ -21,6 +21,7 @@ from peer.config import (
     IncompatibleRunError,
     PeerConfig,
     read_initial_peers_file,
+    validate_peer,
 )
 from peer.logs import setup_logging
 
@@ -170,7 +171,9 @@ def with_initial_peers_file(cfg: PeerConfig) -> PeerConfig:
                  cfg.initial_peers_file)
     found = read_initial_peers_file(cfg.initial_peers_file, cfg.initial_peers_file_wait_s)
     log.info("initial peers from %s: %s", cfg.initial_peers_file, " ".join(found))
-    return dataclasses.replace(cfg, initial_peers=(*cfg.initial_peers, *found))
+    cfg = dataclasses.replace(cfg, initial_peers=(*cfg.initial_peers, *found))
+    validate_peer(cfg)  # the checks that depend on where the initial peers are (config._check_reach)
+    return cfg
 
 
 def _start_and_train(cfg: PeerConfig, explicit: set[str], parts: _Parts) -> int:
@@ -198,8 +201,8 @@ def _start_and_train(cfg: PeerConfig, explicit: set[str], parts: _Parts) -> int:
     from peer.trainer import Trainer
 
     parts.node = node = Node(cfg, dht)
-    node.start()
     try:
+        node.start()
         spec = node.resolve_spec(cfg.spec, explicit)
     except ConfigError as e:
         log.error("%s", e)
@@ -207,8 +210,12 @@ def _start_and_train(cfg: PeerConfig, explicit: set[str], parts: _Parts) -> int:
     except IncompatibleRunError as e:
         log.error("%s", e)
         return EXIT_INCOMPATIBLE
-    for addr in join_addresses(dht):
+    joins = [] if cfg.client_mode else join_addresses(dht, initial_peers=cfg.initial_peers)
+    for addr in joins:  # nobody can join through a client-mode peer: it accepts no connections
         print(f"Join through: {addr}", flush=True)
+    if not joins and not cfg.client_mode:
+        log.warning("no Join through: address to print: the DHT listens on loopback only (%s) and the swarm is "
+                    "elsewhere; use --dht-host-maddrs /ip4/0.0.0.0/tcp/PORT", " ".join(cfg.dht_host_maddrs))
     try:
         parts.trainer = Trainer(cfg, spec, node, StopRequest)
     except (ConfigError, ValueError) as e:  # a per-peer setting this machine cannot honour (--device, --data)

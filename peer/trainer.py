@@ -310,8 +310,6 @@ class Trainer:
                  "%.1f s (train %.1f s, %d steps; average %.1f s)%s", r, o.kind, group, stats.loss, eval_loss, sps, tps,
                  o.bytes_sent / 1e6, round_s, stats.train_s, stats.steps, avg_s,
                  f"; dropped {', '.join(p[-6:] for p in o.dropped)}" if o.dropped else "")
-        if not self.cfg.metrics_file:
-            return
         row = {"round": r, "peer_id": self.node.peer_id, "outcome": o.kind, "group_size": group,
                "weight": weight, "total_weight": o.total_weight, "steps": stats.steps, "samples": stats.samples,
                "loss": _num(stats.loss), "eval_loss": _num(eval_loss), "samples_per_s": sps,
@@ -319,8 +317,12 @@ class Trainer:
                "bytes_sent": o.bytes_sent, "bytes_received": o.bytes_received, "round_seconds": round_s,
                "average_seconds": avg_s, "digest": state.digest(), "state_round": state.round, "global_samples": state.global_samples,
                "leader": o.roster.leader if o.roster is not None else "",
+               "owners": list(o.roster.owners) if o.roster is not None else [],
                "contributors": o.contributors, "dropped": o.dropped, "divergences": self.divergences,
                "time": time.time()}
+        self.node.report_round(row)   # handed over: never changed after this
+        if not self.cfg.metrics_file:
+            return
         with open(self.cfg.metrics_file, "a") as f:
             f.write(json.dumps(row) + "\n")
 

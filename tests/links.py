@@ -123,6 +123,15 @@ class Topology:
         self.hosts[name] = host
         return host
 
+    def refuse_inbound(self, host: Host) -> None:
+        """The host's namespace refuses every TCP connection made to it from the bridge (a SYN
+        gets a reset: `connection refused`), as a home router or a firewall does; its own
+        connections out, and their answers, pass. LinksUnavailable without iptables."""
+        if shutil.which("iptables") is None:
+            raise LinksUnavailable("iptables not installed (scripts/system_deps.sh installs it)")
+        _run("ip", "netns", "exec", host.ns, "iptables", "-A", "INPUT", "-i", HOST_IF, "-p", "tcp", "--syn",
+             "-j", "REJECT", "--reject-with", "tcp-reset")
+
     def argv(self, host: Host, argv: list[str]) -> list[str]:
         """`argv` run inside the host's namespace (`ip netns exec` execs it: same pid)."""
         return ["ip", "netns", "exec", host.ns, *argv]

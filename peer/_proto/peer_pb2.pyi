@@ -222,20 +222,22 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("peer_id", "run_id", "round", "spec_hash", "version", "group_leader")
+    __slots__ = ("peer_id", "run_id", "round", "spec_hash", "version", "group_leader", "time")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SPEC_HASH_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     GROUP_LEADER_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     run_id: str
     round: int
     spec_hash: str
     version: str
     group_leader: str
-    def __init__(self, peer_id: _Optional[str] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., spec_hash: _Optional[str] = ..., version: _Optional[str] = ..., group_leader: _Optional[str] = ...) -> None: ...
+    time: float
+    def __init__(self, peer_id: _Optional[str] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., spec_hash: _Optional[str] = ..., version: _Optional[str] = ..., group_leader: _Optional[str] = ..., time: _Optional[float] = ...) -> None: ...
 
 class UpdatesRequest(_message.Message):
     __slots__ = ("from_round", "to_round", "requester")
@@ -306,3 +308,59 @@ class ProgressReply(_message.Message):
     total_steps: int
     current_round: int
     def __init__(self, leader: _Optional[bool] = ..., allowed_steps: _Optional[int] = ..., close: _Optional[bool] = ..., total_steps: _Optional[int] = ..., current_round: _Optional[int] = ...) -> None: ...
+
+class DialBackRequest(_message.Message):
+    __slots__ = ("peer_id", "grpc_address", "tcp_addresses", "timeout_s")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TCP_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    grpc_address: str
+    tcp_addresses: _containers.RepeatedScalarFieldContainer[str]
+    timeout_s: float
+    def __init__(self, peer_id: _Optional[str] = ..., grpc_address: _Optional[str] = ..., tcp_addresses: _Optional[_Iterable[str]] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class DialResult(_message.Message):
+    __slots__ = ("address", "grpc", "status", "detail", "ms", "answered_by")
+    class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        OK: _ClassVar[DialResult.Status]
+        REFUSED: _ClassVar[DialResult.Status]
+        TIMEOUT: _ClassVar[DialResult.Status]
+        DNS: _ClassVar[DialResult.Status]
+        WRONG_PEER: _ClassVar[DialResult.Status]
+        NOT_A_PEER: _ClassVar[DialResult.Status]
+        NOT_CALLER: _ClassVar[DialResult.Status]
+        UNREACHABLE: _ClassVar[DialResult.Status]
+    OK: DialResult.Status
+    REFUSED: DialResult.Status
+    TIMEOUT: DialResult.Status
+    DNS: DialResult.Status
+    WRONG_PEER: DialResult.Status
+    NOT_A_PEER: DialResult.Status
+    NOT_CALLER: DialResult.Status
+    UNREACHABLE: DialResult.Status
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    GRPC_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    MS_FIELD_NUMBER: _ClassVar[int]
+    ANSWERED_BY_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    grpc: bool
+    status: DialResult.Status
+    detail: str
+    ms: float
+    answered_by: str
+    def __init__(self, address: _Optional[str] = ..., grpc: _Optional[bool] = ..., status: _Optional[_Union[DialResult.Status, str]] = ..., detail: _Optional[str] = ..., ms: _Optional[float] = ..., answered_by: _Optional[str] = ...) -> None: ...
+
+class DialBackReply(_message.Message):
+    __slots__ = ("peer_id", "caller_host", "results")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    CALLER_HOST_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    caller_host: str
+    results: _containers.RepeatedCompositeFieldContainer[DialResult]
+    def __init__(self, peer_id: _Optional[str] = ..., caller_host: _Optional[str] = ..., results: _Optional[_Iterable[_Union[DialResult, _Mapping]]] = ...) -> None: ...

@@ -74,6 +74,11 @@ class PeerStub:
                 request_serializer=peer__pb2.ProgressRequest.SerializeToString,
                 response_deserializer=peer__pb2.ProgressReply.FromString,
                 _registered_method=True)
+        self.DialBack = channel.unary_unary(
+                '/diloco.Peer/DialBack',
+                request_serializer=peer__pb2.DialBackRequest.SerializeToString,
+                response_deserializer=peer__pb2.DialBackReply.FromString,
+                _registered_method=True)
 
 
 class PeerServicer:
@@ -139,6 +144,15 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DialBack(self, request, context):
+        """Reachability: the caller names the addresses it announces and the callee tries to reach
+        each one now (gRPC: a Health call over a fresh connection; TCP: connect only), with a short
+        deadline. It dials only the host the call came from, one dial-back per caller at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -181,6 +195,11 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.Progress,
                     request_deserializer=peer__pb2.ProgressRequest.FromString,
                     response_serializer=peer__pb2.ProgressReply.SerializeToString,
+            ),
+            'DialBack': grpc.unary_unary_rpc_method_handler(
+                    servicer.DialBack,
+                    request_deserializer=peer__pb2.DialBackRequest.FromString,
+                    response_serializer=peer__pb2.DialBackReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -399,6 +418,33 @@ class Peer:
             '/diloco.Peer/Progress',
             peer__pb2.ProgressRequest.SerializeToString,
             peer__pb2.ProgressReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DialBack(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/diloco.Peer/DialBack',
+            peer__pb2.DialBackRequest.SerializeToString,
+            peer__pb2.DialBackReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,6 +25,7 @@ from peer.net import swarm
 from peer.net.client import Channels, Reject, describe_rpc_error
 from peer.net.deadlines import Deadlines
 from peer.net.loop import Deadline
+from peer.net.reach import DialBackService, Reachability
 from peer.net.replay import KEEP_ROUNDS, UpdateLog
 from peer.net.round import ClosedElsewhere, LeaderGroup, Tally, check_member, leader_rank
 from peer.net.state_sync import StateSnapshot
@@ -61,6 +62,11 @@ class NetCore:
         self.dht, self.cfg, self.peer_id = dht, cfg, peer_id
         self.run_id = cfg.run_id
         self.address = ""
+        self.dht_address = ""                # host:port of our DHT node (TCP), dialled back with `address`
+        self.client_mode = cfg.client_mode   # no inbound connections: set by --client-mode, or when a dial-back
+        #                                      check finds us unreachable (reach.py); the loop replaces it only
+        self.reach = Reachability()
+        self.dialer = DialBackService(peer_id)
         self.spec: RunSpec | None = None
         self.spec_hash = ""
         self.numel = 0
@@ -95,9 +101,9 @@ class NetCore:
     # ---- progress, view and trigger -------------------------------------------------------
     def record(self) -> swarm.PeerRecord:
         state_round = self.snapshot.header.round if self.snapshot else -1
-        return swarm.PeerRecord(self.peer_id, "" if self.cfg.client_mode else self.address, self.round,
+        return swarm.PeerRecord(self.peer_id, "" if self.client_mode else self.address, self.round,
                                 self.steps, self.samples, self.rate if self.training else 0.0, self.training,
-                                self.cfg.client_mode, state_round, self.spec_hash, get_dht_time(), self.phase)
+                                self.client_mode, state_round, self.spec_hash, get_dht_time(), self.phase)
 
     async def publish(self) -> None:
         await swarm.store(self.dht, swarm.peers_key(self.run_id), self.peer_id, self.record().to_value(), 5.0)
@@ -205,7 +211,9 @@ class NetCore:
         """Starts training for `round_` once the peers still finishing the round before (or
         still deciding whether to train this one again) have moved on, at most a join window:
         a peer that started early would fill the round's target alone and leave the others no
-        step to contribute. Returns when training began."""
+        step to contribute. Until the swarm has dialled our address back once (reach.py), asks
+        it first (a few seconds). Returns when training began."""
+        await self.reach.settle(self)
         self.round, self.steps, self.samples, self.training, self.grant = round_, 0, 0, False, None
         self.phase = swarm.WAIT
         await self._publish_quietly()
@@ -307,7 +315,7 @@ class NetCore:
         in this round or just finishing the one before."""
         found = {r.peer_id: r.addr for r in self.live_peers()
                  if round_ - 1 <= r.round <= round_ and not r.client and r.addr}
-        if not self.cfg.client_mode and round_ - 1 <= self.round <= round_:
+        if not self.client_mode and round_ - 1 <= self.round <= round_:
             found[self.peer_id] = self.address
         ranked = sorted(found, key=lambda p: leader_rank(self.run_id, round_, p))
         return [(p, found[p]) for p in ranked if p not in skip]
@@ -513,7 +521,7 @@ class NetCore:
         ctx = self.rounds.get(self.round)
         leader = ctx.roster.result().leader if ctx is not None and ctx.roster.done() else ""
         return pb.HealthReply(peer_id=self.peer_id, run_id=self.run_id, round=self.round, spec_hash=self.spec_hash,
-                              group_leader=leader)
+                              group_leader=leader, time=get_dht_time())
 
     async def group_elsewhere(self, r: int, missing: set[str]) -> str:
         """The leader of another group of round `r` that some of `missing` belong to, or ""."""

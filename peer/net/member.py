@@ -27,8 +27,8 @@ async def run_round(core: NetCore, r: int, delta: torch.Tensor, weight: float, s
                     carried: tuple[float, int] = (0.0, -1)) -> Outcome:
     """Never raises for a network failure: the Outcome says what happened."""
     deadline = Deadline(core.join_window_s() + 20 + 3 * core.transfer_timeout_s())
-    member = pb.Member(peer_id=core.peer_id, address="" if core.cfg.client_mode else core.address,
-                       weight=weight, samples=samples, client_mode=core.cfg.client_mode,
+    member = pb.Member(peer_id=core.peer_id, address="" if core.client_mode else core.address,
+                       weight=weight, samples=samples, client_mode=core.client_mode,
                        carried_weight=carried[0], carried_round=carried[1])
     for _ in range(3):  # a view from before a long step or a SIGSTOP would mislead the join
         try:

@@ -13,27 +13,51 @@ import torch
 from hivemind.utils import get_dht_time
 
 from peer.config import ConfigError, PeerConfig, RunSpec, spec_conflicts
-from peer.net import swarm
+from peer.monitor import Monitor
+from peer.net import announce, swarm
 from peer.net.core import GRANT_FRESH_S, PROBE_TIMEOUT_S, NetCore
 from peer.net.keeper import BACKOFF_S, STATE_TIMEOUT_S, CannotKeepUp, Keeper, RoundResult  # noqa: F401
 from peer.net.loop import Deadline, NetLoop
+from peer.net.reach import join_host_port, split_host_port
 from peer.net.round import MAX_CARRY_ROUNDS, Outcome  # noqa: F401 - the trainer's view of a round
 from peer.net.server import start_server
 from peer.outer import GlobalState
+from peer.web import WebServer
 
 log = logging.getLogger(__name__)
 SPEC_SETTLE_S = 3.0   # how long competing spec proposals may take to show up in the DHT
+CLIENT_SPEC_WAIT_S = 15.0  # how long a client-mode peer waits for a serving peer to start the run
 
 
-def announce_host(dht: hivemind.DHT) -> str:
-    """The IP others reach this machine at, read from the DHT's visible addresses (loopback last)."""
+def visible_maddrs(dht: hivemind.DHT) -> list[str]:
+    """The DHT's own addresses as multiaddr strings (from the main thread: no deadline, see
+    ARCHITECTURE section 2)."""
+    return [str(m) for m in dht.get_visible_maddrs()]
+
+
+def visible_hosts(maddrs: list[str]) -> list[str]:
+    """The IPs in `maddrs`, loopback last."""
     hosts = []
-    for maddr in dht.get_visible_maddrs():
-        parts = str(maddr).split("/")
+    for maddr in maddrs:
+        parts = maddr.split("/")
         if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
             hosts.append(parts[2] if parts[1] == "ip4" else f"[{parts[2]}]")
-    hosts.sort(key=lambda h: h.startswith("127.") or h == "[::1]")
-    return hosts[0] if hosts else "127.0.0.1"
+    hosts.sort(key=announce.is_loopback)
+    return hosts
+
+
+def dht_tcp_address(host: str, announced: list[str], visible: list[str]) -> str:
+    """host:port at which others reach our DHT node over TCP: the first announced TCP multiaddr,
+    else our announced host with the port the DHT listens on; '' when it has none."""
+    for maddr in announced:
+        parts = maddr.split("/")
+        if len(parts) > 4 and parts[3] == "tcp" and announce.maddr_host(maddr):
+            return join_host_port(parts[2], int(parts[4]))
+    for maddr in visible:
+        parts = maddr.split("/")
+        if len(parts) > 4 and parts[1] in ("ip4", "ip6") and parts[3] == "tcp":
+            return join_host_port(host.strip("[]"), int(parts[4]))
+    return ""
 
 
 class Node:
@@ -43,6 +67,8 @@ class Node:
         self.net = NetLoop()
         self.core = NetCore(dht, cfg, self.peer_id)
         self._server: Any = None
+        self.monitor = Monitor()   # on the loop: the last round and the totals, for /status
+        self.web: WebServer | None = None   # --http-port
         self._refresher: Any = None
         self.keeper: Keeper | None = None   # made once the run spec is known (start_state)
         self.round_started = 0.0
@@ -54,14 +80,48 @@ class Node:
 
         async def _start() -> int:  # kept on the loop at once: `stop` finds it even if a signal cut the wait
             self._server, port = await start_server(self.core, self.cfg.host, self.cfg.port)
+            if self.cfg.http_port:
+                self.web = self.make_web()
+                try:
+                    await self.web.start(self.cfg.host, self.cfg.http_port)
+                except OSError as e:
+                    raise ConfigError(f"--http-port {self.cfg.http_port}: cannot listen on it ({e.strerror or e}); "
+                                      "pick a free port or 0 for no HTTP server") from None
             return port
 
         port = self.net.call(_start(), 30)
-        host = self.cfg.host if self.cfg.host not in ("0.0.0.0", "::", "") else announce_host(self.dht)
-        self.core.address = self.cfg.announce_addr or f"{host}:{port}"
+        visible = visible_maddrs(self.dht)
+        self.core.address = self.cfg.announce_addr or self._derive_address(port, visible)
+        if self.core.address and not self.cfg.client_mode:
+            host = split_host_port(self.core.address)[0]
+            self.core.dht_address = dht_tcp_address(host, list(self.cfg.dht_announce_maddrs), visible)
         self._refresher = self.net.submit(self.core.refresh_forever())
-        log.info("gRPC server listens on %s:%d, announced as %s", self.cfg.host, port, self.core.address)
+        said = "nothing (client mode)" if self.core.client_mode else self.core.address
+        log.info("gRPC server listens on %s:%d, announced as %s", self.cfg.host, port, said)
         return self.core.address
+
+    def _derive_address(self, port: int, visible: list[str]) -> str:
+        """Our gRPC address when --announce-addr does not say (announce.choose_host), with a
+        warning when it is probably a container's own; '' (and client mode) when no address
+        of ours routes to a swarm elsewhere."""
+        initial = [announce.maddr_host(m) for m in self.cfg.initial_peers]
+        peer_ip = announce.resolve(initial[0]) if initial and initial[0] else None
+        src = announce.route_source(peer_ip) if peer_ip else None
+        host = announce.choose_host(self.cfg.host, initial, src, visible_hosts(visible))
+        if not host:
+            log.warning("no address of this machine routes to the initial peer at %s: continuing in client mode "
+                        "(sends and fetches, owns no shard, announces no address); pass --announce-addr "
+                        "PUBLIC_IP:PORT to serve", peer_ip or initial[0])
+            self.core.client_mode = True
+            return ""
+        if peer_ip is not None and not self.cfg.client_mode:
+            dht_port = dht_tcp_address(host, [], visible).rsplit(":", 1)[-1]
+            hint = announce.container_hint(
+                host, peer_ip, announce.in_container(), announce.on_link(peer_ip, *announce.read_routes()),
+                self.cfg.port, int(dht_port) if dht_port else None, False, bool(self.cfg.dht_announce_maddrs))
+            if hint:
+                log.warning("%s", hint)
+        return join_host_port(host.strip("[]"), port)
 
     def stop(self, grace_s: float = 3.0, goodbye_s: float = 2.0) -> None:
         """Leaves the swarm and stops the network side, in at most about goodbye_s + grace_s + 7 s
@@ -81,6 +141,8 @@ class Node:
                     await asyncio.wait_for(self.core.publish(), goodbye_s)
                 except Exception as e:
                     log.info("could not tell the swarm that we leave: %s", str(e) or type(e).__name__)
+            if self.web is not None:
+                await self.web.stop()
             if self._server is not None:
                 await self._server.stop(grace_s)
                 self._server = None
@@ -92,6 +154,20 @@ class Node:
             except Exception as e:
                 log.warning("stopping the gRPC server and channels: %s", str(e) or type(e).__name__)
         self.net.stop()
+
+    def make_web(self) -> WebServer:
+        """The routes of --http-port; every handler runs on the loop."""
+        web = WebServer()
+
+        async def status(_request):
+            return self.monitor.status(self.core)
+
+        web.add_json("/status", status)
+        return web
+
+    def report_round(self, row: dict) -> None:
+        """Hands the round's metrics row (a dict nobody changes afterwards) to the loop."""
+        self.net.loop.call_soon_threadsafe(self.monitor.observe, row)
 
     # ---- the run spec -------------------------------------------------------------------
     def resolve_spec(self, wanted: RunSpec, explicit: set[str], timeout_s: float = 30.0) -> RunSpec:
@@ -106,6 +182,16 @@ class Node:
     async def _resolve_spec(self, wanted: RunSpec) -> RunSpec:
         key = swarm.spec_key(self.cfg.run_id)
         proposals = await swarm.read(self.dht, key, 10.0)
+        deadline = Deadline(CLIENT_SPEC_WAIT_S)
+        if not proposals and self.core.client_mode:
+            log.info("client mode: waiting for a serving peer to start run %s", self.cfg.run_id)
+        while not proposals and self.core.client_mode:  # nobody could download a state we created
+            if deadline.expired():
+                raise RuntimeError(f"no serving peer has started run {self.cfg.run_id} within "
+                                   f"{CLIENT_SPEC_WAIT_S:.0f} s, and a client-mode peer cannot start one (nobody "
+                                   f"could download its state): start the run on a reachable machine first")
+            await asyncio.sleep(1.0)
+            proposals = await swarm.read(self.dht, key, 5.0)
         if not proposals:
             mine = {"spec": wanted.to_record(), "created": get_dht_time(), "origin": self.peer_id}
             await swarm.store(self.dht, key, self.peer_id, mine, 10.0)

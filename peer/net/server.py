@@ -76,6 +76,9 @@ class Servicer(peer_pb2_grpc.PeerServicer):
     async def Health(self, request: pb.HealthRequest, context):
         return self.core.health()
 
+    async def DialBack(self, request: pb.DialBackRequest, context):
+        return await self._guard(context, "DialBack", self.core.dialer.handle(request, context.peer()))
+
 
 async def start_server(core: NetCore, host: str, port: int) -> tuple[grpc.aio.Server, int]:
     """Starts the server on host:port (0 = a free port) and returns it with the bound port."""
