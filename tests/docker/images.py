@@ -39,9 +39,10 @@ def missing() -> str:
     return ""
 
 
-def docker(*args: str, timeout_s: float = 60, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+def docker(*args: str, timeout_s: float = 60, check: bool = True, text: bool = True,
+           **kwargs) -> subprocess.CompletedProcess:
     """`docker ARGS`; a failure raises with its output."""
-    p = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout_s, **kwargs)
+    p = subprocess.run(["docker", *args], capture_output=True, text=text, timeout=timeout_s, **kwargs)
     if check and p.returncode != 0:
         raise RuntimeError(f"docker {' '.join(args)} exited {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
