@@ -68,6 +68,20 @@ def _identity_path(value: str) -> str:
     return value
 
 
+def _join_file(value: str) -> str:
+    if os.path.isdir(value) or not os.path.isdir(os.path.dirname(os.path.abspath(value))):
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a file path in a directory that exists")
+    return value
+
+
+def write_join_file(path: str, addresses: Sequence[str]) -> None:
+    """All of `addresses` at `path`, one a line, or nothing at all: readers never see half a file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(f"{address}\n" for address in addresses))
+    os.replace(tmp, path)
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = _Parser(prog="bootstrap", description=__doc__.splitlines()[0])
     parser.add_argument("--host-maddrs", nargs="+", type=_maddr_type(), default=["/ip4/0.0.0.0/tcp/31337"],
@@ -76,6 +90,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="the public multiaddrs to announce, e.g. /ip4/203.0.113.1/tcp/31337 behind NAT")
     parser.add_argument("--identity-path", type=_identity_path, default=None,
                         help="private key file (created if missing): the same peer id after a restart")
+    parser.add_argument("--join-file", type=_join_file, default=None,
+                        help="write the Join through: multiaddrs here, one a line, atomically once the node is "
+                             "up (peers read it with --initial-peers-file)")
     parser.add_argument("--initial-peers", nargs="*", type=_maddr_type(need_peer_id=True), default=[],
                         help="full multiaddrs (.../p2p/<id>) of other bootstrap nodes to join")
     parser.add_argument("--refresh-period-s", type=_positive_float, default=5.0,
@@ -92,6 +109,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.join_file and os.path.exists(args.join_file):
+        os.remove(args.join_file)  # an old node's addresses: peers wait for ours instead
     dht = create_dht(initial_peers=args.initial_peers, host_maddrs=args.host_maddrs,
                      announce_maddrs=args.announce_maddrs, identity_path=args.identity_path,
                      startup_timeout_s=args.startup_timeout_s, record_validators=())
@@ -111,6 +130,9 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"Join through: {address}", flush=True)
         status = {"role": "bootstrap", "peer_id": dht.peer_id.to_base58(), "join": addresses, "dht_peers": 0,
                   "started": time.time()}
+        if args.join_file:
+            write_join_file(args.join_file, addresses)
+            logger.info("wrote %d join address(es) to %s", len(addresses), args.join_file)
         if args.http_port:
             web = _start_web(dht, status, args.http_port, args.run_id)
         while not stop.is_set():

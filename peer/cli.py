@@ -26,6 +26,9 @@ LIST_FIELDS = {"initial_peers", "dht_host_maddrs", "dht_announce_maddrs"}
 # (flag, type, help); every default lives in config.py, none here.
 FLAGS: list[tuple[str, Any, str]] = [
     ("initial-peers", str, "multiaddrs of a bootstrap node or any peer of the run; none = start a new run"),
+    ("initial-peers-file", str, "a file of more initial peers, one multiaddr a line, waited for while missing "
+                                "(bootstrap --join-file writes one; containers share it through a volume)"),
+    ("initial-peers-file-wait-s", float, "how long --initial-peers-file is waited for before exit 2"),
     ("run-id", str, "name of the run; peers with the same run id train together"),
     ("dht-host-maddrs", str, "multiaddrs this peer's DHT node listens on (default /ip4/0.0.0.0/tcp/0)"),
     ("dht-announce-maddrs", str, "multiaddrs others reach this peer's DHT node at (behind NAT, Docker)"),

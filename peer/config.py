@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +90,8 @@ class PeerConfig:
 
     run_id: str = "diloco"
     initial_peers: tuple[str, ...] = ()
+    initial_peers_file: str = ""     # more initial peers, one multiaddr a line (bootstrap --join-file writes it)
+    initial_peers_file_wait_s: float = 120.0  # how long a missing or empty --initial-peers-file is waited for
     dht_host_maddrs: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
     dht_announce_maddrs: tuple[str, ...] = ()
     host: str = "0.0.0.0"
@@ -169,6 +173,10 @@ def validate_peer(c: PeerConfig) -> None:
         for addr in getattr(c, name):
             _check(MADDR.match(addr) is not None, name, addr,
                    "a multiaddr such as /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW...")
+    _check(c.initial_peers_file == "" or os.path.isdir(os.path.dirname(os.path.abspath(c.initial_peers_file))),
+           "initial_peers_file", c.initial_peers_file, "a file in a directory that exists (the file may come later)")
+    _check(c.initial_peers_file_wait_s > 0, "initial_peers_file_wait_s", c.initial_peers_file_wait_s,
+           "a positive number of seconds")
     _check(0 <= c.port <= 65535, "port", c.port, "0 (pick a free port) to 65535")
     _check(0 <= c.http_port <= 65535, "http_port", c.http_port, "0 (no HTTP server) or a port up to 65535")
     _check(c.http_port == 0 or c.http_port != c.port, "http_port", c.http_port, "a port other than --port")
@@ -198,13 +206,42 @@ def validate_peer(c: PeerConfig) -> None:
     validate_spec(c.spec)
 
 
+def read_initial_peers_file(path: str, wait_s: float, poll_s: float = 0.5) -> tuple[str, ...]:
+    """The multiaddrs in `path`, one a line (blank lines and `#` comments skipped), each checked like
+    --initial-peers. Waits up to `wait_s` while the file is missing or empty (its writer, a bootstrap
+    node's --join-file, is starting); then ConfigError naming the file."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            lines, problem = [], "does not exist"
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--initial-peers-file: cannot read {path!r}: {e}") from None
+        else:
+            problem = "holds no multiaddr"
+        addrs = [(n, line.strip()) for n, line in enumerate(lines, 1) if line.strip() and line.strip()[0] != "#"]
+        for n, addr in addrs:
+            if MADDR.match(addr) is None:
+                raise ConfigError(f"--initial-peers-file {path} line {n}: {addr!r} is not valid; expected a "
+                                  "multiaddr such as /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW...")
+        if addrs:
+            return tuple(addr for _, addr in addrs)
+        if time.monotonic() >= deadline:
+            raise ConfigError(f"--initial-peers-file: {path!r} {problem} after waiting {wait_s:g} s "
+                              "(--initial-peers-file-wait-s); start the bootstrap node with --join-file "
+                              f"{path}, or pass --initial-peers")
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+
+
 def _check_reach(c: PeerConfig) -> None:
     """Addresses that cannot work together: a client-mode peer needs a swarm to join (nobody could
     dial it to get the state it would start), and a gRPC server on loopback only cannot serve a
     swarm elsewhere unless --announce-addr names where a forwarded port reaches it."""
     from peer.net.announce import WILDCARDS, is_loopback, maddr_host, remote_swarm
 
-    if c.client_mode and not c.initial_peers:
+    if c.client_mode and not c.initial_peers and not c.initial_peers_file:
         raise ConfigError("--client-mode needs --initial-peers: a client-mode peer accepts no connections, so it "
                           "cannot start a run (nobody could download its state); start the run on a reachable "
                           "machine and join it")

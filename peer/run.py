@@ -3,6 +3,7 @@ spec, and the trainer; signals and failures become exit statuses, children are s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -19,6 +20,8 @@ from peer.config import (
     ConfigError,
     IncompatibleRunError,
     PeerConfig,
+    read_initial_peers_file,
+    validate_peer,
 )
 from peer.logs import setup_logging
 from peer.progress import wants_bar
@@ -163,10 +166,28 @@ def versions() -> str:
         f"{n} {of(n)}" for n in names)
 
 
+def with_initial_peers_file(cfg: PeerConfig) -> PeerConfig:
+    """`cfg` with the multiaddrs of --initial-peers-file added to --initial-peers (waited for)."""
+    if not os.path.exists(cfg.initial_peers_file):
+        log.info("waiting up to %g s for --initial-peers-file %s", cfg.initial_peers_file_wait_s,
+                 cfg.initial_peers_file)
+    found = read_initial_peers_file(cfg.initial_peers_file, cfg.initial_peers_file_wait_s)
+    log.info("initial peers from %s: %s", cfg.initial_peers_file, " ".join(found))
+    cfg = dataclasses.replace(cfg, initial_peers=(*cfg.initial_peers, *found))
+    validate_peer(cfg)  # the checks that depend on where the initial peers are (config._check_reach)
+    return cfg
+
+
 def _start_and_train(cfg: PeerConfig, explicit: set[str], parts: _Parts) -> int:
     from peer.dht import DHTStartError, create_dht, join_addresses
 
     log.info("%s", versions())
+    if cfg.initial_peers_file:
+        try:
+            cfg = with_initial_peers_file(cfg)
+        except ConfigError as e:
+            log.error("%s", e)
+            return EXIT_CONFIG
     try:  # hivemind forks its DHT process: before any thread, gRPC object or CUDA context
         parts.dht = dht = create_dht(
             initial_peers=list(cfg.initial_peers), host_maddrs=list(cfg.dht_host_maddrs),

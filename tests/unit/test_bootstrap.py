@@ -11,6 +11,7 @@ import subprocess
 import hivemind
 import pytest
 
+from peer.config import read_initial_peers_file
 from tests.procs import (
     assert_no_orphans,
     descendants,
@@ -65,6 +66,35 @@ def test_peer_joins_and_sigterm_exits_cleanly(bootstrap):
     assert_no_orphans(children, timeout_s=5)
     log = proc.log_path.read_text()
     assert "Traceback" not in log, log
+
+
+@pytest.mark.timeout(60)
+def test_join_file_holds_the_join_addresses_and_peers_join_through_it(bootstrap, tmp_path):
+    join_file = tmp_path / "join" / "bootstrap.txt"
+    join_file.parent.mkdir()
+    join_file.write_text("/ip4/127.0.0.1/tcp/1/p2p/QmStaleNodeOfAnEarlierStart\n")
+    proc, join_address, _ = bootstrap("--join-file", str(join_file))
+    wait_for_line(proc, r"wrote 1 join address\(es\) to ", timeout_s=10)
+    printed = re.findall(r"^Join through: (\S+)$", proc.log_path.read_text(), re.MULTILINE)
+    assert join_file.read_text() == "".join(f"{a}\n" for a in printed) and printed == [join_address]
+    assert [p.name for p in join_file.parent.iterdir()] == ["bootstrap.txt"]  # no temp file left
+
+    addresses = read_initial_peers_file(str(join_file), 1)
+    dht = hivemind.DHT(initial_peers=list(addresses), host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    try:
+        wait_for_line(proc, r"\b([1-9]\d*) other DHT peers in the routing table", timeout_s=20)
+    finally:
+        dht.shutdown()
+    assert stop(proc, signal.SIGTERM, timeout_s=10) == 0
+
+
+@pytest.mark.timeout(60)
+def test_join_file_in_a_missing_directory_exits_2(tmp_path):
+    result = subprocess.run(python_module("bootstrap", "--join-file", str(tmp_path / "nowhere" / "join.txt")),
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "--join-file" in result.stderr and "a directory that exists" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 @pytest.mark.timeout(60)

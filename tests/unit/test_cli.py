@@ -3,11 +3,12 @@ what is allowed, before any network activity."""
 
 import subprocess
 import sys
+import threading
 
 import pytest
 
 from peer.cli import parse_config
-from peer.config import ConfigError, RunSpec, spec_conflicts
+from peer.config import ConfigError, RunSpec, read_initial_peers_file, spec_conflicts
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -81,3 +82,52 @@ def test_environment_variables_sit_between_config_file_and_flags(tmp_path, monke
     monkeypatch.setenv("DILOCO_TIMEOUT_CEILING_S", "2")
     with pytest.raises(ConfigError, match="--timeout-floor-s: 7.0 is not valid"):
         parse_config([])
+
+
+def test_initial_peers_file_flags_are_validated(tmp_path):
+    with pytest.raises(ConfigError, match="--initial-peers-file: '.*/nowhere/join.txt' is not valid; expected a "
+                                          "file in a directory that exists"):
+        parse_config(["--initial-peers-file", str(tmp_path / "nowhere" / "join.txt")])
+    with pytest.raises(ConfigError, match="--initial-peers-file-wait-s: 0.0 is not valid"):
+        parse_config(["--initial-peers-file", str(tmp_path / "join.txt"), "--initial-peers-file-wait-s", "0"])
+    cfg, _ = parse_config(["--initial-peers-file", str(tmp_path / "join.txt")])  # the file may come later
+    assert cfg.initial_peers_file == str(tmp_path / "join.txt") and cfg.initial_peers == ()
+
+
+def test_initial_peers_file_is_read_like_the_flag(tmp_path):
+    f = tmp_path / "join.txt"
+    f.write_text("# written by bootstrap --join-file\n/ip4/10.0.0.1/tcp/31337/p2p/QmA\n\n"
+                 "  /dns4/boot.example/tcp/1/p2p/QmB  \n")
+    assert read_initial_peers_file(str(f), 1) == ("/ip4/10.0.0.1/tcp/31337/p2p/QmA", "/dns4/boot.example/tcp/1/p2p/QmB")
+    f.write_text("/ip4/10.0.0.1/tcp/31337/p2p/QmA\nlocalhost:31337\n")
+    with pytest.raises(ConfigError) as e:
+        read_initial_peers_file(str(f), 1)
+    assert str(e.value) == (f"--initial-peers-file {f} line 2: 'localhost:31337' is not valid; expected a multiaddr "
+                            "such as /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW...")
+
+
+def test_initial_peers_file_is_waited_for_until_its_deadline(tmp_path):
+    f = tmp_path / "join.txt"
+    with pytest.raises(ConfigError, match=f"--initial-peers-file: '{f}' does not exist after waiting 0.3 s"):
+        read_initial_peers_file(str(f), 0.3, poll_s=0.05)
+    f.write_text("\n")
+    with pytest.raises(ConfigError, match="holds no multiaddr after waiting 0.3 s"):
+        read_initial_peers_file(str(f), 0.3, poll_s=0.05)
+    f.unlink()
+    writer = threading.Timer(0.5, f.write_text, ("/ip4/10.0.0.1/tcp/31337/p2p/QmA\n",))
+    writer.start()
+    try:
+        assert read_initial_peers_file(str(f), 60, poll_s=0.05) == ("/ip4/10.0.0.1/tcp/31337/p2p/QmA",)
+    finally:
+        writer.cancel()
+
+
+@pytest.mark.timeout(90)
+def test_peer_exits_2_naming_a_missing_initial_peers_file(tmp_path):
+    f = tmp_path / "join.txt"
+    p = subprocess.run([sys.executable, "-m", "peer.cli", "--initial-peers-file", str(f),
+                        "--initial-peers-file-wait-s", "1", "--model", "tiny"],
+                       capture_output=True, text=True, timeout=90)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert f"--initial-peers-file: '{f}' does not exist after waiting 1 s" in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
