@@ -135,7 +135,7 @@ def run(cfg, timeout_s: float) -> list[Check]:
 
 async def _network_checks(node) -> list[Check]:
     from peer.config import PROTOCOL_VERSION, RunSpec
-    from peer.net import swarm
+    from peer.net import reach, swarm
 
     core, cfg, dht = node.core, node.cfg, node.dht
     checks: list[Check] = []
@@ -163,7 +163,7 @@ async def _network_checks(node) -> list[Check]:
         view = {}
     live = [r for r in view.values() if r.fresh() and r.peer_id != core.peer_id
             and (spec is None or r.spec == spec.hash())]
-    serving = [r for r in live if r.addr and not r.client]
+    serving = reach.others_first([r for r in live if r.addr and not r.client], core.address)
     if spec is not None:
         model = spec.model if spec.model != "hf" else f"hf {spec.model_hash}"
         checks.append(Check("run", PASS, f"{cfg.run_id}: model {model}, codec {spec.codec}, target {spec.target_steps} "

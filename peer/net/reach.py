@@ -225,6 +225,14 @@ def judge(address: str, answers: dict[str, pb.DialBackReply | str], fixed_port: 
                           f"this peer. {fix}", dht_line)
 
 
+def others_first(records: list, address: str) -> list:
+    """`records` (anything with an `addr`, host:port) with those on another host than `address`
+    first, each part in its order: a peer on this very machine that dials us back says nothing
+    about the way in from outside, nor does a link test to it measure the link."""
+    host = address.rsplit(":", 1)[0]
+    return sorted(records, key=lambda r: bool(host) and r.addr.rsplit(":", 1)[0] == host)
+
+
 class Reachability:
     """Asks up to ASK_PEERS serving peers to dial this peer's announced address back, once the
     view holds some (core.begin_round calls `settle` before each round until it is settled).
@@ -238,15 +246,16 @@ class Reachability:
     async def settle(self, core: NetCore) -> None:
         if self.settled or core.client_mode:
             return
-        askers = [(r.peer_id, r.addr) for r in core.live_peers() if r.addr and not r.client]
-        if not askers:
+        serving = [r for r in core.live_peers() if r.addr and not r.client]
+        if not serving:
             if not self.said_alone:
                 log.info("reachability of %s is not checked yet: no other serving peer to ask (it is once one "
                          "joins)", core.address)
                 self.said_alone = True
             return
         self.checks += 1
-        chosen = random.sample(askers, min(ASK_PEERS, len(askers)))
+        random.shuffle(serving)
+        chosen = [(r.peer_id, r.addr) for r in others_first(serving, core.address)[:ASK_PEERS]]
         tcp = [core.dht_address] if core.dht_address else []
 
         async def one(peer_id: str, addr: str) -> pb.DialBackReply | str:

@@ -299,3 +299,19 @@ def test_join_through_lines_are_never_loopback_for_a_swarm_elsewhere():
         assert join_addresses(dht, initial_peers=[local[0]]) == local
     finally:
         dht.shutdown()
+
+
+def test_peers_on_other_hosts_are_asked_first():
+    """A peer on this very machine (the doctor run next to a peer) proves nothing about the way
+    in from outside: the dial-back and the link test go to peers elsewhere when there are any."""
+    def rec(name: str, addr: str) -> swarm.PeerRecord:
+        return swarm.PeerRecord(name, addr, 0, 0, 0, 0.0, False, False, 0, "h", get_dht_time(), swarm.WAIT)
+
+    here1, there1, here2, there2 = (rec("here-1", "10.0.0.2:7000"), rec("there-1", "10.0.0.1:7000"),
+                                    rec("here-2", "10.0.0.2:7100"), rec("there-2", "10.0.0.10:7000"))
+    ordered = reach.others_first([here1, there1, here2, there2], "10.0.0.2:7200")
+    assert [r.peer_id for r in ordered] == ["there-1", "there-2", "here-1", "here-2"]
+    assert reach.others_first([here1, here2], "10.0.0.2:7200") == [here1, here2], "only local ones: still asked"
+    assert reach.others_first([here1, there1], "") == [here1, there1], "no address of ours: order kept"
+    v6 = [rec("v6-here", "[2001:db8::2]:7000"), rec("v6-there", "[2001:db8::1]:7000")]
+    assert [r.peer_id for r in reach.others_first(v6, "[2001:db8::2]:7100")] == ["v6-there", "v6-here"]
