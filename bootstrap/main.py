@@ -54,6 +54,14 @@ def _port(value: str) -> int:
     return number
 
 
+def _run_id(value: str) -> str:
+    from peer.config import RUN_ID, RUN_ID_RULE
+
+    if RUN_ID.fullmatch(value) is None:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a run id: {RUN_ID_RULE}")
+    return value
+
+
 def _identity_path(value: str) -> str:
     if not os.path.isdir(os.path.dirname(os.path.abspath(value))):
         raise argparse.ArgumentTypeError(f"{value!r}: its directory does not exist (the key file is created there)")
@@ -93,6 +101,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="give up joining the initial peers after this many seconds (default: 30)")
     parser.add_argument("--http-port", type=_port, default=_port(os.environ.get("DILOCO_HTTP_PORT", "0")),
                         help="serve /status (JSON) and the swarm page on this port (0 = off; env DILOCO_HTTP_PORT)")
+    parser.add_argument("--run-id", type=_run_id, default=os.environ.get("DILOCO_RUN_ID", "diloco"),
+                        help="the run the swarm page shows unless its URL says ?run=ID (default: diloco, as peers; "
+                             "env DILOCO_RUN_ID)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser.parse_args(argv)
 
@@ -123,7 +134,7 @@ def _serve(args: argparse.Namespace) -> int:
             write_join_file(args.join_file, addresses)
             logger.info("wrote %d join address(es) to %s", len(addresses), args.join_file)
         if args.http_port:
-            web = _start_web(dht, status, args.http_port)
+            web = _start_web(dht, status, args.http_port, args.run_id)
         while not stop.is_set():
             try:
                 num_peers = count_dht_peers(dht, timeout_s=min(args.refresh_period_s, 5.0), refresh=True)
@@ -146,7 +157,8 @@ class _Web:
     """The bootstrap's HTTP server on a loop thread of its own (the node has no other loop).
     The main thread replaces `status` whole; handlers on the loop only read it."""
 
-    def __init__(self, dht, status: dict):
+    def __init__(self, dht, status: dict, run_id: str):
+        from peer import swarmview
         from peer.net.loop import NetLoop
         from peer.web import WebServer
 
@@ -158,6 +170,7 @@ class _Web:
             return {**self.status, "uptime_s": time.time() - self.status["started"]}
 
         self.server.add_json("/status", get_status)
+        swarmview.add_routes(self.server, dht, run_id)   # the swarm page: DHT reads on this loop
 
     def start(self, port: int) -> None:
         self.loop.start()
@@ -171,8 +184,8 @@ class _Web:
         self.loop.stop()
 
 
-def _start_web(dht, status: dict, port: int) -> _Web:
-    web = _Web(dht, status)
+def _start_web(dht, status: dict, port: int, run_id: str) -> _Web:
+    web = _Web(dht, status, run_id)
     try:
         web.start(port)
     except OSError as e:

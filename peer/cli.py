@@ -53,6 +53,8 @@ FLAGS: list[tuple[str, Any, str]] = [
     ("metrics-file", str, "append one JSON object per round to this file"),
     ("max-rounds", int, "finish after this many rounds and exit 0 (0 = no limit)"),
     ("log-level", str, "DEBUG, INFO, WARNING or ERROR"),
+    ("progress", str, "a progress bar per round: auto (when stderr is a terminal and the log is not DEBUG), "
+                      "on or off"),
     ("eval-batches", int, "held-out batches evaluated after every round (0 = none)"),
     ("min-peers-timeout-s", float, "how long round 0 waits for --min-peers before starting anyway"),
     ("join-window-s", float, "the most a round's leader waits for the rest of the group (the window in force "
@@ -82,6 +84,10 @@ FLAGS: list[tuple[str, Any, str]] = [
     ("max-round-seconds", float, "run spec: a round closes after this much training anyway"),
     ("min-peers", int, "run spec: round 0 waits until this many peers are in"),
 ]
+
+
+# `peer NAME ...`: each module's main(argv) -> exit status; anything else runs a peer.
+SUBCOMMANDS = {"export": "peer.export", "plot": "peer.plot", "doctor": "peer.doctor", "status": "peer.status"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -203,14 +209,10 @@ def _model_and_tokenizer_files(peer_kw: dict[str, Any], spec_kw: dict[str, Any])
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["export"]:
-        from peer.export import main as export_main
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        import importlib
 
-        return export_main(argv[1:])
-    if argv[:1] == ["plot"]:
-        from peer.plot import main as plot_main
-
-        return plot_main(argv[1:])
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     try:
         cfg, explicit = parse_config(argv)
     except ConfigError as e:

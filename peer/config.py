@@ -18,6 +18,7 @@ WEIGHTINGS = ("steps", "samples", "equal")
 STALE_WORK = ("drop", "carry")
 MODELS = ("tiny", "small", "base")  # built-in GPT presets; "hf" is a transformers causal LM from a config
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PROGRESS = ("auto", "on", "off")   # --progress: auto = a bar when stderr is a terminal
 
 EXIT_OK, EXIT_CRASH, EXIT_CONFIG, EXIT_AUTH, EXIT_INCOMPATIBLE = 0, 1, 2, 3, 4
 
@@ -112,6 +113,7 @@ class PeerConfig:
     metrics_file: str = ""
     max_rounds: int = 0              # 0 = run until stopped
     log_level: str = "INFO"
+    progress: str = "auto"           # a progress bar per round: on, off, auto (when stderr is a terminal)
     eval_batches: int = 8
     min_peers_timeout_s: float = 600.0
     join_window_s: float = 30.0      # the most a leader waits for the rest of the group (see deadlines.py)
@@ -124,7 +126,9 @@ class PeerConfig:
     spec: RunSpec = field(default_factory=RunSpec)
 
 
-_MADDR = re.compile(r"^/(ip4|ip6|dns|dns4|dns6)/[^/]+/(tcp|udp)/\d+(/.*)?$")
+RUN_ID = re.compile(r"[A-Za-z0-9_.\-]{1,64}")   # a run id, also in DHT keys and URLs
+RUN_ID_RULE = "1 to 64 letters, digits, '.', '_' or '-'"
+MADDR = re.compile(r"^/(ip4|ip6|dns|dns4|dns6)/[^/]+/(tcp|udp)/\d+(/.*)?$")
 _HOSTPORT = re.compile(r"^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
 
 
@@ -164,11 +168,10 @@ def validate_spec(s: RunSpec) -> None:
 
 
 def validate_peer(c: PeerConfig) -> None:
-    _check(re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", c.run_id) is not None, "run_id", c.run_id,
-           "1 to 64 letters, digits, '.', '_' or '-'")
+    _check(RUN_ID.fullmatch(c.run_id) is not None, "run_id", c.run_id, RUN_ID_RULE)
     for name in ("initial_peers", "dht_host_maddrs", "dht_announce_maddrs"):
         for addr in getattr(c, name):
-            _check(_MADDR.match(addr) is not None, name, addr,
+            _check(MADDR.match(addr) is not None, name, addr,
                    "a multiaddr such as /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW...")
     _check(c.initial_peers_file == "" or os.path.isdir(os.path.dirname(os.path.abspath(c.initial_peers_file))),
            "initial_peers_file", c.initial_peers_file, "a file in a directory that exists (the file may come later)")
@@ -187,6 +190,7 @@ def validate_peer(c: PeerConfig) -> None:
     _check(c.max_rounds >= 0, "max_rounds", c.max_rounds, "an integer >= 0 (0 = no limit)")
     _check(c.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level", c.log_level,
            "DEBUG, INFO, WARNING or ERROR")
+    _check(c.progress in PROGRESS, "progress", c.progress, "auto (a bar on a terminal), on or off")
     _check(c.eval_batches >= 0, "eval_batches", c.eval_batches, "an integer >= 0")
     _check(c.min_peers_timeout_s > 0, "min_peers_timeout_s", c.min_peers_timeout_s, "a positive number")
     _check(0 < c.timeout_floor_s <= c.timeout_ceiling_s, "timeout_floor_s", c.timeout_floor_s,
@@ -219,7 +223,7 @@ def read_initial_peers_file(path: str, wait_s: float, poll_s: float = 0.5) -> tu
             problem = "holds no multiaddr"
         addrs = [(n, line.strip()) for n, line in enumerate(lines, 1) if line.strip() and line.strip()[0] != "#"]
         for n, addr in addrs:
-            if _MADDR.match(addr) is None:
+            if MADDR.match(addr) is None:
                 raise ConfigError(f"--initial-peers-file {path} line {n}: {addr!r} is not valid; expected a "
                                   "multiaddr such as /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW...")
         if addrs:

@@ -10,10 +10,25 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _HANDLER_NAME = "diloco-p2p"
 
 
-def setup_logging(level: str = "INFO") -> None:
+class BarSafeHandler(logging.StreamHandler):
+    """Writes each line through `tqdm.write`: a progress bar on the terminal is cleared, the
+    line written whole and the bar drawn again below it (lines from any thread: tqdm's lock)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logging(level: str = "INFO", progress_bar: bool = False) -> None:
     """Send every log line (ours and hivemind's) to stderr in one format. Safe to call again.
 
-    hivemind stays at WARNING unless `level` is DEBUG: its INFO lines are chatty.
+    hivemind stays at WARNING unless `level` is DEBUG: its INFO lines are chatty. With
+    `progress_bar` the lines go around the bars of peer/progress.py (same text).
     """
     numeric_level = logging.getLevelName(level.upper())
     if not isinstance(numeric_level, int):
@@ -32,7 +47,7 @@ def setup_logging(level: str = "INFO") -> None:
     for handler in list(root.handlers):
         if handler.get_name() == _HANDLER_NAME:
             root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = (BarSafeHandler if progress_bar else logging.StreamHandler)(sys.stderr)
     handler.set_name(_HANDLER_NAME)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root.addHandler(handler)

@@ -24,6 +24,7 @@ from peer.config import (
     validate_peer,
 )
 from peer.logs import setup_logging
+from peer.progress import wants_bar
 
 if TYPE_CHECKING:
     from peer.dht import ChildSafeDHT
@@ -57,8 +58,9 @@ class StopRequest:
 
 
 # An exception raised inside these would leave a lock held that other threads need: logging's (every
-# log line, the network loop's too) or an import's; there the signal is tried again a little later.
-_DEFER_INSIDE = ("logging", "importlib")
+# log line, the network loop's too), tqdm's (log lines while a progress bar shows) or an import's;
+# there the signal is tried again a little later.
+_DEFER_INSIDE = ("logging", "tqdm", "importlib")
 _RETRY_S = 0.05
 
 
@@ -124,7 +126,7 @@ def run(cfg: PeerConfig, explicit: set[str]) -> int:
     parts, code = _Parts(), EXIT_CRASH
     try:
         try:
-            setup_logging(cfg.log_level)
+            setup_logging(cfg.log_level, progress_bar=wants_bar(cfg.progress, cfg.log_level))
             code = _start_and_train(cfg, explicit, parts)
         finally:
             StopRequest.leaving = True  # from here on a signal changes nothing

@@ -22,6 +22,7 @@ from peer.config import ConfigError, PeerConfig, RunSpec
 from peer.faults import FaultPlan
 from peer.net.node import MAX_CARRY_ROUNDS, Node, Outcome
 from peer.outer import GlobalState, assign_flat_, flatten_params, pseudo_gradient
+from peer.progress import RoundBar, estimate, wants_bar
 from peer.tasks import Task, TaskOptions, inner_lr, make_task, to_device
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,8 @@ class Trainer:
         self.dump_dir = os.environ.get("DILOCO_TEST_DUMP_DIR", "")
         self.divergences = 0
         self.carry: tuple[torch.Tensor, float, int] | None = None  # (delta, weight, origin round)
+        self.show_bar = wants_bar(cfg.progress, cfg.log_level)   # a progress bar per round on a terminal
+        self.bar: RoundBar | None = None
         node.set_numel(numel)
         log.info("task %s: %d parameters on %s (%s, %d x %d samples per step); ready in %.1f s",
                  self.task.describe(), numel, self.device, str(self.amp_dtype)[6:], cfg.grad_accum,
@@ -237,6 +240,9 @@ class Trainer:
             stats.loss_sum += loss
             step_s = time.monotonic() - t if stats.steps == 1 else 0.8 * step_s + 0.2 * (time.monotonic() - t)
             self.node.report_progress(stats.steps, stats.samples, 1.0 / max(step_s, 1e-6))
+            if self.bar is not None:
+                total, eta_s = estimate(stats.steps, 1.0 / max(step_s, 1e-6), *self.node.swarm_left(stats.steps))
+                self.bar.step(stats.steps, stats.loss, stats.samples, total, eta_s)
         stats.train_s = time.monotonic() - t0
         return stats
 
@@ -255,14 +261,22 @@ class Trainer:
     def one_round(self, state: GlobalState) -> GlobalState:
         r, t0 = state.round, time.monotonic()
         self.node.begin_round(r)
-        stats = self.train_until_trigger(r, state.global_samples)
-        self.faults.hit("before_average", r)
-        delta = pseudo_gradient(state.theta, self.local_params())
-        fresh = self.weight_of(stats)
-        carried = (min(self.carry[1], fresh), self.carry[2]) if self.carry and fresh > 0 else (0.0, -1)
-        weight = fresh + carried[0]
-        t_avg = time.monotonic()
-        result = self.node.finish_round(r, delta.clone(), weight, stats.samples, carried)
+        self.bar = RoundBar(r) if self.show_bar else None
+        try:  # the bar goes before the round's line is logged, and on any exit
+            stats = self.train_until_trigger(r, state.global_samples)
+            self.faults.hit("before_average", r)
+            delta = pseudo_gradient(state.theta, self.local_params())
+            fresh = self.weight_of(stats)
+            carried = (min(self.carry[1], fresh), self.carry[2]) if self.carry and fresh > 0 else (0.0, -1)
+            weight = fresh + carried[0]
+            t_avg = time.monotonic()
+            if self.bar is not None:
+                self.bar.averaging()
+            result = self.node.finish_round(r, delta.clone(), weight, stats.samples, carried)
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
         new_state, outcome = self.adopt(result.state), result.outcome
         self.divergences = result.divergences
         if new_state.round != r:
@@ -306,10 +320,11 @@ class Trainer:
         group = len(o.roster.members) if o.roster is not None else 0
         sps = stats.samples / stats.train_s if stats.train_s > 0 else 0.0
         tps = stats.tokens / stats.train_s if stats.train_s > 0 else 0.0
+        dropped = ", ".join(f"{p[-6:]} ({o.drop_reasons.get(p, '?')})" for p in o.dropped)
         log.info("round %d: %s, %d peers, loss %.4f, eval %.4f, %.0f samples/s, %.0f tokens/s, sent %.2f MB, "
                  "%.1f s (train %.1f s, %d steps; average %.1f s)%s", r, o.kind, group, stats.loss, eval_loss, sps, tps,
                  o.bytes_sent / 1e6, round_s, stats.train_s, stats.steps, avg_s,
-                 f"; dropped {', '.join(p[-6:] for p in o.dropped)}" if o.dropped else "")
+                 f"; dropped {dropped}" if dropped else "")
         row = {"round": r, "peer_id": self.node.peer_id, "outcome": o.kind, "group_size": group,
                "weight": weight, "total_weight": o.total_weight, "steps": stats.steps, "samples": stats.samples,
                "loss": _num(stats.loss), "eval_loss": _num(eval_loss), "samples_per_s": sps,
@@ -318,8 +333,8 @@ class Trainer:
                "average_seconds": avg_s, "digest": state.digest(), "state_round": state.round, "global_samples": state.global_samples,
                "leader": o.roster.leader if o.roster is not None else "",
                "owners": list(o.roster.owners) if o.roster is not None else [],
-               "contributors": o.contributors, "dropped": o.dropped, "divergences": self.divergences,
-               "time": time.time()}
+               "contributors": o.contributors, "dropped": o.dropped, "drop_reasons": dict(o.drop_reasons),
+               "divergences": self.divergences, "time": time.time()}
         self.node.report_round(row)   # handed over: never changed after this
         if not self.cfg.metrics_file:
             return

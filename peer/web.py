@@ -69,9 +69,9 @@ class WebServer:
 
     async def start(self, host: str, port: int) -> int:
         """Listens on host:port (0 picks a free port); returns the port. A port in use raises OSError."""
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, shutdown_timeout=1.0)
+        site = web.TCPSite(self._runner, host, port)
         try:
             await site.start()
         except OSError:
@@ -80,9 +80,8 @@ class WebServer:
             raise
         sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
         self.port = sockets[0].getsockname()[1] if sockets else port
-        log.info("HTTP server on http://%s:%d (/status%s)", host, self.port,
-                 "".join(f", {r.resource.canonical}" for r in self.app.router.routes()
-                         if r.resource is not None and r.resource.canonical not in ("/status",)))
+        paths = dict.fromkeys(r.resource.canonical for r in self.app.router.routes() if r.resource is not None)
+        log.info("HTTP server on http://%s:%d (%s)", host, self.port, ", ".join(paths))   # GET and HEAD: once
         return self.port
 
     async def stop(self, timeout_s: float = 3.0) -> None:

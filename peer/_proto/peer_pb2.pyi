@@ -166,16 +166,18 @@ class CommitRequest(_message.Message):
     def __init__(self, round: _Optional[int] = ..., roster_hash: _Optional[str] = ..., peer_id: _Optional[str] = ..., ok: _Optional[bool] = ..., shard_sha256: _Optional[_Iterable[str]] = ..., reason: _Optional[str] = ..., unreachable: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CommitReply(_message.Message):
-    __slots__ = ("apply", "reason", "committed", "shard_sha256")
+    __slots__ = ("apply", "reason", "committed", "shard_sha256", "unreachable")
     APPLY_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_FIELD_NUMBER: _ClassVar[int]
     SHARD_SHA256_FIELD_NUMBER: _ClassVar[int]
+    UNREACHABLE_FIELD_NUMBER: _ClassVar[int]
     apply: bool
     reason: str
     committed: _containers.RepeatedScalarFieldContainer[str]
     shard_sha256: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, apply: _Optional[bool] = ..., reason: _Optional[str] = ..., committed: _Optional[_Iterable[str]] = ..., shard_sha256: _Optional[_Iterable[str]] = ...) -> None: ...
+    unreachable: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, apply: _Optional[bool] = ..., reason: _Optional[str] = ..., committed: _Optional[_Iterable[str]] = ..., shard_sha256: _Optional[_Iterable[str]] = ..., unreachable: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StateRequest(_message.Message):
     __slots__ = ("min_round", "requester", "offset", "length", "sha256")
@@ -364,3 +366,17 @@ class DialBackReply(_message.Message):
     caller_host: str
     results: _containers.RepeatedCompositeFieldContainer[DialResult]
     def __init__(self, peer_id: _Optional[str] = ..., caller_host: _Optional[str] = ..., results: _Optional[_Iterable[_Union[DialResult, _Mapping]]] = ...) -> None: ...
+
+class LinkChunk(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class LinkReply(_message.Message):
+    __slots__ = ("bytes", "seconds")
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    bytes: int
+    seconds: float
+    def __init__(self, bytes: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...

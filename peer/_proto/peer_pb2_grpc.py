@@ -79,6 +79,11 @@ class PeerStub:
                 request_serializer=peer__pb2.DialBackRequest.SerializeToString,
                 response_deserializer=peer__pb2.DialBackReply.FromString,
                 _registered_method=True)
+        self.LinkTest = channel.stream_unary(
+                '/diloco.Peer/LinkTest',
+                request_serializer=peer__pb2.LinkChunk.SerializeToString,
+                response_deserializer=peer__pb2.LinkReply.FromString,
+                _registered_method=True)
 
 
 class PeerServicer:
@@ -153,6 +158,14 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LinkTest(self, request_iterator, context):
+        """Link rate (peer doctor): the caller streams bytes for a few seconds; the callee drops them
+        and says how many arrived over how long (bounded in bytes, seconds and callers at once).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -200,6 +213,11 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.DialBack,
                     request_deserializer=peer__pb2.DialBackRequest.FromString,
                     response_serializer=peer__pb2.DialBackReply.SerializeToString,
+            ),
+            'LinkTest': grpc.stream_unary_rpc_method_handler(
+                    servicer.LinkTest,
+                    request_deserializer=peer__pb2.LinkChunk.FromString,
+                    response_serializer=peer__pb2.LinkReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -445,6 +463,33 @@ class Peer:
             '/diloco.Peer/DialBack',
             peer__pb2.DialBackRequest.SerializeToString,
             peer__pb2.DialBackReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LinkTest(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/diloco.Peer/LinkTest',
+            peer__pb2.LinkChunk.SerializeToString,
+            peer__pb2.LinkReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +78,10 @@ class Keeper:
         self.failures = 0            # attempts in a row that did not get a newer state
         self.fetch_rate_bps: float | None = None   # how fast states and updates reach us
         self.failed_downloads = 0    # downloads that did not end with a state (its donors moved on, ...)
+        # states got from the swarm by "download" or "replay", failed attempts, bytes received (/metrics)
+        self.fetched: Counter[str] = Counter()
+        self.fetch_failures: Counter[str] = Counter()
+        self.fetched_bytes: Counter[str] = Counter()
 
     # ---- holding a state ------------------------------------------------------------------
     async def adopt(self, state: GlobalState) -> None:
@@ -254,7 +259,8 @@ class Keeper:
         return sorted((r for r in self.core.live_peers() if r.state_round >= min_round and r.addr),
                       key=lambda r: (-r.state_round, r.peer_id))
 
-    def _measured(self, num_bytes: int, seconds: float) -> None:
+    def _measured(self, method: str, num_bytes: int, seconds: float) -> None:
+        self.fetched_bytes[method] += num_bytes
         if num_bytes > 0 and seconds > 0:
             rate = num_bytes / seconds
             self.fetch_rate_bps = rate if self.fetch_rate_bps is None else 0.5 * self.fetch_rate_bps + 0.5 * rate
@@ -280,14 +286,17 @@ class Keeper:
                     if not why and digest and state.round == min_round and state.digest() != digest:
                         why = f"its digest {state.digest()[:12]} is not the agreed {digest[:12]}"
                     if not why:
+                        self.fetched["download"] += 1
                         return state
                     last_error = why
+                    self.fetch_failures["download"] += 1
                     log.warning("downloaded state rejected: %s; asking again", why)
                 except (RuntimeError, TimeoutError) as e:
                     last_error = str(e)
                     self.failed_downloads += 1
+                    self.fetch_failures["download"] += 1
                 finally:
-                    self._measured(received.num_bytes, time.monotonic() - started)
+                    self._measured("download", received.num_bytes, time.monotonic() - started)
                 verdict = self.lag_verdict(self.failed_downloads)
                 if verdict:
                     raise CannotKeepUp(verdict)  # the state moves on faster than it reaches us
@@ -313,17 +322,20 @@ class Keeper:
         for donor in donors[:2]:
             if donor.state_round - state.round > KEEP_ROUNDS:
                 break  # the newest state is too far ahead to replay: download it
+            received, started = Received(), time.monotonic()
             try:
-                started = time.monotonic()
                 new = await replay(self.core.channels, (donor.peer_id, donor.addr), state, donor.state_round,
-                                   spec.outer_lr, spec.outer_momentum, deadline)
-                update = get_codec(spec.codec).encoded_size(self.core.numel)
-                self._measured(update * (new.round - state.round), time.monotonic() - started)
+                                   spec.outer_lr, spec.outer_momentum, deadline, received)
+                self._measured("replay", received.num_bytes, time.monotonic() - started)
                 why = await self._disputed(new)
                 if not why:
+                    self.fetched["replay"] += 1
                     return new
+                self.fetch_failures["replay"] += 1
                 log.warning("replayed state rejected: %s", why)
             except (ValueError, TimeoutError, asyncio.TimeoutError) as e:
+                self.fetched_bytes["replay"] += received.num_bytes
+                self.fetch_failures["replay"] += 1
                 log.info("replaying the updates of %s failed (%s); trying another way", donor.peer_id[-6:], e)
         return await self.download(min_round, deadline, ahead=ahead)
 

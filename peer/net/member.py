@@ -18,7 +18,7 @@ from peer.net import swarm
 from peer.net.client import describe_rpc_error
 from peer.net.core import NetCore
 from peer.net.loop import Deadline
-from peer.net.round import Outcome
+from peer.net.round import Outcome, drop_reasons
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +76,14 @@ async def run_round(core: NetCore, r: int, delta: torch.Tensor, weight: float, s
     out.residuals = [encoded[j][1] for j, _ in mine]   # applied with the new state (keeper.py)
     out.owner_residuals = [shard.pending_residual for shard in ctx.owned.values()
                            if shard.pending_residual is not None]
-    everywhere = set.intersection(*(set(s.header.contributors) for s in shards))
     members = {m.peer_id: m for m in roster.members}
     out.kind, out.reason = "applied", decision.reason
     out.avg = torch.cat([s.values for s in shards])
     out.payloads = [s.payload for s in shards]
-    out.contributors = sorted(everywhere)
-    out.dropped = sorted(set(members) - everywhere)
+    # contributors: in every shard (a shard header lists only roster members); the rest are dropped
+    out.drop_reasons = drop_reasons(roster, [s.header for s in shards], core.peer_id, ctx.unreachable, decision)
+    out.dropped = sorted(out.drop_reasons)
+    out.contributors = sorted(set(members) - set(out.dropped))
     out.total_weight = float(sum(members[p].weight for p in out.contributors))
     out.samples = int(sum(members[p].samples for p in out.contributors))
     return out

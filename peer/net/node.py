@@ -12,7 +12,9 @@ import hivemind
 import torch
 from hivemind.utils import get_dht_time
 
+from peer import swarmview
 from peer.config import ConfigError, PeerConfig, RunSpec, spec_conflicts
+from peer.metrics import CONTENT_TYPE_LATEST, PeerMetrics
 from peer.monitor import Monitor
 from peer.net import announce, swarm
 from peer.net.core import GRANT_FRESH_S, PROBE_TIMEOUT_S, NetCore
@@ -70,6 +72,7 @@ class Node:
         self.monitor = Monitor()   # on the loop: the last round and the totals, for /status
         self.web: WebServer | None = None   # --http-port
         self._refresher: Any = None
+        self._historian: Any = None   # monitor.publish_forever: our {run}.history record
         self.keeper: Keeper | None = None   # made once the run spec is known (start_state)
         self.round_started = 0.0
 
@@ -96,6 +99,7 @@ class Node:
             host = split_host_port(self.core.address)[0]
             self.core.dht_address = dht_tcp_address(host, list(self.cfg.dht_announce_maddrs), visible)
         self._refresher = self.net.submit(self.core.refresh_forever())
+        self._historian = self.net.submit(self.monitor.publish_forever(self.dht, self.cfg.run_id, self.peer_id))
         said = "nothing (client mode)" if self.core.client_mode else self.core.address
         log.info("gRPC server listens on %s:%d, announced as %s", self.cfg.host, port, said)
         return self.core.address
@@ -135,6 +139,8 @@ class Node:
         async def _stop() -> None:
             if self._refresher is not None:  # its next record must not undo our goodbye
                 self._refresher.cancel()
+            if self._historian is not None:
+                self._historian.cancel()
             self.core.training, self.core.snapshot, self.core.address = False, None, ""
             if goodbye:  # tell the others we are gone: no leader, no donor
                 try:
@@ -159,10 +165,17 @@ class Node:
         """The routes of --http-port; every handler runs on the loop."""
         web = WebServer()
 
+        metrics = PeerMetrics(self.monitor, self.core, lambda: self.keeper)
+
         async def status(_request):
             return self.monitor.status(self.core)
 
+        async def prometheus(_request):
+            return metrics.text()
+
         web.add_json("/status", status)
+        swarmview.add_routes(web, self.dht, self.cfg.run_id)   # the swarm page and its JSON
+        web.add_text("/metrics", prometheus, CONTENT_TYPE_LATEST)
         return web
 
     def report_round(self, row: dict) -> None:
@@ -198,13 +211,9 @@ class Node:
             if self.cfg.initial_peers:
                 await asyncio.sleep(SPEC_SETTLE_S)
             proposals = await swarm.read(self.dht, key, 10.0) or {self.peer_id: mine}
-        valid = []
-        for v in proposals.values():
-            if isinstance(v, dict) and isinstance(v.get("created"), (int, float)) and isinstance(v.get("origin"), str):
-                valid.append(v)
-        if not valid:
+        winner = swarm.winning_spec(proposals)
+        if winner is None:
             raise RuntimeError(f"the run {self.cfg.run_id} has only malformed spec records in the DHT")
-        winner = min(valid, key=lambda v: (v["created"], v["origin"]))
         self._spec_record = self.core.spec_record = winner
         spec = RunSpec.from_record(winner["spec"])
         if winner["origin"] == self.peer_id:
@@ -305,7 +314,25 @@ class Node:
                 except TimeoutError:
                     pass
             return grant[2] or steps >= grant[1]
-        when, their_steps, their_rate = c.others
-        remaining = spec.target_steps - steps - their_steps - their_rate * (now - when)
+        remaining, their_rate = self._dht_left(steps, now)
         return remaining < 1 + their_rate * step_s
+
+    def _dht_left(self, steps: int, now: float) -> tuple[float, float]:
+        """Steps of the round's target nobody did yet by the DHT view, and the others' steps/s."""
+        assert self.core.spec is not None
+        when, their_steps, their_rate = self.core.others
+        return self.core.spec.target_steps - steps - their_steps - their_rate * (now - when), their_rate
+
+    def swarm_left(self, steps: int) -> tuple[float, float, float]:
+        """For the progress bar: (steps of the round's target left, the others' steps/s, seconds
+        left before the round's time limit); no steps are left once the leader closes the round.
+        Read from the trainer thread, like should_stop."""
+        spec, c, now = self.core.spec, self.core, time.monotonic()
+        assert spec is not None
+        left_s = spec.max_round_seconds - (now - self.round_started)
+        remaining, their_rate = self._dht_left(steps, now)
+        grant = c.grant
+        if grant is not None and grant[0] == c.round and now - grant[3] < GRANT_FRESH_S and grant[2]:
+            remaining = 0.0
+        return remaining, their_rate, left_s
 

@@ -16,6 +16,7 @@ from peer._proto import peer_pb2 as pb
 from peer.codecs import get_codec
 from peer.net.client import CHUNK_BYTES, Channels, describe_rpc_error
 from peer.net.loop import Deadline
+from peer.net.state_sync import Received
 from peer.outer import GlobalState, outer_step
 
 log = logging.getLogger(__name__)
@@ -84,8 +85,9 @@ def apply_update(state: GlobalState, header: pb.UpdateHeader, payload: bytes, lr
 
 
 async def replay(channels: Channels, donor: tuple[str, str], state: GlobalState, to_round: int, lr: float,
-                 momentum: float, deadline: Deadline) -> GlobalState:
-    """Fetches and applies the updates from `state.round` to `to_round` from one donor."""
+                 momentum: float, deadline: Deadline, received: Received | None = None) -> GlobalState:
+    """Fetches and applies the updates from `state.round` to `to_round` from one donor
+    (`received` counts the bytes that came, also when it fails)."""
     peer_id, address = donor
     req = pb.UpdatesRequest(from_round=state.round, to_round=to_round)
     call = channels.stub(address).GetUpdates(req, timeout=deadline.left(0.1))
@@ -101,6 +103,8 @@ async def replay(channels: Channels, donor: tuple[str, str], state: GlobalState,
                     raise ValueError(f"update of round {header.round} announces {header.num_bytes} bytes")
             buf += chunk.data
             num_bytes += len(chunk.data)
+            if received is not None:
+                received.num_bytes += len(chunk.data)
             if header is None or len(buf) > header.num_bytes:
                 raise ValueError("update stream out of order")
         if header is None:

@@ -129,7 +129,46 @@ def decide(roster: pb.Roster, reports: dict[str, pb.CommitRequest]) -> pb.Commit
         return pb.CommitReply(apply=False, reason=f"members hold {len(hashes)} different results")
     missing = sorted({m.peer_id for m in roster.members} - set(reports))
     reason = f"no report from {', '.join(p[-6:] for p in missing)}" if missing else ""
-    return pb.CommitReply(apply=True, reason=reason, committed=sorted(reports), shard_sha256=hashes.pop())
+    unreachable = sorted({p for r in reports.values() for p in r.unreachable})
+    return pb.CommitReply(apply=True, reason=reason, committed=sorted(reports), shard_sha256=hashes.pop(),
+                          unreachable=unreachable)
+
+
+# Why a roster member is missing from the contributors of some shard of an applied round, as
+# this member sees it: short fixed words (log lines, metrics rows, Prometheus labels), the
+# first that holds in this order.
+DROP_REASONS = {
+    "unreachable": "this peer could not send its part to it or pull its shard from it",
+    "reported_unreachable": "another member could not reach it (the leader's decision lists it)",
+    "no_report": "it sent the leader no commit report (it left the round or died)",
+    "backup": "its own shard was reduced again by the backup owner, without its part",
+    "send_failed": "this peer's part of a shard did not reach that shard's owner",
+    "not_received": "an owner reduced a shard without its part (none came whole within the transfer timeout)",
+}
+
+
+def drop_reasons(roster: pb.Roster, headers: list[pb.ShardHeader], me: str, unreachable: set[str],
+                 decision: pb.CommitReply) -> dict[str, str]:
+    """{peer id: reason} for every roster member not among the contributors of every shard.
+    `headers`: the reduced shards' headers; `unreachable`: the peers our own calls failed on."""
+    everywhere = set.intersection(*(set(h.contributors) for h in headers)) if headers else set()
+    reported, committed = set(decision.unreachable), set(decision.committed)
+    out = {}
+    for p in sorted({m.peer_id for m in roster.members} - everywhere):
+        lacking = [h for h in headers if p not in h.contributors]
+        if p in unreachable:
+            out[p] = "unreachable"
+        elif p in reported:
+            out[p] = "reported_unreachable"
+        elif p not in committed:
+            out[p] = "no_report"
+        elif any(h.backup and roster.owners[h.shard] == p for h in headers):
+            out[p] = "backup"
+        elif p == me and any(roster.owners[h.shard] in unreachable for h in lacking):
+            out[p] = "send_failed"
+        else:
+            out[p] = "not_received"
+    return out
 
 
 @dataclass
@@ -147,6 +186,7 @@ class Outcome:
     bytes_sent: int = 0
     bytes_received: int = 0
     dropped: list[str] = field(default_factory=list)
+    drop_reasons: dict[str, str] = field(default_factory=dict)   # dropped peer -> a DROP_REASONS word
     payloads: list[bytes] = field(default_factory=list)   # the reduced shards' bytes, in shard order
     residuals: list = field(default_factory=list)   # error-feedback updates of our sends, if applied
     owner_residuals: list = field(default_factory=list)   # ... and of our owned shards' re-encoding

@@ -12,6 +12,7 @@ from peer._proto import peer_pb2 as pb
 from peer._proto import peer_pb2_grpc
 from peer.net import owner
 from peer.net.client import CHANNEL_OPTIONS, Reject
+from peer.net.linktest import LinkTests
 
 if TYPE_CHECKING:
     from peer.net.core import NetCore
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 class Servicer(peer_pb2_grpc.PeerServicer):
     def __init__(self, core: NetCore):
         self.core = core
+        self.link_tests = LinkTests()
 
     async def _guard(self, context: grpc.aio.ServicerContext, what: str, coro):
         try:
@@ -78,6 +80,9 @@ class Servicer(peer_pb2_grpc.PeerServicer):
 
     async def DialBack(self, request: pb.DialBackRequest, context):
         return await self._guard(context, "DialBack", self.core.dialer.handle(request, context.peer()))
+
+    async def LinkTest(self, request_iterator, context):
+        return await self._guard(context, "LinkTest", self.link_tests.handle(request_iterator))
 
 
 async def start_server(core: NetCore, host: str, port: int) -> tuple[grpc.aio.Server, int]:

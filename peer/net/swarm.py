@@ -1,10 +1,13 @@
-"""The run's records in the DHT: spec proposals, peer progress/membership and digests.
-Runs on the network loop; every DHT call is a `return_future=True` call under a deadline."""
+"""The run's records in the DHT: spec proposals, peer progress/membership, digests and each
+peer's recent rounds (the history the swarm view shows). Runs on the network loop; every DHT
+call is a `return_future=True` call under a deadline. Whatever is read was written by a stranger:
+parsers return None for a malformed value, never raise."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,6 +111,18 @@ def digest_key(run_id: str, round_: int) -> str:
     return f"{run_id}.digest.{round_}"
 
 
+def history_key(run_id: str) -> str:
+    return f"{run_id}.history"
+
+
+def winning_spec(proposals: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's spec record among the proposals read from `{run}.spec`: the earliest `created`,
+    ties by origin peer id (None when none is well formed). Its `spec` field is still unchecked."""
+    valid = [v for v in proposals.values() if isinstance(v, dict) and isinstance(v.get("created"), (int, float))
+             and isinstance(v.get("origin"), str)]
+    return min(valid, key=lambda v: (v["created"], v["origin"])) if valid else None
+
+
 async def read_peers(dht: hivemind.DHT, run_id: str, timeout_s: float) -> dict[str, PeerRecord]:
     out = {}
     for pid, v in (await read(dht, peers_key(run_id), timeout_s)).items():
@@ -126,3 +141,76 @@ def majority_digest(digests: dict[str, str]) -> tuple[str | None, int]:
         return None, 0
     best = min(counts, key=lambda d: (-counts[d], d))
     return best, counts[best]
+
+
+# ---- {run}.history: a peer's recent rounds ---------------------------------------------------
+HISTORY_ROUNDS = 60        # rounds a peer keeps in its history record
+DROP_ROUNDS = 10           # of those, the last rounds that dropped someone, with who and why
+MAX_DROPS_PER_ROUND = 16   # dropped peers kept per round (the rest are left out)
+MAX_ID_CHARS, MAX_REASON_CHARS = 80, 120
+# the columns of one compact row, in order (`history_row` writes them, `parse_history` checks them)
+HISTORY_FIELDS = ("round", "outcome", "loss", "eval_loss", "weight", "samples_per_s", "group_size",
+                  "global_samples", "time")
+OUTCOMES = ("applied", "aborted", "excluded")
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+_CHECKS = {"round": _count, "outcome": lambda x: x in OUTCOMES, "loss": lambda x: x is None or _number(x),
+           "eval_loss": lambda x: x is None or _number(x), "weight": lambda x: _number(x) and x >= 0,
+           "samples_per_s": lambda x: _number(x) and x >= 0, "group_size": _count, "global_samples": _count,
+           "time": _number}
+
+
+def history_row(row: dict[str, Any]) -> list[Any]:
+    """The compact form of one metrics row (`Trainer.report`'s dict) kept in the history record."""
+    def num(x: Any) -> float | None:
+        return float(x) if _number(x) else None
+
+    return [int(row["round"]), str(row["outcome"]), num(row.get("loss")), num(row.get("eval_loss")),
+            num(row.get("weight")) or 0.0, num(row.get("samples_per_s")) or 0.0, int(row.get("group_size") or 0),
+            int(row.get("global_samples") or 0), float(row.get("time") or 0.0)]
+
+
+def round_drops(row: dict[str, Any]) -> dict[str, str]:
+    """Who a round dropped and why: the row's `drop_reasons`, else its `dropped` ids with reason
+    "unknown"; bounded (ids and reasons cut, at most MAX_DROPS_PER_ROUND peers)."""
+    reasons = row.get("drop_reasons")
+    if not isinstance(reasons, dict):
+        reasons = {p: "unknown" for p in row.get("dropped") or ()}
+    items = sorted((str(p)[:MAX_ID_CHARS], str(why)[:MAX_REASON_CHARS]) for p, why in reasons.items())
+    return dict(items[:MAX_DROPS_PER_ROUND])
+
+
+def _drops_ok(d: Any) -> bool:
+    return (isinstance(d, list) and len(d) == 2 and _count(d[0]) and isinstance(d[1], dict)
+            and len(d[1]) <= MAX_DROPS_PER_ROUND
+            and all(isinstance(p, str) and isinstance(why, str) and 0 < len(p) <= MAX_ID_CHARS
+                    and len(why) <= MAX_REASON_CHARS for p, why in d[1].items()))
+
+
+def parse_history(peer_id: str, v: Any) -> dict[str, Any] | None:
+    """A history record read from the DHT as `{"rows": [{field: value}], "drops": [{"round",
+    "peer", "reason"}], "t"}`, or None (logged at DEBUG) when any part of it is malformed or
+    over the bounds: a stranger's bad value is skipped whole, never shown in part."""
+    try:
+        rows, drops, t = v["rows"], v["drops"], v["t"]
+        ok = (isinstance(rows, list) and len(rows) <= HISTORY_ROUNDS and isinstance(drops, list)
+              and len(drops) <= DROP_ROUNDS and _number(t)
+              and all(isinstance(r, list) and len(r) == len(HISTORY_FIELDS)
+                      and all(_CHECKS[f](x) for f, x in zip(HISTORY_FIELDS, r, strict=True)) for r in rows)
+              and all(_drops_ok(d) for d in drops))
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        log.debug("ignoring malformed history record of %s: %.200r", peer_id, v)
+        return None
+    return {"rows": [dict(zip(HISTORY_FIELDS, r, strict=True)) for r in rows],
+            "drops": [{"round": r, "peer": p, "reason": why} for r, d in drops for p, why in sorted(d.items())],
+            "t": float(t)}

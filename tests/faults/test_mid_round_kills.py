@@ -68,6 +68,11 @@ def test_kill_mid_round(swarm, point, timeout_s):
         if victim_id in rows[0]["dropped"]:  # in their group, its part lost: its shard was redone
             assert any(re.search(f"round {died_in}: shard \\d+ (served again by|.*reduces it again)",
                                  swarm.log(n)) for n in STABLE)
+            # why, as each survivor saw it: a dead peer sent no report, so no later reason applies
+            reasons = [r["drop_reasons"][victim_id] for r in rows]
+            assert set(reasons) <= {"unreachable", "reported_unreachable", "no_report"}, reasons
+            assert all(re.search(rf"round {died_in}: applied, .*; dropped {victim_id[-6:]} \({why}\)$",
+                                 swarm.log(n), re.M) for n, why in zip(STABLE, reasons, strict=True))
     done = {n: len(swarm.metrics(n)) for n in STABLE}
     for n in STABLE:
         swarm.wait_rounds(n, done[n] + 2, 120)

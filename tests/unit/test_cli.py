@@ -21,6 +21,7 @@ from peer.config import ConfigError, RunSpec, read_initial_peers_file, spec_conf
     (["--initial-peers", "localhost:31337"], "--initial-peers: 'localhost:31337' is not valid; expected a multiaddr"),
     (["--announce-addr", "nohost"], "--announce-addr: 'nohost' is not valid; expected host:port"),
     (["--run-id", "a b"], "--run-id: 'a b' is not valid"),
+    (["--progress", "yes"], "--progress: 'yes' is not valid; expected auto (a bar on a terminal), on or off"),
 ])
 def test_bad_values_are_named(argv, needle):
     with pytest.raises(ConfigError, match=".*") as e:
