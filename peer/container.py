@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Mapping
 
 from peer.config import EXIT_AUTH, EXIT_CONFIG, EXIT_INCOMPATIBLE
 from peer.logs import LOG_FORMAT
@@ -53,7 +54,7 @@ def final_line(name: str, returncode: int, restart_safe: bool) -> str:
     return ""
 
 
-def _restart_safe(env: dict[str, str] | os._Environ) -> bool:
+def _restart_safe(env: Mapping[str, str]) -> bool:
     raw = env.get(RESTART_SAFE_ENV, "1")
     if raw not in ("0", "1"):
         raise ValueError(f"{RESTART_SAFE_ENV}: {raw!r} is not valid; expected 1 (statuses 2, 3 and 4 exit 0) "
@@ -110,9 +111,8 @@ def run(argv: list[str]) -> int:
     for signum in _Child.pending:
         _Child.forward(signum, None)
     returncode = _wait_for(_Child.pid)
-    line = final_line(name, returncode, restart_safe)
-    if line:
-        log.log(logging.ERROR if returncode else logging.INFO, "%s", line)
+    if returncode:
+        log.error("%s", final_line(name, returncode, restart_safe))
     return container_status(returncode, restart_safe)
 
 
