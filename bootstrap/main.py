@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import TimeoutError as FutureTimeoutError
 
+from peer import argtypes
 from peer.dht import DHTStartError, count_dht_peers, create_dht, join_addresses, parse_maddr
 from peer.logs import setup_logging
 
@@ -32,34 +33,6 @@ def _maddr_type(**requirements: bool):
             raise argparse.ArgumentTypeError(str(e)) from None
 
     return parse
-
-
-def _positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        number = -1.0
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a positive number of seconds")
-    return number
-
-
-def _port(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = -1
-    if not 0 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a port (0 to 65535)")
-    return number
-
-
-def _run_id(value: str) -> str:
-    from peer.config import RUN_ID, RUN_ID_RULE
-
-    if RUN_ID.fullmatch(value) is None:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a run id: {RUN_ID_RULE}")
-    return value
 
 
 def _identity_path(value: str) -> str:
@@ -95,13 +68,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "up (peers read it with --initial-peers-file)")
     parser.add_argument("--initial-peers", nargs="*", type=_maddr_type(need_peer_id=True), default=[],
                         help="full multiaddrs (.../p2p/<id>) of other bootstrap nodes to join")
-    parser.add_argument("--refresh-period-s", type=_positive_float, default=5.0,
+    parser.add_argument("--refresh-period-s", type=argtypes.seconds(), default=5.0,
                         help="seconds between two log lines with the number of peers seen (default: 5)")
-    parser.add_argument("--startup-timeout-s", type=_positive_float, default=30.0,
+    parser.add_argument("--startup-timeout-s", type=argtypes.seconds(), default=30.0,
                         help="give up joining the initial peers after this many seconds (default: 30)")
-    parser.add_argument("--http-port", type=_port, default=_port(os.environ.get("DILOCO_HTTP_PORT", "0")),
+    parser.add_argument("--http-port", type=argtypes.port, default=argtypes.port(os.environ.get("DILOCO_HTTP_PORT", "0")),
                         help="serve /status (JSON) and the swarm page on this port (0 = off; env DILOCO_HTTP_PORT)")
-    parser.add_argument("--run-id", type=_run_id, default=os.environ.get("DILOCO_RUN_ID", "diloco"),
+    parser.add_argument("--run-id", type=argtypes.run_id, default=os.environ.get("DILOCO_RUN_ID", "diloco"),
                         help="the run the swarm page shows unless its URL says ?run=ID (default: diloco, as peers; "
                              "env DILOCO_RUN_ID)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from peer import argtypes
 from peer.config import EXIT_CONFIG, EXIT_CRASH, EXIT_OK
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="where the peer's DHT node would listen")
     p.add_argument("--dht-announce-maddrs", nargs="+", default=[], help="the DHT addresses the peer would announce")
     p.add_argument("--client-mode", action="store_true", help="check as a client-mode peer (no inbound needed)")
-    p.add_argument("--timeout-s", type=float, default=30.0, help="how long joining the DHT may take (default 30)")
+    p.add_argument("--timeout-s", type=argtypes.seconds(600), default=30.0,
+                   help="how long joining the DHT may take (default 30)")
     return p
 
 
@@ -72,8 +74,6 @@ def main(argv: list[str]) -> int:
                          announce_addr=args.announce_addr, dht_host_maddrs=tuple(args.dht_host_maddrs),
                          dht_announce_maddrs=tuple(args.dht_announce_maddrs), client_mode=args.client_mode)
         validate_peer(cfg)
-        if not args.timeout_s > 0:
-            raise ConfigError(f"--timeout-s: {args.timeout_s!r} is not valid; expected a positive number")
     except ConfigError as e:
         print(f"peer doctor: error: {e}", file=sys.stderr)
         return EXIT_CONFIG

@@ -14,7 +14,8 @@ import sys
 import time
 from typing import Any
 
-from peer.config import EXIT_CONFIG, EXIT_CRASH, EXIT_OK, MADDR, RUN_ID, RUN_ID_RULE
+from peer import argtypes
+from peer.config import EXIT_CONFIG, EXIT_CRASH, EXIT_OK, MADDR
 
 log = logging.getLogger(__name__)
 
@@ -35,30 +36,14 @@ def _maddr(value: str) -> str:
     return value
 
 
-def _run_id(value: str) -> str:
-    if RUN_ID.fullmatch(value) is None:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a run id: {RUN_ID_RULE}")
-    return value
-
-
-def _seconds(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        number = -1.0
-    if not 0 < number <= 600:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds between 0 and 600")
-    return number
-
-
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="peer status", description=__doc__.split("\n\n")[0])
     p.add_argument("--initial-peers", nargs="+", type=_maddr, default=None,
                    help="multiaddrs of a bootstrap node or any peer of the run (env DILOCO_INITIAL_PEERS)")
-    p.add_argument("--run-id", type=_run_id, default=os.environ.get("DILOCO_RUN_ID", "diloco"),
+    p.add_argument("--run-id", type=argtypes.run_id, default=os.environ.get("DILOCO_RUN_ID", "diloco"),
                    help="the run to show (default: diloco, as peers; env DILOCO_RUN_ID)")
     p.add_argument("--json", action="store_true", help="print the raw view (the page's /api/swarm) as JSON")
-    p.add_argument("--timeout-s", type=_seconds, default=15.0,
+    p.add_argument("--timeout-s", type=argtypes.seconds(600), default=15.0,
                    help="give up joining the DHT after this many seconds (default: 15); each read then gets 5 s")
     p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
