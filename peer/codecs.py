@@ -1,4 +1,5 @@
-"""Codecs for float32 shards (fp32, int8 blockwise absmax) and the error-feedback residuals.
+"""Codecs for float32 shards (fp32, fp16, bf16, int8 and int4 blockwise absmax; sparse top-k in
+peer/sparse.py) and the error-feedback residuals.
 Pure CPU torch, single-rounding float32 ops only (every machine makes the same bytes); no net code."""
 
 from __future__ import annotations
@@ -88,26 +89,73 @@ class Fp32Codec(Codec):
         return out
 
 
-class Int8Codec(Codec):
-    """Blockwise absmax int8: per BLOCK values one float32 scale = absmax/127, then q = round(x/scale).
+class _CastCodec(Codec):
+    """A round-to-nearest-even cast to a 16-bit float, little-endian. decode widens it back exactly."""
 
-    Layout: ceil(numel/BLOCK) little-endian float32 scales, then numel int8 values in [-127, 127];
-    a zero block has scale 0 and all-zero q. ERROR_BOUND: the 2**-16 covers the float32 roundings of
-    s, x/s and q*s (seen: up to 1.1e-5 * s/2 beyond s/2); 2**-142 matters only for subnormal scales.
+    DTYPE: ClassVar[torch.dtype]
+
+    def encoded_size(self, numel: int) -> int:
+        return 2 * numel
+
+    def _encode(self, x: torch.Tensor) -> bytes:
+        y = x.to(self.DTYPE)
+        if not bool(torch.isfinite(y).all()):
+            raise ValueError(f"{self.name} codec: |x| up to {float(x.abs().max()):.3g} overflows {self.name}; "
+                             "pick --codec bf16, int8 or fp32")
+        return y.view(torch.int16).numpy().astype("<i2", copy=False).tobytes()
+
+    def _decode(self, data: memoryview, numel: int) -> torch.Tensor:
+        raw = torch.from_numpy(np.frombuffer(data, dtype="<i2").astype(np.int16))
+        out = raw.view(self.DTYPE).to(torch.float32)
+        if not bool(torch.isfinite(out).all()):
+            raise CodecError(f"{self.name} payload has {int((~torch.isfinite(out)).sum())} non-finite values")
+        return out
+
+
+class Fp16Codec(_CastCodec):
+    name = "fp16"
+    DTYPE = torch.float16
+    ERROR_BOUND = "|x - decode(encode(x))| <= |x| * 2**-11 + 2**-25 (subnormals); |x| > 65504 is refused"
+
+
+class Bf16Codec(_CastCodec):
+    name = "bf16"
+    DTYPE = torch.bfloat16
+    ERROR_BOUND = "|x - decode(encode(x))| <= |x| * 2**-8 + 2**-134"
+
+
+class Int8Codec(Codec):
+    """Blockwise absmax int8: per BLOCK values one float32 scale = absmax/Q_MAX, then q = round(x/scale).
+
+    Layout: ceil(numel/BLOCK) little-endian float32 scales, then the q values (_pack); a zero block has
+    scale 0 and all-zero q. ERROR_BOUND: the 2**-16 covers the float32 roundings of s, x/s and q*s (seen:
+    up to 1.1e-5 * s/2 beyond s/2); 2**-142 matters only for subnormal scales.
     """
 
     name = "int8"
     ERROR_BOUND = "|x - decode(encode(x))| <= scale * (0.5 + 2**-16) + 2**-142, scale of x's block"
     BLOCK: ClassVar[int] = 256
     Q_MAX: ClassVar[int] = 127
-    MAX_SCALE: ClassVar[float] = 2.0**120  # q * scale stays finite for |q| <= 127
+    MAX_SCALE: ClassVar[float] = 2.0**120  # q * scale stays finite for |q| <= Q_MAX
 
     @classmethod
     def num_blocks(cls, numel: int) -> int:
         return -(-numel // cls.BLOCK)
 
     def encoded_size(self, numel: int) -> int:
-        return 4 * self.num_blocks(numel) + numel
+        return 4 * self.num_blocks(numel) + self._q_bytes(numel)
+
+    def _q_bytes(self, numel: int) -> int:
+        return numel
+
+    def _pack(self, q: torch.Tensor) -> bytes:
+        return q.numpy().tobytes()
+
+    def _unpack(self, data: memoryview, numel: int) -> torch.Tensor:
+        q = torch.from_numpy(np.frombuffer(data, dtype=np.int8).copy())
+        if bool((q == -128).any()):
+            raise CodecError(f"int8 payload: {int((q == -128).sum())} values are -128, expected [-127, 127]")
+        return q
 
     def _per_value(self, scales: torch.Tensor, numel: int) -> torch.Tensor:
         return scales.repeat_interleave(self.BLOCK)[:numel]
@@ -118,18 +166,20 @@ class Int8Codec(Codec):
         padded[:numel] = torch.abs(x)
         scales = torch.div(padded.view(-1, self.BLOCK).amax(dim=1), float(self.Q_MAX))
         if bool((scales > self.MAX_SCALE).any()):
-            raise ValueError(f"int8 codec: |x| too large (block scale above {self.MAX_SCALE:.3g})")
+            raise ValueError(f"{self.name} codec: |x| too large (block scale above {self.MAX_SCALE:.3g})")
         safe_scales = torch.where(scales > 0, scales, torch.ones_like(scales))
         q = torch.round(torch.div(x, self._per_value(safe_scales, numel)))
         q = torch.clamp(q, -self.Q_MAX, self.Q_MAX).to(torch.int8)
-        return _f32_bytes(scales) + q.numpy().tobytes()
+        return _f32_bytes(scales) + self._pack(q)
 
     def _decode(self, data: memoryview, numel: int) -> torch.Tensor:
         scale_bytes = 4 * self.num_blocks(numel)
         scales = _f32_from(data[:scale_bytes])
-        q = torch.from_numpy(np.frombuffer(data[scale_bytes:], dtype=np.int8).copy())
         self._check_scales(scales)
-        self._check_q(q, scales, numel)
+        q = self._unpack(data[scale_bytes:], numel)
+        stray = (q != 0) & (self._per_value(scales, numel) == 0)
+        if bool(stray.any()):
+            raise CodecError(f"{self.name} payload: {int(stray.sum())} nonzero values in blocks with scale 0")
         return torch.mul(q.to(torch.float32), self._per_value(scales, numel))
 
     def _check_scales(self, scales: torch.Tensor) -> None:
@@ -137,27 +187,55 @@ class Int8Codec(Codec):
         if bool(bad.any()):
             block = int(bad.nonzero()[0])
             raise CodecError(
-                f"int8 payload: block {block} has scale {float(scales[block])!r}, "
+                f"{self.name} payload: block {block} has scale {float(scales[block])!r}, "
                 f"expected finite and in [0, {self.MAX_SCALE:.3g}]; {int(bad.sum())} bad scales"
             )
 
-    def _check_q(self, q: torch.Tensor, scales: torch.Tensor, numel: int) -> None:
-        if bool((q == -128).any()):
-            raise CodecError(f"int8 payload: {int((q == -128).sum())} values are -128, expected [-127, 127]")
-        stray = (q != 0) & (self._per_value(scales, numel) == 0)
-        if bool(stray.any()):
-            raise CodecError(f"int8 payload: {int(stray.sum())} nonzero values in blocks with scale 0")
+
+class Int4Codec(Int8Codec):
+    """Blockwise absmax int4: per 64 values one float32 scale = absmax/7, q in [-7, 7] stored as q + 8
+    in a nibble (0, i.e. -8, is invalid), two values per byte, the even value in the low nibble; an odd
+    count ends with a zero high nibble."""
+
+    name = "int4"
+    ERROR_BOUND = "|x - decode(encode(x))| <= scale * (0.5 + 2**-16) + 2**-142, scale of x's block"
+    BLOCK = 64
+    Q_MAX = 7
+
+    def _q_bytes(self, numel: int) -> int:
+        return -(-numel // 2)
+
+    def _pack(self, q: torch.Tensor) -> bytes:
+        u = (q.numpy().astype(np.int16) + 8).astype(np.uint8)
+        if u.size % 2:
+            u = np.concatenate([u, np.zeros(1, np.uint8)])
+        return (u[0::2] | (u[1::2] << 4)).tobytes()
+
+    def _unpack(self, data: memoryview, numel: int) -> torch.Tensor:
+        b = np.frombuffer(data, dtype=np.uint8)
+        u = np.empty(2 * b.size, dtype=np.uint8)
+        u[0::2], u[1::2] = b & 0x0F, b >> 4
+        if numel % 2 and u[-1] != 0:
+            raise CodecError("int4 payload: the padding nibble after the last value is not zero")
+        u = u[:numel]
+        if bool((u == 0).any()):
+            raise CodecError(f"int4 payload: {int((u == 0).sum())} values are -8, expected [-7, 7]")
+        return torch.from_numpy(u.astype(np.int8) - 8)
 
 
-CODECS: dict[str, Codec] = {codec.name: codec for codec in (Fp32Codec(), Int8Codec())}
+CODECS: dict[str, Codec] = {codec.name: codec
+                             for codec in (Fp32Codec(), Fp16Codec(), Bf16Codec(), Int8Codec(), Int4Codec())}
 
 
 def get_codec(name: str) -> Codec:
-    """The codec called name; ValueError naming the choices if there is none."""
-    try:
+    """The codec called name: one of CODECS, or "sparse:CHUNK:K" (peer.sparse.SparseCodec.from_name;
+    peer.config.wire_codec builds it from the run spec); ValueError naming the choices if there is none."""
+    if name in CODECS:
         return CODECS[name]
-    except KeyError:
-        raise ValueError(f"unknown codec {name!r}; choose one of: {', '.join(CODECS)}") from None
+    if name.startswith("sparse:"):
+        from peer.sparse import SparseCodec
+        return SparseCodec.from_name(name)
+    raise ValueError(f"unknown codec {name!r}; choose one of: {', '.join(CODECS)}, sparse:CHUNK:K")
 
 
 @dataclass(frozen=True)

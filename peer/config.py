@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 PROTOCOL_VERSION = 1
-CODECS = ("fp32", "int8")
+CODECS = ("fp32", "fp16", "bf16", "int8", "int4", "sparse")
 WEIGHTINGS = ("steps", "samples", "equal")
 STALE_WORK = ("drop", "carry")
 MODELS = ("tiny", "small", "base")  # built-in GPT presets; "hf" is a transformers causal LM from a config
@@ -50,6 +50,8 @@ class RunSpec:
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     codec: str = "int8"
+    sparse_chunk: int = 4096        # sparse codec: values per chunk of the flat shard
+    sparse_density: float = 1 / 64  # sparse codec: share of each chunk sent (top-k by magnitude)
     weighting: str = "steps"        # what a peer's weight counts: inner steps, samples, or 1
     stale_work: str = "drop"        # work of a round a peer missed: dropped, or carried into its next one
     target_steps: int = 200         # inner steps summed over the swarm that close a round
@@ -153,6 +155,11 @@ def validate_spec(s: RunSpec) -> None:
     _check(isinstance(s.seq_len, int) and 0 <= s.seq_len <= 1 << 20, "seq_len", s.seq_len,
            "an integer >= 0 (0 = the model's own)")
     _check(s.codec in CODECS, "codec", s.codec, f"one of {', '.join(CODECS)}")
+    _check(isinstance(s.sparse_chunk, int) and 16 <= s.sparse_chunk <= 1 << 20, "sparse_chunk", s.sparse_chunk,
+           "an integer in [16, 1048576]")
+    _check(isinstance(s.sparse_density, (int, float)) and 0 < s.sparse_density <= 1
+           and round(s.sparse_chunk * s.sparse_density) >= 1, "sparse_density", s.sparse_density,
+           "a number in (0, 1] that keeps at least one value per --sparse-chunk")
     _check(s.stale_work in STALE_WORK, "stale_work", s.stale_work, f"one of {', '.join(STALE_WORK)}")
     _check(s.weighting in WEIGHTINGS, "weighting", s.weighting, f"one of {', '.join(WEIGHTINGS)}")
     for name in ("inner_lr", "outer_lr", "max_round_seconds"):
@@ -277,3 +284,11 @@ def spec_conflicts(run: RunSpec, wanted: RunSpec, explicit: set[str]) -> list[st
             lines.append(f"--{name.replace('_', '-')} {ours!r} conflicts with the run's value {theirs!r}; "
                          f"drop the flag to adopt the run's value")
     return lines
+
+
+def wire_codec(spec: RunSpec) -> str:
+    """The codec name rosters and update headers carry (peer.codecs.get_codec parses it): the spec's
+    codec, with the sparse codec's chunk and values kept per chunk spelled out."""
+    if spec.codec != "sparse":
+        return spec.codec
+    return f"sparse:{spec.sparse_chunk}:{max(1, round(spec.sparse_chunk * spec.sparse_density))}"

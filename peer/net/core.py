@@ -18,7 +18,7 @@ from hivemind.utils import get_dht_time
 
 from peer._proto import peer_pb2 as pb
 from peer.codecs import ErrorFeedback, get_codec
-from peer.config import PeerConfig, RunSpec
+from peer.config import PeerConfig, RunSpec, wire_codec
 from peer.faults import FaultPlan
 from peer.net import allreduce as ar
 from peer.net import swarm
@@ -354,7 +354,7 @@ class NetCore:
             return pb.JoinReply(status=pb.JoinReply.CLOSED, current_round=self.round,
                                 reason=f"round {r} closed (led by {ctx.roster.result().leader[-6:]})")
         if ctx.group is None:
-            ctx.group = LeaderGroup(r, self.peer_id, self.spec.codec, self.numel)
+            ctx.group = LeaderGroup(r, self.peer_id, wire_codec(self.spec), self.numel)
         group = ctx.group
         if group.closed:
             return pb.JoinReply(status=pb.JoinReply.CLOSED, current_round=self.round, reason="round closed")
@@ -550,5 +550,5 @@ class NetCore:
 
     def transfer_timeout_s(self) -> float:
         """Seconds any one transfer of a round may take, from the measured rate (see deadlines.py)."""
-        codec = get_codec(self.spec.codec) if self.spec else None
+        codec = get_codec(wire_codec(self.spec)) if self.spec else None
         return self.deadlines.transfer_s(codec.encoded_size(self.numel) if codec else 4 * self.numel)

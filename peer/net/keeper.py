@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from peer.codecs import get_codec
+from peer.config import wire_codec
 from peer.net import allreduce as ar
 from peer.net import restart, swarm
 from peer.net.core import NetCore
@@ -237,7 +238,7 @@ class Keeper:
         period_s, rate = self.core.round_period_s(), self.fetch_rate_bps
         if period_s is None or rate is None or self.core.spec is None or misses < 1:
             return ""
-        update = get_codec(self.core.spec.codec).encoded_size(self.core.numel)
+        update = get_codec(wire_codec(self.core.spec)).encoded_size(self.core.numel)
         slowness = update / rate / period_s
         if slowness <= 1 or (slowness <= 2 and misses < MISSED_BEFORE_VERDICT):
             return ""

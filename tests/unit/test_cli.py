@@ -12,7 +12,8 @@ from peer.config import ConfigError, RunSpec, read_initial_peers_file, spec_conf
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--codec", "int4"], "--codec: 'int4' is not valid; expected one of fp32, int8"),
+    (["--codec", "int2"], "--codec: 'int2' is not valid; expected one of fp32, fp16, bf16, int8, int4, sparse"),
+    (["--codec", "sparse", "--sparse-density", "0.0001"], "--sparse-density: 0.0001 is not valid"),
     (["--weighting", "speed"], "--weighting: 'speed' is not valid"),
     (["--device", "tpu"], "--device: 'tpu' is not valid; expected auto, cpu, cuda or cuda:N"),
     (["--port", "70000"], "--port: 70000 is not valid"),

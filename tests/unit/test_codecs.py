@@ -130,7 +130,7 @@ def test_encode_rejects_bad_input(name: str) -> None:
 def test_get_codec() -> None:
     assert get_codec("int8") is CODECS["int8"] and get_codec("int8").name == "int8"
     assert get_codec("fp32").name == "fp32"
-    with pytest.raises(ValueError, match="unknown codec 'x'; choose one of: fp32, int8"):
+    with pytest.raises(ValueError, match="unknown codec 'x'; choose one of: fp32, fp16, bf16, int8, int4, sparse:CHUNK:K"):
         get_codec("x")
 
 

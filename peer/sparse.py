@@ -1,0 +1,127 @@
+"""The sparse codec: per chunk of CHUNK values of the flat shard, the K largest by magnitude, each sent as
+its index (bit-packed) and a 2-bit value against one float32 scale per chunk. Error feedback (peer.codecs.
+ErrorFeedback) carries what is left out into the next round. Pure CPU torch/numpy, vectorised over chunks;
+every machine makes the same bytes (ties in magnitude go to the lower index)."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+
+from peer.codecs import Codec, CodecError, _f32_bytes, _f32_from
+
+MAX_CHUNK = 1 << 20
+
+
+def _pack_bits(values: np.ndarray, bits: int) -> bytes:
+    """values (non-negative, < 2**bits) as a little-endian bit stream of `bits` bits each."""
+    shifts = np.arange(bits, dtype=np.int64)
+    matrix = ((values.astype(np.int64)[:, None] >> shifts) & 1).astype(np.uint8)
+    return np.packbits(matrix.reshape(-1), bitorder="little").tobytes()
+
+
+def _unpack_bits(data: memoryview, count: int, bits: int) -> np.ndarray:
+    flat = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count * bits, bitorder="little")
+    return flat.reshape(count, bits).astype(np.int64) @ (np.int64(1) << np.arange(bits, dtype=np.int64))
+
+
+class SparseCodec(Codec):
+    """Layout for n values in c = ceil(n / CHUNK) chunks, chunk i holding k_i = min(K, its length) values:
+    c little-endian float32 scales (the chunk's largest kept |x|), then sum(k_i) indices within their
+    chunk, ascending per chunk, INDEX_BITS = ceil(log2(CHUNK)) bits each, then sum(k_i) 2-bit codes
+    (bit 0: sign, bit 1: magnitude scale rather than scale/2), both bit streams little-endian and padded
+    to a whole byte. A kept value decodes to ±scale or ±scale/2, every other value to 0."""
+
+    name = "sparse"
+    ERROR_BOUND = ("kept values: |x - decode(encode(x))| <= scale/2 * (1 + 2**-20); the others decode to 0: "
+                   "|x| <= the chunk's K-th largest |x| <= scale (error feedback carries them on)")
+
+    def __init__(self, chunk: int = 4096, k: int = 64) -> None:
+        if not (2 <= chunk <= MAX_CHUNK and 1 <= k <= chunk):
+            raise ValueError(f"sparse codec: chunk must be in [2, {MAX_CHUNK}] and k in [1, chunk], "
+                             f"got chunk {chunk} k {k}")
+        self.chunk, self.k = chunk, k
+        self.index_bits = max(1, math.ceil(math.log2(chunk)))
+        self.name = f"sparse:{chunk}:{k}"
+
+    @staticmethod
+    @functools.lru_cache(maxsize=16)
+    def from_name(name: str) -> SparseCodec:
+        """SparseCodec for "sparse:CHUNK:K"; ValueError for anything else."""
+        parts = name.split(":")
+        if len(parts) != 3 or parts[0] != "sparse" or not all(p.isdigit() for p in parts[1:]):
+            raise ValueError(f"sparse codec name must be sparse:CHUNK:K, got {name!r}")
+        return SparseCodec(int(parts[1]), int(parts[2]))
+
+    def _layout(self, numel: int) -> tuple[int, int, int]:
+        """(chunks, kept values, values in the last chunk)."""
+        chunks = -(-numel // self.chunk)
+        last = numel - (chunks - 1) * self.chunk if chunks else 0
+        kept = (chunks - 1) * self.k + min(self.k, last) if chunks else 0
+        return chunks, kept, last
+
+    def encoded_size(self, numel: int) -> int:
+        chunks, kept, _ = self._layout(numel)
+        return 4 * chunks + -(-kept * self.index_bits // 8) + -(-kept * 2 // 8)
+
+    def _select(self, x: torch.Tensor, rows: int, length: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices (ascending per row) and values of the k largest |x| in each row of `length`."""
+        block = x.view(rows, length)
+        # float32 bits of |x| order like |x|; the low bits make every key unique: ties go to the lower index
+        bits = torch.abs(block).view(torch.int32).to(torch.int64)
+        keys = bits * length + (length - 1 - torch.arange(length, dtype=torch.int64))
+        idx = torch.sort(torch.topk(keys, k, dim=1, sorted=False).indices, dim=1).values
+        return idx, torch.gather(block, 1, idx)
+
+    def _encode(self, x: torch.Tensor) -> bytes:
+        numel = x.numel()
+        chunks, _, last = self._layout(numel)
+        if chunks == 0:
+            return b""
+        full = chunks - 1 if last < self.chunk else chunks
+        parts = []
+        if full:
+            parts.append(self._select(x[: full * self.chunk], full, self.chunk, self.k))
+        if full < chunks:
+            parts.append(self._select(x[full * self.chunk:], 1, last, min(self.k, last)))
+        scales = torch.cat([v.abs().amax(dim=1) for _, v in parts])
+        codes, indices, offset = [], [], 0
+        for idx, v in parts:
+            s = scales[offset:offset + v.shape[0]]
+            offset += v.shape[0]
+            big = torch.abs(v) > torch.mul(s, 0.75)[:, None]
+            codes.append(((v < 0).to(torch.int64) | (big.to(torch.int64) << 1)).reshape(-1))
+            indices.append(idx.reshape(-1))
+        return (_f32_bytes(scales) + _pack_bits(torch.cat(indices).numpy(), self.index_bits)
+                + _pack_bits(torch.cat(codes).numpy(), 2))
+
+    def _decode(self, data: memoryview, numel: int) -> torch.Tensor:
+        chunks, kept, last = self._layout(numel)
+        out = torch.zeros(numel, dtype=torch.float32)
+        if chunks == 0:
+            return out
+        scales = _f32_from(data[: 4 * chunks])
+        bad = ~torch.isfinite(scales) | (scales < 0)
+        if bool(bad.any()):
+            raise CodecError(f"{self.name} payload: {int(bad.sum())} chunk scales are negative or not finite")
+        index_bytes = -(-kept * self.index_bits // 8)
+        idx = torch.from_numpy(_unpack_bits(data[4 * chunks: 4 * chunks + index_bytes], kept, self.index_bits))
+        codes = torch.from_numpy(_unpack_bits(data[4 * chunks + index_bytes:], kept, 2))
+        per_chunk = torch.full((chunks,), self.k, dtype=torch.int64)
+        per_chunk[-1] = min(self.k, last)
+        chunk_of = torch.repeat_interleave(torch.arange(chunks), per_chunk)
+        lengths = torch.full((chunks,), self.chunk, dtype=torch.int64)
+        lengths[-1] = last
+        if bool((idx >= lengths[chunk_of]).any()):
+            raise CodecError(f"{self.name} payload: an index lies outside its chunk")
+        rising = (idx[1:] > idx[:-1]) | (chunk_of[1:] != chunk_of[:-1])
+        if not bool(rising.all()):
+            raise CodecError(f"{self.name} payload: indices within a chunk are not strictly ascending")
+        s = scales[chunk_of]
+        magnitude = torch.where((codes & 2) != 0, s, torch.mul(s, 0.5))
+        values = torch.where((codes & 1) != 0, torch.neg(magnitude), magnitude)
+        out[chunk_of * self.chunk + idx] = values
+        return out
