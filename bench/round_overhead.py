@@ -53,9 +53,9 @@ def model_params(numel: int, parts: int = 24) -> list[torch.Tensor]:
 
 async def one_round(state: GlobalState, params: list[torch.Tensor], host: torch.Tensor, roster: pb.Roster,
                     codec, ef: ErrorFeedback, owner_ef: ErrorFeedback, others: list[bytes], log: UpdateLog,
-                    gen: torch.Generator) -> tuple[GlobalState, dict[str, float]]:
+                    gen: torch.Generator, scratch: torch.Tensor) -> tuple[GlobalState, dict[str, float]]:
     """One round's host work; returns the new state and seconds per part."""
-    numel, k = state.theta.numel(), len(roster.owners)
+    k = len(roster.owners)
     b = roster.shard_bounds
     with torch.no_grad():   # training moved the model: a small step away from the state
         for p in params:
@@ -81,7 +81,8 @@ async def one_round(state: GlobalState, params: list[torch.Tensor], host: torch.
     results = [own_payload] + others[1:]
     decoded = [timed("decode results", codec.decode, results[j], b[j + 1] - b[j]) for j in range(k)]
     avg = timed("decode results", torch.cat, decoded)
-    theta, momentum = timed("outer step", outer_step, state.theta, state.momentum, avg, LR, MOMENTUM)
+    theta, momentum = timed("outer step", outer_step, state.theta, state.momentum, avg, LR, MOMENTUM,
+                             scratch)
     new = GlobalState(theta, momentum, state.round + 1, state.global_samples + 64)
     timed("digest", new.digest)
 
@@ -117,6 +118,7 @@ async def main() -> None:
     ef.load_state_dict({"residual": torch.zeros(args.numel)})     # as after the first applied round
     owner_ef.load_state_dict({"residual": torch.zeros(args.numel)})
     log = UpdateLog()
+    scratch = torch.empty(args.numel)   # the keeper's recycled outer-step intermediate
     rows: list[dict[str, float]] = []
     copy_s = []
     for _ in range(args.rounds):
@@ -124,7 +126,8 @@ async def main() -> None:
         b = roster.shard_bounds
         others = [codec.encode(torch.randn(b[j + 1] - b[j], generator=gen).mul_(1e-3)) for j in range(args.members)]
         copy_s.append(clone_seconds(state.theta))
-        state, parts = await one_round(state, params, host, roster, codec, ef, owner_ef, others, log, gen)
+        state, parts = await one_round(state, params, host, roster, codec, ef, owner_ef, others, log, gen,
+                                       scratch)
         rows.append(parts)
     copy = statistics.median(copy_s)
     print(f"{args.numel} values ({4 * args.numel / 1e6:.1f} MB of theta), k = {args.members}, {codec.name}, "
