@@ -70,7 +70,6 @@ async def one_round(state: GlobalState, params: list[torch.Tensor], host: torch.
 
     local = timed("model -> host buffer", flatten_params, params, host)
     delta = timed("pseudo-gradient", pseudo_gradient, state.theta, local)
-    delta = timed("hand-over copy", delta.clone)
     encoded = timed("encode own shards", ar.encode_shards, delta, roster, codec, ef)
     # the shard this peer owns (shard 0): the k members' contributions arrive and are decoded
     contributions = [encoded[0][0]] + [others[0]] * (k - 1)
@@ -79,8 +78,9 @@ async def one_round(state: GlobalState, params: list[torch.Tensor], host: torch.
     items = [(m.weight, x) for m, x in zip(roster.members, received, strict=True)]
     own_payload, pending = timed("reduce + re-encode owned", shard._reduce_encode, items, owner_ef)
     results = [own_payload] + others[1:]
-    decoded = [timed("decode results", codec.decode, results[j], b[j + 1] - b[j]) for j in range(k)]
-    avg = timed("decode results", torch.cat, decoded)
+    avg = timed("decode results", torch.empty, b[-1])   # as member.run_round: each shard into its slice
+    for j in range(k):
+        timed("decode results", codec.decode, results[j], b[j + 1] - b[j], avg[b[j]:b[j + 1]])
     theta, momentum = timed("outer step", outer_step, state.theta, state.momentum, avg, LR, MOMENTUM,
                              scratch)
     new = GlobalState(theta, momentum, state.round + 1, state.global_samples + 64)
