@@ -41,8 +41,8 @@ def main() -> None:
         x = torch.randn(mib * (1 << 18), generator=torch.Generator().manual_seed(0))
         for name in names:
             codec = get_codec(name)
-            enc_s, data = best_of(args.repeats, lambda: codec.encode(x))
-            dec_s, y = best_of(args.repeats, lambda: codec.decode(data, x.numel()))
+            enc_s, data = best_of(args.repeats, lambda c=codec, v=x: c.encode(v))
+            dec_s, y = best_of(args.repeats, lambda c=codec, d=data, v=x: c.decode(d, v.numel()))
             mb = 4 * x.numel() / 1e6
             # the link carries the encoded bytes: 1 Gbit/s of them is this many MB/s of float32 input
             link = 125 * 4 * x.numel() / len(data)

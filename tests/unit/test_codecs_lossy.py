@@ -164,7 +164,7 @@ def test_error_feedback_makes_the_applied_sum_follow_the_meant_sum(name: str) ->
 
 def sharded_bound(name: str, x: torch.Tensor, bounds: list[int]) -> torch.Tensor:
     """bound() of a tensor encoded shard by shard (blocks and chunks start at each shard's start)."""
-    return torch.cat([bound(name, x[a:b].contiguous()) for a, b in zip(bounds, bounds[1:])])
+    return torch.cat([bound(name, x[a:b].contiguous()) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
 
 
 def average(name: str, deltas: dict[str, torch.Tensor], weights: dict[str, float]
