@@ -333,6 +333,7 @@ class Trainer:
                "average_seconds": avg_s, "digest": state.digest(), "state_round": state.round, "global_samples": state.global_samples,
                "leader": o.roster.leader if o.roster is not None else "",
                "owners": list(o.roster.owners) if o.roster is not None else [],
+               "shard_bounds": list(o.roster.shard_bounds) if o.roster is not None else [],
                "contributors": o.contributors, "dropped": o.dropped, "drop_reasons": dict(o.drop_reasons),
                "divergences": self.divergences, "time": time.time()}
         self.node.report_round(row)   # handed over: never changed after this

@@ -1,7 +1,7 @@
-"""3 peers train the tiny model with the sparse codec: every round applies with all three, every peer
-holds one state per round, the loss falls, and each peer sends exactly the sparse bytes the butterfly
-needs (its contributions to the two other owners, then its own reduced shard to each of them): about
-141 x fewer than the same round in fp32."""
+"""3 peers train the tiny model with the sparse codec: every round applies (a peer that fit no inner step
+sits one out), every peer holds one state per round, the loss falls, and each peer sends exactly the
+sparse bytes the butterfly needs (its contributions to the other owners, then its own reduced shard to
+each of them): over 100 x fewer than the same round in fp32."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import pytest
 
 from peer.codecs import get_codec
 from peer.config import RunSpec, wire_codec
-from peer.net.round import shard_bounds
 from peer.outer import num_params
 from peer.tasks.gpt import build_model
 from tests.swarm.harness import Swarm
@@ -36,24 +35,31 @@ def swarm(tmp_path_factory):
         s.stop_all()
 
 
-def test_every_round_applies_with_everyone_and_the_loss_falls(swarm):
-    for name in ("a", "b", "c"):
-        rows = swarm.metrics(name)[:ROUNDS]
-        assert [r["outcome"] for r in rows] == ["applied"] * ROUNDS, [r["outcome"] for r in rows]
-        assert all(len(r["contributors"]) == 3 for r in rows)
-    rows = swarm.metrics("a")[:ROUNDS]
-    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"], [r["eval_loss"] for r in rows]
+def test_every_round_applies_and_the_loss_falls(swarm):
+    rows = {name: swarm.metrics(name)[:ROUNDS] for name in ("a", "b", "c")}
+    for r in range(ROUNDS):
+        applied = [name for name in rows if rows[name][r]["outcome"] == "applied"]
+        # a peer that fit no inner step in a round (a late start, a round closed early) sits it out
+        others = {rows[name][r]["outcome"] for name in rows} - {"applied"}
+        assert len(applied) >= 2 and others <= {"excluded"}, (r, {n: rows[n][r]["outcome"] for n in rows})
+        assert all(len(rows[name][r]["contributors"]) >= 2 for name in applied)
+    assert sum(len(row["contributors"]) == 3 for row in rows["a"]) >= 2
+    assert rows["a"][-1]["eval_loss"] < rows["a"][0]["eval_loss"], [row["eval_loss"] for row in rows["a"]]
 
 
 def test_each_peer_sends_the_sparse_bytes_of_its_shards(swarm):
     codec = get_codec(wire_codec(RunSpec(codec="sparse")))
     numel = num_params(build_model("tiny", 0))
-    b = shard_bounds(numel, 3)
-    sizes = [codec.encoded_size(b[j + 1] - b[j]) for j in range(3)]
-    fp32_round = 2 * 4 * numel * 2 // 3  # 2/3 of the model out as contributions, 2/3 as results
     for name in ("a", "b", "c"):
         for row in swarm.metrics(name)[:ROUNDS]:
+            if row["outcome"] != "applied":
+                continue
+            b, n = row["shard_bounds"], len(row["owners"])  # the leader sizes shards by measured upload rate
+            assert b[0] == 0 and b[-1] == numel and len(b) == n + 1 and n == len(row["contributors"])
+            sizes = [codec.encoded_size(b[j + 1] - b[j]) for j in range(n)]
             mine = row["owners"].index(row["peer_id"])
-            expected = sum(s for j, s in enumerate(sizes) if j != mine) + 2 * sizes[mine]
+            # each other owner gets our part of its shard; each other member gets our reduced shard
+            expected = sum(s for j, s in enumerate(sizes) if j != mine) + (n - 1) * sizes[mine]
+            fp32_round = 4 * (sum(b[j + 1] - b[j] for j in range(n) if j != mine) + (n - 1) * (b[mine + 1] - b[mine]))
             assert row["bytes_sent"] == expected, (name, row["round"], row["bytes_sent"], expected)
             assert fp32_round / row["bytes_sent"] > 100
