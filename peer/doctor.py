@@ -265,8 +265,9 @@ async def _link(core, rec, spec) -> Check:
     if spec is None or header is None:
         return Check("link", PASS, line)
     from peer.codecs import get_codec
+    from peer.config import wire_codec
 
-    update = get_codec(spec.codec).encoded_size(header.numel)
+    update = get_codec(wire_codec(spec)).encoded_size(header.numel)
     # a round moves about one update each way per member (reduce-scatter up, all-gather down)
     each_s = max(update * 8 / max(up, 1e-6) / 1e6, update * 8 / max(down, 1e-6) / 1e6)
     took = f"{each_s:.1f} s" if each_s >= 1 else f"{each_s * 1000:.0f} ms"
