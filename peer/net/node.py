@@ -307,7 +307,10 @@ class Node:
         if now - self.round_started + step_s > spec.max_round_seconds:
             return True
         grant = c.grant
-        if grant is not None and grant[0] == c.round and now - grant[3] < GRANT_FRESH_S:
+        fresh = grant is not None and grant[0] == c.round and now - grant[3] < GRANT_FRESH_S
+        if steps == 0 and not fresh:  # the first step is always ours: the leader's answer may close
+            return False              # the round after it, a DHT view that lags a refresh may not
+        if fresh:
             if not grant[2] and steps >= grant[1]:  # used up: ask again before stopping (one round trip)
                 try:
                     grant = self.net.call(c.ask_for_steps(c.round, steps), PROBE_TIMEOUT_S + 1) or grant

@@ -221,6 +221,9 @@ class Tally:
         self.reports[peer] = (steps, rate, now)
         others = sum(self._held(p, now) for p in self.reports if p != peer) + unreported
         pool = self.target - steps - others
+        if pool < 1 and steps == 0:   # a member that began the round late still does one step: its
+            self.allowed[peer] = 1    # work counts (the target overruns by one step per late member)
+            return 1, False, round(others)
         if pool < 1:   # every step of the target is done or held by another member
             self.allowed[peer] = steps
             return steps, True, round(steps + others)

@@ -138,3 +138,12 @@ def test_a_peer_that_does_not_lead_says_so():
         assert reply.leader == (best == "solo")
 
     asyncio.run(body())
+
+
+def test_a_member_that_begins_after_the_target_is_filled_still_does_one_step():
+    t = Tally(10)
+    assert t.report("a", 10, 100.0, 0.0)[:2] == (10, True)
+    allowed, stop, held = t.report("late", 0, 0.0, 0.1)
+    assert (allowed, stop, held) == (1, False, 10), "its one step is granted: it joins the group with work"
+    assert t.report("late", 1, 50.0, 0.2)[:2] == (1, True), "after that step it stops like everyone"
+    assert t.report("a", 10, 100.0, 0.3)[:2] == (10, True), "the overrun gives no one else more steps"
