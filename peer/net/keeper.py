@@ -186,13 +186,14 @@ class Keeper:
             self.commit(r, new, outcome)
             await self.adopt(new)
             return new
+        if outcome.kind == "aborted" and outcome.decided:
+            # the leader's abort: nobody applied, but a member that gave up waiting for it may train
+            # round r again and apply it, so the round number stays: only an applied update moves it
+            outcome.reason += f"; kept the state of round {r} to train it again"
+            log.warning("round %d: %s: %s", r, outcome.kind, outcome.reason)
+            self.core.rounds.pop(r, None)   # a new attempt at round r gets a new group
+            return state
         log.warning("round %d: %s: %s", r, outcome.kind, outcome.reason)
-        if outcome.kind == "aborted" and outcome.decided:  # every member heard the same abort
-            new = GlobalState(state.theta, state.momentum, r + 1, state.global_samples)
-            await asyncio.get_running_loop().run_in_executor(None, new.digest)
-            self.commit(r, new, outcome)
-            await self.adopt(new)
-            return new
         # excluded: the others finish the round, take their state; no decision heard (the
         # leader died): nobody applied unless a member holds round r+1 within a few seconds
         ahead = AheadWatch(r + 1)
