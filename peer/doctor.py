@@ -280,19 +280,25 @@ async def _link(core, rec, spec) -> Check:
 
 async def _download(stub, pb):
     """Streams the peer's state (again and again, if it is small) for at most LINK_TEST_S or
-    LINK_TEST_BYTES; (payload bytes, seconds, header)."""
-    header, got = None, 0
+    LINK_TEST_BYTES; (payload bytes, seconds, header). A state the peer replaced meanwhile (a
+    short round) is followed to the one it holds now."""
+    import grpc
+
+    header, pinned, got = None, "", 0
     t0 = time.monotonic()
     while got < LINK_TEST_BYTES and time.monotonic() - t0 < LINK_TEST_S:
-        call = stub.GetState(pb.StateRequest(min_round=0, requester="doctor", sha256=header.sha256 if header else ""),
-                             timeout=LINK_TEST_S + 10)
+        call = stub.GetState(pb.StateRequest(min_round=0, requester="doctor", sha256=pinned), timeout=LINK_TEST_S + 10)
         try:
             async for chunk in call:
                 if chunk.HasField("header"):
-                    header = chunk.header
+                    header, pinned = chunk.header, chunk.header.sha256
                 got += len(chunk.data)
                 if got >= LINK_TEST_BYTES or time.monotonic() - t0 > LINK_TEST_S:
                     break
+        except grpc.aio.AioRpcError as e:
+            if not pinned or e.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            pinned = ""  # the peer moved on to a newer state ("not held here any more"): measure on that one
         finally:
             call.cancel()
     return got, time.monotonic() - t0, header
