@@ -42,6 +42,8 @@ class Codec(ABC):
 
     name: ClassVar[str]
     ERROR_BOUND: ClassVar[str]
+    EXACT: ClassVar[bool] = False
+    """decode(encode(x)) == x bitwise: an encoder need not decode to learn what it lost (nothing)."""
 
     @abstractmethod
     def encoded_size(self, numel: int) -> int:
@@ -52,22 +54,29 @@ class Codec(ABC):
         _check_input(x)
         return self._encode(x)
 
-    def decode(self, data: bytes, numel: int) -> torch.Tensor:
-        """A new 1-D float32 tensor of numel values; CodecError if data is not a valid encoding."""
+    def decode(self, data: bytes, numel: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A new 1-D float32 tensor of numel values, or `out` (a 1-D contiguous float32 CPU tensor
+        of numel values, e.g. a slice of the whole average) written with them; CodecError if data
+        is not a valid encoding."""
         if numel < 0:
             raise ValueError(f"numel must be >= 0, got {numel}")
+        if out is not None and (out.dim() != 1 or out.dtype != torch.float32 or out.device.type != "cpu"
+                                or not out.is_contiguous() or out.numel() != numel):
+            raise ValueError(f"decode out=: expected a contiguous 1-D float32 CPU tensor of {numel} values, got "
+                             f"shape {tuple(out.shape)} dtype {out.dtype} device {out.device}")
         expected_bytes = self.encoded_size(numel)
         if len(data) != expected_bytes:
             raise CodecError(
                 f"{self.name} payload has {len(data)} bytes, expected {expected_bytes} for {numel} values"
             )
-        return self._decode(memoryview(data), numel)
+        return self._decode(memoryview(data), numel, torch.empty(numel, dtype=torch.float32) if out is None else out)
 
     @abstractmethod
     def _encode(self, x: torch.Tensor) -> bytes: ...
 
     @abstractmethod
-    def _decode(self, data: memoryview, numel: int) -> torch.Tensor: ...
+    def _decode(self, data: memoryview, numel: int, out: torch.Tensor) -> torch.Tensor:
+        """Writes the values into out and returns it."""
 
 
 class Fp32Codec(Codec):
@@ -75,6 +84,7 @@ class Fp32Codec(Codec):
 
     name = "fp32"
     ERROR_BOUND = "exact"
+    EXACT = True
 
     def encoded_size(self, numel: int) -> int:
         return 4 * numel
@@ -82,8 +92,8 @@ class Fp32Codec(Codec):
     def _encode(self, x: torch.Tensor) -> bytes:
         return _f32_bytes(x)
 
-    def _decode(self, data: memoryview, numel: int) -> torch.Tensor:
-        out = _f32_from(data)
+    def _decode(self, data: memoryview, numel: int, out: torch.Tensor) -> torch.Tensor:
+        np.copyto(out.numpy(), np.frombuffer(data, dtype=_F32_LE))
         if not bool(torch.isfinite(out).all()):
             raise CodecError(f"fp32 payload has {int((~torch.isfinite(out)).sum())} non-finite values")
         return out
@@ -104,9 +114,9 @@ class _CastCodec(Codec):
                              "pick --codec bf16, int8 or fp32")
         return y.view(torch.int16).numpy().astype("<i2", copy=False).tobytes()
 
-    def _decode(self, data: memoryview, numel: int) -> torch.Tensor:
+    def _decode(self, data: memoryview, numel: int, out: torch.Tensor) -> torch.Tensor:
         raw = torch.from_numpy(np.frombuffer(data, dtype="<i2").astype(np.int16))
-        out = raw.view(self.DTYPE).to(torch.float32)
+        out.copy_(raw.view(self.DTYPE))
         if not bool(torch.isfinite(out).all()):
             raise CodecError(f"{self.name} payload has {int((~torch.isfinite(out)).sum())} non-finite values")
         return out
@@ -172,7 +182,7 @@ class Int8Codec(Codec):
         q = torch.clamp(q, -self.Q_MAX, self.Q_MAX).to(torch.int8)
         return _f32_bytes(scales) + self._pack(q)
 
-    def _decode(self, data: memoryview, numel: int) -> torch.Tensor:
+    def _decode(self, data: memoryview, numel: int, out: torch.Tensor) -> torch.Tensor:
         scale_bytes = 4 * self.num_blocks(numel)
         scales = _f32_from(data[:scale_bytes])
         self._check_scales(scales)
@@ -180,7 +190,7 @@ class Int8Codec(Codec):
         stray = (q != 0) & (self._per_value(scales, numel) == 0)
         if bool(stray.any()):
             raise CodecError(f"{self.name} payload: {int(stray.sum())} nonzero values in blocks with scale 0")
-        return torch.mul(q.to(torch.float32), self._per_value(scales, numel))
+        return torch.mul(q.to(torch.float32), self._per_value(scales, numel), out=out)
 
     def _check_scales(self, scales: torch.Tensor) -> None:
         bad = ~torch.isfinite(scales) | (scales < 0) | (scales > self.MAX_SCALE)

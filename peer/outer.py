@@ -94,18 +94,33 @@ def pseudo_gradient(theta_r: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
 
 
 def outer_step(
-    theta: torch.Tensor, momentum: torch.Tensor, grad: torch.Tensor, lr: float, momentum_coef: float
+    theta: torch.Tensor, momentum: torch.Tensor, grad: torch.Tensor, lr: float, momentum_coef: float,
+    scratch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Nesterov SGD, as torch.optim.SGD(nesterov=True) computes it, in single-rounding float32 ops.
 
     buf = momentum_coef * buf + grad; g = grad + momentum_coef * buf; theta = theta - lr * g.
-    Returns (new_theta, new_momentum) as new tensors; inputs are not touched.
+    Returns (new_theta, new_momentum), new tensors; inputs are not touched. The two are views of
+    one new buffer, theta then momentum (a snapshot serves it without a copy, state_sync.py);
+    the intermediate g lives in `scratch` when given (a float32 buffer of theta's length that
+    nothing else reads: the caller recycles it), else in a new one. The ops and their order are
+    those of the formula with a new tensor per op, each writing its result in place: the same
+    bytes (tests/unit/test_outer.py holds them equal).
     """
     _check_flat(theta=theta, momentum=momentum, grad=grad)
     lr_f32, coef_f32 = _scalar_f32("lr", lr), _scalar_f32("momentum_coef", momentum_coef)
-    new_momentum = torch.add(torch.mul(momentum, coef_f32), grad)
-    nesterov_grad = torch.add(grad, torch.mul(new_momentum, coef_f32))
-    new_theta = torch.sub(theta, torch.mul(nesterov_grad, lr_f32))
+    n = theta.numel()
+    if scratch is None:
+        scratch = torch.empty(n, dtype=torch.float32)
+    _check_flat(theta=theta, scratch=scratch)
+    pair = torch.empty(2 * n, dtype=torch.float32)
+    new_theta, new_momentum = pair[:n], pair[n:]
+    torch.mul(momentum, coef_f32, out=new_momentum)
+    torch.add(new_momentum, grad, out=new_momentum)
+    torch.mul(new_momentum, coef_f32, out=scratch)
+    torch.add(grad, scratch, out=scratch)
+    torch.mul(scratch, lr_f32, out=scratch)
+    torch.sub(theta, scratch, out=new_theta)
     return new_theta, new_momentum
 
 

@@ -98,9 +98,9 @@ class SparseCodec(Codec):
         return (_f32_bytes(scales) + _pack_bits(torch.cat(indices).numpy(), self.index_bits)
                 + _pack_bits(torch.cat(codes).numpy(), 2))
 
-    def _decode(self, data: memoryview, numel: int) -> torch.Tensor:
+    def _decode(self, data: memoryview, numel: int, out: torch.Tensor) -> torch.Tensor:
         chunks, kept, last = self._layout(numel)
-        out = torch.zeros(numel, dtype=torch.float32)
+        out.zero_()
         if chunks == 0:
             return out
         scales = _f32_from(data[: 4 * chunks])

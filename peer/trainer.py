@@ -272,7 +272,7 @@ class Trainer:
             t_avg = time.monotonic()
             if self.bar is not None:
                 self.bar.averaging()
-            result = self.node.finish_round(r, delta.clone(), weight, stats.samples, carried)
+            result = self.node.finish_round(r, delta, weight, stats.samples, carried)   # read, never written
         finally:
             if self.bar is not None:
                 self.bar.close()

@@ -139,7 +139,7 @@ class OwnedShard:
         start, numel = self.bounds[0], self.roster.numel
         target = ef.compensate(start, weighted_mean(items), numel)
         payload = self.codec.encode(target)
-        decoded = self.codec.decode(payload, target.numel())
+        decoded = target if self.codec.EXACT else self.codec.decode(payload, target.numel())
         return payload, ResidualUpdate(start, numel, target, decoded, owner_round=self.roster.round)
 
 
@@ -161,7 +161,8 @@ def encode_shards(delta: torch.Tensor, roster: pb.Roster, codec: Codec, ef: Erro
     for j in range(len(roster.owners)):
         target = ef.compensate(b[j], delta[b[j]:b[j + 1]], roster.numel)
         payload = codec.encode(target)
-        decoded = codec.decode(payload, target.numel())  # here, not at commit on the network loop
+        # decoded here, not at commit on the network loop; an exact codec loses nothing: target itself
+        decoded = target if codec.EXACT else codec.decode(payload, target.numel())
         out.append((payload, ResidualUpdate(b[j], roster.numel, target, decoded)))
     return out
 

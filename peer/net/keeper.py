@@ -83,6 +83,7 @@ class Keeper:
         self.fetched: Counter[str] = Counter()
         self.fetch_failures: Counter[str] = Counter()
         self.fetched_bytes: Counter[str] = Counter()
+        self._scratch: torch.Tensor | None = None   # outer_step's intermediate, recycled: nothing else sees it
 
     # ---- holding a state ------------------------------------------------------------------
     async def adopt(self, state: GlobalState) -> None:
@@ -178,9 +179,11 @@ class Keeper:
         r = state.round
         if outcome.kind == "applied":
             assert outcome.avg is not None and self.core.spec is not None
+            if self._scratch is None or self._scratch.numel() != state.theta.numel():
+                self._scratch = torch.empty_like(state.theta)
             theta, momentum = await asyncio.get_running_loop().run_in_executor(
                 None, outer_step, state.theta, state.momentum, outcome.avg, self.core.spec.outer_lr,
-                self.core.spec.outer_momentum)
+                self.core.spec.outer_momentum, self._scratch)
             new = GlobalState(theta, momentum, r + 1, state.global_samples + outcome.samples)
             await asyncio.get_running_loop().run_in_executor(None, new.digest)   # hashed off the loop, once
             self.commit(r, new, outcome)

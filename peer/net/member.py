@@ -57,7 +57,9 @@ async def run_round(core: NetCore, r: int, delta: torch.Tensor, weight: float, s
     await asyncio.gather(*(send_shard(core, ctx, roster, j, payload, deadline)
                            for j, (payload, _) in enumerate(encoded)))
     core.faults.hit("after_send", r)
-    results = await asyncio.gather(*(fetch_shard(core, ctx, roster, j, encoded[j][0], deadline)
+    avg = torch.empty(roster.numel, dtype=torch.float32)   # each reduced shard is decoded into its slice
+    b = roster.shard_bounds
+    results = await asyncio.gather(*(fetch_shard(core, ctx, roster, j, encoded[j][0], deadline, avg[b[j]:b[j + 1]])
                                      for j in range(len(roster.owners))), return_exceptions=True)
     failures = [f"shard {j}: {res}" for j, res in enumerate(results) if isinstance(res, BaseException)]
     shards = [res for res in results if isinstance(res, ar.ShardResult)]
@@ -78,7 +80,7 @@ async def run_round(core: NetCore, r: int, delta: torch.Tensor, weight: float, s
                            if shard.pending_residual is not None]
     members = {m.peer_id: m for m in roster.members}
     out.kind, out.reason = "applied", decision.reason
-    out.avg = torch.cat([s.values for s in shards])
+    out.avg = avg   # every shard decoded into it (an applied round has all of them)
     out.payloads = [s.payload for s in shards]
     # contributors: in every shard (a shard header lists only roster members); the rest are dropped
     out.drop_reasons = drop_reasons(roster, [s.header for s in shards], core.peer_id, ctx.unreachable, decision)
@@ -115,12 +117,12 @@ async def send_shard(core: NetCore, ctx, roster: pb.Roster, j: int, payload: byt
         log.warning("round %d: sending shard %d to %s failed: %s", roster.round, j, owner[-6:], describe_rpc_error(e))
 
 
-async def fetch_shard(core: NetCore, ctx, roster: pb.Roster, j: int, mine: bytes, deadline: Deadline
-                      ) -> ar.ShardResult:
+async def fetch_shard(core: NetCore, ctx, roster: pb.Roster, j: int, mine: bytes, deadline: Deadline,
+                      into: torch.Tensor | None = None) -> ar.ShardResult:
     """Pulls the reduced shard j from its owner; when the owner fails, from any member that
     fetched it already (the same bytes: the header's sha256 is checked); when none has it,
     from the backup owner, which reduces it again from the members' contributions (`mine`
-    is ours). Decodes it."""
+    is ours). Decodes it (into `into` when given: shard j's slice of the average)."""
     owner = roster.owners[j]
     codec = get_codec(roster.codec)
     wait_s = min(deadline.left(0.1), 2 * core.transfer_timeout_s())
@@ -137,7 +139,7 @@ async def fetch_shard(core: NetCore, ctx, roster: pb.Roster, j: int, mine: bytes
                 header, payload = await reduce_again(core, ctx, roster, j, mine, deadline, str(e))
         ctx.bytes_received += len(payload)
     ctx.fetched[j] = (header, payload)
-    values = await asyncio.get_running_loop().run_in_executor(None, codec.decode, payload, header.numel)
+    values = await asyncio.get_running_loop().run_in_executor(None, codec.decode, payload, header.numel, into)
     return ar.ShardResult(header, payload, values)
 
 

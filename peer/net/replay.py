@@ -24,22 +24,32 @@ KEEP_ROUNDS = 4   # updates kept per peer; a peer further behind downloads the s
 
 
 class UpdateLog:
-    """The last KEEP_ROUNDS updates that led to this peer's state, as one unbroken chain."""
+    """The last KEEP_ROUNDS updates that led to this peer's state, as one unbroken chain. An
+    update is kept as the reduced shards' payloads; their join and its sha256 are made when a
+    peer first asks for it (most rounds nobody replays), then kept."""
 
     def __init__(self) -> None:
-        self._rounds: OrderedDict[int, tuple[pb.UpdateHeader, bytes]] = OrderedDict()
+        self._rounds: OrderedDict[int, tuple[pb.UpdateHeader, list[bytes]]] = OrderedDict()
 
     def add(self, round_: int, applied: bool, codec: str, bounds: list[int], payloads: list[bytes],
             samples: int, digest_after: str) -> None:
         if self._rounds and next(reversed(self._rounds)) != round_ - 1:
             self._rounds.clear()  # the chain broke (we took a state from elsewhere)
-        payload = b"".join(payloads)
         header = pb.UpdateHeader(round=round_, applied=applied, codec=codec, shard_bounds=bounds,
-                                 shard_bytes=[len(p) for p in payloads], samples=samples, num_bytes=len(payload),
-                                 sha256=hashlib.sha256(payload).hexdigest(), digest_after=digest_after)
-        self._rounds[round_] = (header, payload)
+                                 shard_bytes=[len(p) for p in payloads], samples=samples,
+                                 num_bytes=sum(len(p) for p in payloads), digest_after=digest_after)
+        self._rounds[round_] = (header, list(payloads))
         while len(self._rounds) > KEEP_ROUNDS:
             self._rounds.popitem(last=False)
+
+    def _update(self, round_: int) -> tuple[pb.UpdateHeader, bytes]:
+        """Round r's header, its sha256 filled in, and its payload (joined once, then kept)."""
+        header, payloads = self._rounds[round_]
+        payload = payloads[0] if len(payloads) == 1 else b"".join(payloads)
+        if not header.sha256:
+            header.sha256 = hashlib.sha256(payload).hexdigest()
+            self._rounds[round_] = (header, [payload])
+        return header, payload
 
     def clear(self) -> None:
         self._rounds.clear()
@@ -53,7 +63,7 @@ class UpdateLog:
             return None
         out = []
         for r in range(from_round, to_round):
-            header, payload = self._rounds[r]
+            header, payload = self._update(r)
             out.append(pb.UpdateChunk(header=header, data=payload[:CHUNK_BYTES]))
             out += [pb.UpdateChunk(data=payload[i:i + CHUNK_BYTES]) for i in range(CHUNK_BYTES, len(payload), CHUNK_BYTES)]
         return out
@@ -70,11 +80,11 @@ def apply_update(state: GlobalState, header: pb.UpdateHeader, payload: bytes, lr
         codec, bounds = get_codec(header.codec), list(header.shard_bounds)
         if bounds[0] != 0 or bounds[-1] != state.theta.numel() or len(header.shard_bytes) != len(bounds) - 1:
             raise ValueError(f"update of round {header.round}: shard map does not cover the parameters")
-        parts, offset = [], 0
-        for j, size in enumerate(header.shard_bytes):
-            parts.append(codec.decode(payload[offset:offset + size], bounds[j + 1] - bounds[j]))
+        grad, offset = torch.empty(state.theta.numel(), dtype=torch.float32), 0
+        for j, size in enumerate(header.shard_bytes):   # each shard decoded into its slice
+            codec.decode(payload[offset:offset + size], bounds[j + 1] - bounds[j], grad[bounds[j]:bounds[j + 1]])
             offset += size
-        theta, mom = outer_step(state.theta, state.momentum, torch.cat(parts), lr, momentum)
+        theta, mom = outer_step(state.theta, state.momentum, grad, lr, momentum)
         new = GlobalState(theta, mom, state.round + 1, state.global_samples + header.samples)
     else:
         new = GlobalState(state.theta, state.momentum, state.round + 1, state.global_samples)

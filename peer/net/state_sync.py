@@ -5,8 +5,8 @@ checked, never pickled). Runs on the network loop; hashing and unpacking go to a
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
+import sys
 import time
 from dataclasses import dataclass
 
@@ -18,7 +18,7 @@ from peer._proto import peer_pb2 as pb
 from peer.net.client import CHUNK_BYTES, Channels, describe_rpc_error
 from peer.net.loop import Deadline
 from peer.net.state_ranges import RANGE_BYTES, Donor, RangeFetch, merge
-from peer.outer import GlobalState
+from peer.outer import GlobalState, digest
 
 log = logging.getLogger(__name__)
 PROBE_GRACE_S = 2.0   # after the first donor's header, the others have this long to send theirs
@@ -26,32 +26,53 @@ PROBE_GRACE_S = 2.0   # after the first donor's header, the others have this lon
 
 @dataclass(frozen=True)
 class StateSnapshot:
-    """Immutable bytes of one round's global state: theta then momentum, float32 little-endian."""
+    """One round's global state as bytes: theta then momentum, float32 little-endian. The bytes
+    are the state's own tensors when they lie in one buffer in that order (outer_step makes
+    them so; GlobalState tensors are never changed in place, so sharing them is safe), else one
+    copy. The header's sha256 is the state's digest (outer.digest: a sha256 over round,
+    global_samples and these bytes), hashed once per state, also by the downloader."""
 
     header: pb.StateHeader
-    payload: bytes
+    payload: memoryview
 
     @classmethod
     def of(cls, state: GlobalState, spec_hash: str) -> StateSnapshot:
-        payload = (state.theta.numpy().astype("<f4", copy=False).tobytes()
-                   + state.momentum.numpy().astype("<f4", copy=False).tobytes())
+        payload = _state_bytes(state.theta, state.momentum)
         header = pb.StateHeader(round=state.round, global_samples=state.global_samples,
                                 numel=state.theta.numel(), num_bytes=len(payload),
-                                sha256=hashlib.sha256(payload).hexdigest(), digest=state.digest(),
-                                spec_hash=spec_hash)
+                                sha256=state.digest(), digest=state.digest(), spec_hash=spec_hash)
         return cls(header, payload)
 
     def chunks(self, offset: int, length: int = 0):
         """The bytes [offset, offset + length) (length 0: to the end), the header first."""
         end = offset + length if length else len(self.payload)
-        yield pb.StateChunk(header=self.header, data=self.payload[offset:min(end, offset + CHUNK_BYTES)])
+        yield pb.StateChunk(header=self.header, data=bytes(self.payload[offset:min(end, offset + CHUNK_BYTES)]))
         for i in range(offset + CHUNK_BYTES, end, CHUNK_BYTES):
-            yield pb.StateChunk(data=self.payload[i:min(end, i + CHUNK_BYTES)])
+            yield pb.StateChunk(data=bytes(self.payload[i:min(end, i + CHUNK_BYTES)]))
+
+
+def _state_bytes(theta: torch.Tensor, momentum: torch.Tensor) -> memoryview:
+    """theta's then momentum's float32 little-endian bytes: a view of their buffer when they
+    are adjacent in one (no copy), else of one concatenation."""
+    n = theta.numel()
+    adjacent = (sys.byteorder == "little" and theta.is_contiguous() and momentum.is_contiguous()
+                and theta.untyped_storage().data_ptr() == momentum.untyped_storage().data_ptr()
+                and momentum.storage_offset() == theta.storage_offset() + n)
+    if adjacent:
+        whole = torch.empty(0, dtype=torch.float32).set_(theta.untyped_storage(), theta.storage_offset(), (2 * n,))
+        return memoryview(whole.numpy()).cast("B")
+    return memoryview(np.concatenate([theta.numpy(), momentum.numpy()]).astype("<f4", copy=False)).cast("B")
+
+
+def _payload_digest(header: pb.StateHeader, payload: bytearray) -> str:
+    """outer.digest of the state a received payload holds (views of it, no copy)."""
+    values = torch.from_numpy(np.frombuffer(payload, dtype="<f4"))
+    return digest(values[:header.numel], values[header.numel:], header.round, header.global_samples)
 
 
 def _to_state(header: pb.StateHeader, payload: bytes | bytearray) -> GlobalState:
-    """The tensors of a payload whose sha256 was checked: views of a bytearray (no copy of a
-    large state), copies of read-only bytes."""
+    """The tensors of a payload whose digest was checked against the header (_check): views of
+    a bytearray (no copy of a large state), copies of read-only bytes."""
     arr = np.frombuffer(payload, dtype="<f4")
     if not np.isfinite(arr).all():
         raise ValueError("state holds non-finite values")
@@ -60,8 +81,7 @@ def _to_state(header: pb.StateHeader, payload: bytes | bytearray) -> GlobalState
     theta = torch.from_numpy(arr[:header.numel])
     momentum = torch.from_numpy(arr[header.numel:])
     state = GlobalState(theta=theta, momentum=momentum, round=header.round, global_samples=header.global_samples)
-    if state.digest() != header.digest:
-        raise ValueError("state digest does not match its header")
+    state._digest = header.digest   # computed over these bytes in _check: not hashed again
     return state
 
 
@@ -85,6 +105,9 @@ async def _probe(channels: Channels, donor: Donor, min_round: int, me: str, expe
     if header.num_bytes != 8 * expected_numel or header.round < min_round or not header.sha256:
         raise ValueError(f"donor announces {header.num_bytes} bytes of round {header.round}, "
                          f"expected {8 * expected_numel} of round >= {min_round}")
+    if header.sha256 != header.digest:
+        raise ValueError(f"donor's header has sha256 {header.sha256[:12]} and digest {header.digest[:12]}; a "
+                         "peer of this version sends the state's digest in both (is it an older version?)")
     donor.header = header
 
 
@@ -197,11 +220,11 @@ async def _download(channels: Channels, donors: list[tuple[str, str]], min_round
 
 async def _check(channels: Channels, header: pb.StateHeader, donors: list[Donor], fetch: RangeFetch,
                  buf: bytearray, request: pb.StateRequest, deadline: Deadline, range_bytes: int) -> GlobalState:
-    """The assembled state once its sha256 matches the header. On a mismatch, the bytes of one
+    """The assembled state once its digest matches the header's sha256 (the digest, see StateSnapshot). On a mismatch, the bytes of one
     donor after another are refetched from the others, until the payload matches (that donor
     served corrupt bytes and is dropped) or every donor was tried."""
     loop = asyncio.get_running_loop()
-    sha = await loop.run_in_executor(None, _sha256, buf)
+    sha = await loop.run_in_executor(None, _payload_digest, header, buf)
     segments, tried = fetch.segments, set()
     while sha != header.sha256 and not deadline.expired():
         owners = [d for d in donors if d not in tried and any(seg[2] is d for seg in segments)]
@@ -220,7 +243,7 @@ async def _check(channels: Channels, header: pb.StateHeader, donors: list[Donor]
             break
         segments = [s for s in segments if s[2] is not suspect] + refetch.segments
         if refetch.differing_bytes:  # the suspect or one of the others served bad bytes: the sha256 says which
-            sha = await loop.run_in_executor(None, _sha256, buf)
+            sha = await loop.run_in_executor(None, _payload_digest, header, buf)
             guilty = sha == header.sha256
             log.warning("state download: %d bytes that %s served differ from the others' copies; %s",
                         refetch.differing_bytes, suspect.name,
@@ -230,10 +253,6 @@ async def _check(channels: Channels, header: pb.StateHeader, donors: list[Donor]
     if sha != header.sha256:
         raise ValueError("state payload sha256 does not match its header")
     return await loop.run_in_executor(None, _to_state, header, buf)
-
-
-def _sha256(buf: bytearray) -> str:
-    return hashlib.sha256(buf).hexdigest()
 
 
 def _log_done(state: GlobalState, donors: list[Donor], seconds: float) -> None:

@@ -216,3 +216,23 @@ def test_error_feedback_load_checks_the_size_of_the_residual_held() -> None:
     ef.update(0, torch.ones(2), torch.zeros(2), 3)
     with pytest.raises(ValueError, match="2 values, expected 3"):
         ef.load_state_dict({"residual": torch.ones(2)})
+
+
+@pytest.mark.parametrize("name", ["fp32", "int8"])
+def test_decode_into_a_slice_gives_the_bytes_of_a_new_tensor(name: str) -> None:
+    """decode(..., out=) (a slice of the whole average, as members and replay use it) writes the
+    same bytes as a plain decode, touches nothing outside the slice, and refuses a wrong out."""
+    codec = get_codec(name)
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(5)) * 3
+    data = codec.encode(x)
+    whole = torch.full((1200,), 7.0)
+    got = codec.decode(data, 1000, whole[100:1100])
+    assert got.data_ptr() == whole[100:].data_ptr()
+    assert whole[100:1100].numpy().tobytes() == codec.decode(data, 1000).numpy().tobytes()
+    assert torch.equal(whole[:100], torch.full((100,), 7.0)) and torch.equal(whole[1100:], torch.full((100,), 7.0))
+    with pytest.raises(ValueError, match="decode out="):
+        codec.decode(data, 1000, torch.empty(999))
+    with pytest.raises(ValueError, match="decode out="):
+        codec.decode(data, 1000, torch.empty(2000)[::2])
+    if codec.EXACT:   # the encoder takes the target itself as its decoding (allreduce.encode_shards)
+        assert codec.decode(data, 1000).numpy().tobytes() == x.numpy().tobytes()

@@ -166,3 +166,45 @@ def test_same_bytes_on_every_cpu_capability() -> None:
     for capability, (used, _) in results.items():
         assert used.lower() == capability, f"asked torch for {capability}, it ran {used}"
     assert len({hex_digest for _, hex_digest in results.values()}) == 1, results
+
+
+def _old_formula(theta, momentum, grad, lr, coef):
+    """The outer step with a new tensor per op, as it was first written."""
+    lr, coef = float(torch.tensor(lr, dtype=torch.float32)), float(torch.tensor(coef, dtype=torch.float32))
+    new_momentum = torch.add(torch.mul(momentum, coef), grad)
+    return torch.sub(theta, torch.mul(torch.add(grad, torch.mul(new_momentum, coef)), lr)), new_momentum
+
+
+@pytest.mark.parametrize("numel", [1, 7, 4099, 300_001])
+def test_in_place_outer_step_is_bitwise_the_old_formula(numel: int) -> None:
+    """The in-place path (out= into one new buffer, a recycled dirty scratch) gives the bytes of
+    the formula with a new tensor per op, over several steps on random and heavy-tailed inputs,
+    and stays within rounding of torch.optim.SGD(nesterov=True)."""
+    gen = torch.Generator().manual_seed(numel)
+    theta = torch.randn(numel, generator=gen)
+    momentum = torch.zeros(numel)
+    old_theta, old_momentum = theta.clone(), momentum.clone()
+    param = torch.nn.Parameter(theta.clone())
+    sgd = torch.optim.SGD([param], lr=0.7, momentum=0.9, nesterov=True, foreach=False)
+    scratch = torch.full((numel,), float("nan"))   # recycled: its old contents must not matter
+    for step in range(4):
+        grad = torch.randn(numel, generator=gen) * 0.01
+        if step % 2:   # heavy-tailed: a few values many orders of magnitude larger
+            grad = grad / torch.rand(numel, generator=gen).clamp_min(1e-6)
+        before = (theta.clone(), momentum.clone(), grad.clone())
+        theta, momentum = outer_step(theta, momentum, grad, 0.7, 0.9, scratch=scratch)
+        assert all(torch.equal(a, b) for a, b in zip(before[:2], (old_theta, old_momentum), strict=True))
+        assert torch.equal(grad, before[2])
+        old_theta, old_momentum = _old_formula(old_theta, old_momentum, grad, 0.7, 0.9)
+        assert theta.numpy().tobytes() == old_theta.numpy().tobytes()
+        assert momentum.numpy().tobytes() == old_momentum.numpy().tobytes()
+        param.grad = grad.clone()
+        sgd.step()
+        # SGD scales with alpha= (a fused multiply-add on some paths): equal within rounding, not bitwise
+        torch.testing.assert_close(theta, param.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(momentum, sgd.state[param]["momentum_buffer"], rtol=1e-5, atol=1e-6)
+        # theta and momentum are views of one new buffer, in that order (a snapshot serves it as is)
+        assert momentum.data_ptr() == theta.data_ptr() + 4 * numel
+        assert theta.untyped_storage().data_ptr() != scratch.untyped_storage().data_ptr()
+    with pytest.raises(ValueError, match="scratch"):
+        outer_step(theta, momentum, grad, 0.7, 0.9, scratch=torch.empty(numel + 1))

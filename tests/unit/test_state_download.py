@@ -11,6 +11,7 @@ import re
 import time
 
 import grpc
+import numpy as np
 import pytest
 import torch
 
@@ -23,7 +24,7 @@ from peer.net.loop import Deadline
 from peer.net.server import Servicer, start_server
 from peer.net.state_ranges import CALLS_PER_DONOR
 from peer.net.state_sync import StateSnapshot, download
-from peer.outer import GlobalState
+from peer.outer import GlobalState, outer_step
 
 pytestmark = pytest.mark.timeout(60)
 NUMEL = 300_000                 # 2.4 MB: three chunks
@@ -136,6 +137,24 @@ def test_chunks_cover_exactly_the_range():
         assert all(len(c.data) <= CHUNK_BYTES for c in chunks)
         end = offset + length if length else NUM_BYTES
         assert b"".join(c.data for c in chunks) == snap.payload[offset:end]
+
+
+def test_snapshot_of_an_outer_step_shares_its_tensors_and_downloads_whole():
+    """outer_step's theta and momentum lie in one buffer: the snapshot serves it without a copy,
+    its bytes are theta's then momentum's, its sha256 is the digest, and a download of it gives
+    the same state (checked by that digest)."""
+    s = state(3)
+    theta, momentum = outer_step(s.theta, s.momentum, torch.randn(NUMEL) * 0.01, 0.7, 0.9)
+    new = GlobalState(theta, momentum, 8, 1300)
+    snap = StateSnapshot.of(new, "spec")
+    assert np.shares_memory(np.frombuffer(snap.payload, dtype=np.float32), theta.numpy())
+    assert snap.payload == theta.numpy().tobytes() + momentum.numpy().tobytes()
+    assert snap.header.sha256 == snap.header.digest == new.digest()
+    copied = StateSnapshot.of(s, "spec")   # apart in memory: one copy, the same layout
+    assert not np.shares_memory(np.frombuffer(copied.payload, dtype=np.float32), s.theta.numpy())
+    assert copied.payload == s.theta.numpy().tobytes() + s.momentum.numpy().tobytes()
+    got = run_download([Donor(snap), Donor(snap)])
+    assert same(got, new) and got.digest() == new.digest()
 
 
 def test_several_donors_each_serve_a_part(caplog):
