@@ -61,6 +61,8 @@ FLAGS: list[tuple[str, Any, str]] = [
                              "is 2 s + 2 inner steps of the slowest peer, at least 3 s)"),
     ("timeout-floor-s", float, "no communication deadline is shorter than this (env DILOCO_TIMEOUT_FLOOR_S)"),
     ("timeout-ceiling-s", float, "no communication deadline is longer than this (env DILOCO_TIMEOUT_CEILING_S)"),
+    ("max-upload-mbit", float, "cap this peer's sending of shard and state bytes at this many Mbit/s, all "
+                               "streams together (0 = no cap); the leader sizes its shard by its measured rate"),
     ("checkpoint-dir", str, "keep atomic checkpoints here and resume from them (one directory per run)"),
     ("checkpoint-every", int, "rounds between checkpoints (one is also written on SIGINT/SIGTERM)"),
     ("export-every", int, "write the global state as a model folder every this many rounds (0 = never)"),

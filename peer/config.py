@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -121,6 +122,7 @@ class PeerConfig:
     join_window_s: float = 30.0      # the most a leader waits for the rest of the group (see deadlines.py)
     timeout_floor_s: float = 5.0     # no communication deadline is shorter ...
     timeout_ceiling_s: float = 300.0  # ... or longer than these, whatever was measured
+    max_upload_mbit: float = 0.0     # cap on this peer's sending of shard and state bytes, Mbit/s (0 = none)
     checkpoint_dir: str = ""         # empty = no checkpoints
     checkpoint_every: int = 10       # rounds between checkpoints (and one on SIGINT/SIGTERM)
     export_every: int = 0            # rounds between exports of the global state as a model folder (0 = never)
@@ -209,6 +211,9 @@ def validate_peer(c: PeerConfig) -> None:
     _check(c.export_every == 0 or bool(c.export_dir or c.checkpoint_dir), "export_every", c.export_every,
            "0 unless --export-dir or --checkpoint-dir says where the exports go")
     _check(c.text_field != "", "text_field", c.text_field, "a field name, e.g. text")
+    _check(isinstance(c.max_upload_mbit, (int, float)) and math.isfinite(c.max_upload_mbit)
+           and c.max_upload_mbit >= 0, "max_upload_mbit", c.max_upload_mbit,
+           "a number of Mbit/s >= 0 (0 = no cap), e.g. 20")
     _check(0.5 <= c.join_window_s <= 300, "join_window_s", c.join_window_s, "seconds in [0.5, 300]")
     validate_spec(c.spec)
 

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Member(_message.Message):
-    __slots__ = ("peer_id", "address", "weight", "samples", "client_mode", "carried_weight", "carried_round")
+    __slots__ = ("peer_id", "address", "weight", "samples", "client_mode", "carried_weight", "carried_round", "upload_bps")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class Member(_message.Message):
     CLIENT_MODE_FIELD_NUMBER: _ClassVar[int]
     CARRIED_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     CARRIED_ROUND_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_BPS_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     address: str
     weight: float
@@ -23,7 +24,8 @@ class Member(_message.Message):
     client_mode: bool
     carried_weight: float
     carried_round: int
-    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., weight: _Optional[float] = ..., samples: _Optional[int] = ..., client_mode: _Optional[bool] = ..., carried_weight: _Optional[float] = ..., carried_round: _Optional[int] = ...) -> None: ...
+    upload_bps: float
+    def __init__(self, peer_id: _Optional[str] = ..., address: _Optional[str] = ..., weight: _Optional[float] = ..., samples: _Optional[int] = ..., client_mode: _Optional[bool] = ..., carried_weight: _Optional[float] = ..., carried_round: _Optional[int] = ..., upload_bps: _Optional[float] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("run_id", "round", "spec_hash", "member", "skip")

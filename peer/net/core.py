@@ -29,6 +29,7 @@ from peer.net.reach import DialBackService, Reachability
 from peer.net.replay import KEEP_ROUNDS, UpdateLog
 from peer.net.round import ClosedElsewhere, LeaderGroup, Tally, check_member, leader_rank
 from peer.net.state_sync import StateSnapshot
+from peer.net.upload import RateMeter, UploadCap, cap_bps, upload_estimate
 
 log = logging.getLogger(__name__)
 REFRESH_S = 0.5
@@ -86,7 +87,9 @@ class NetCore:
         self.viewed_at = 0.0   # when the view was last read from the DHT
         self.updates = UpdateLog()
         self.faults = FaultPlan.from_env()
-        self.deadlines = Deadlines(cfg.timeout_floor_s, cfg.timeout_ceiling_s)
+        self.deadlines = Deadlines(cfg.timeout_floor_s, cfg.timeout_ceiling_s, cap_bps(cfg.max_upload_mbit))
+        self.upload = UploadCap(cap_bps(cfg.max_upload_mbit))  # every outgoing shard and state stream
+        self.upload_meter = RateMeter()      # a round's sends to all owners at once (member.run_round)
         self.spec_record: dict | None = None  # the adopted spec proposal, re-published by every peer
         self.spec_published_at = 0.0
         self.step_s: dict[str, float] = {}   # inner step seconds of the peers seen training
@@ -103,7 +106,12 @@ class NetCore:
         state_round = self.snapshot.header.round if self.snapshot else -1
         return swarm.PeerRecord(self.peer_id, "" if self.client_mode else self.address, self.round,
                                 self.steps, self.samples, self.rate if self.training else 0.0, self.training,
-                                self.client_mode, state_round, self.spec_hash, get_dht_time(), self.phase)
+                                self.client_mode, state_round, self.spec_hash, get_dht_time(), self.phase,
+                                self.upload_bps())
+
+    def upload_bps(self) -> float:
+        """The upload rate we announce (record and Join): measured, at most --max-upload-mbit."""
+        return upload_estimate(self.upload_meter, self.upload.rate_bps)
 
     async def publish(self) -> None:
         await swarm.store(self.dht, swarm.peers_key(self.run_id), self.peer_id, self.record().to_value(), 5.0)

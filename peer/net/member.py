@@ -19,6 +19,7 @@ from peer.net.client import describe_rpc_error
 from peer.net.core import NetCore
 from peer.net.loop import Deadline
 from peer.net.round import Outcome, drop_reasons
+from peer.net.upload import paced
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ async def run_round(core: NetCore, r: int, delta: torch.Tensor, weight: float, s
     deadline = Deadline(core.join_window_s() + 20 + 3 * core.transfer_timeout_s())
     member = pb.Member(peer_id=core.peer_id, address="" if core.client_mode else core.address,
                        weight=weight, samples=samples, client_mode=core.client_mode,
-                       carried_weight=carried[0], carried_round=carried[1])
+                       carried_weight=carried[0], carried_round=carried[1], upload_bps=core.upload_bps())
     for _ in range(3):  # a view from before a long step or a SIGSTOP would mislead the join
         try:
             await core.refresh()
@@ -54,8 +55,10 @@ async def run_round(core: NetCore, r: int, delta: torch.Tensor, weight: float, s
     codec = get_codec(roster.codec)
     loop = asyncio.get_running_loop()
     encoded = await loop.run_in_executor(None, ar.encode_shards, delta, roster, codec, core.ef)
+    sent_before, started = ctx.bytes_sent, time.monotonic()   # all owners at once: our whole uplink
     await asyncio.gather(*(send_shard(core, ctx, roster, j, payload, deadline)
                            for j, (payload, _) in enumerate(encoded)))
+    core.upload_meter.observe(ctx.bytes_sent - sent_before, time.monotonic() - started)
     core.faults.hit("after_send", r)
     avg = torch.empty(roster.numel, dtype=torch.float32)   # each reduced shard is decoded into its slice
     b = roster.shard_bounds
@@ -106,7 +109,7 @@ async def send_shard(core: NetCore, ctx, roster: pb.Roster, j: int, payload: byt
     try:
         started = time.monotonic()
         reply = await core.channels.stub(address).Contribute(
-            iter(ar.chunks(header, payload)), timeout=min(deadline.left(0.1), core.transfer_timeout_s()))
+            paced(core.upload, ar.chunks(header, payload)), timeout=min(deadline.left(0.1), core.transfer_timeout_s()))
         core.deadlines.observe(len(payload), time.monotonic() - started)
         ctx.bytes_sent += len(payload)
         if not reply.accepted:

@@ -25,26 +25,65 @@ def leader_rank(run_id: str, round_: int, peer_id: str) -> str:
     return hashlib.sha256(f"{run_id}/{round_}/{peer_id}".encode()).hexdigest()
 
 
-def shard_bounds(numel: int, num_owners: int) -> list[int]:
-    """Equal contiguous shards: owner i owns [bounds[i], bounds[i+1])."""
-    return [numel * i // num_owners for i in range(num_owners + 1)]
+SHARD_ALIGN = 4096     # shard bounds are multiples of this many values, so codec blocks and chunks line up
+SLOW_FRACTION = 8      # a serving member whose upload rate is under 1/8 of the median owns no shard
+RATE_UNIT_BPS = 1024   # rates count in whole KiB/s: the plan is integer arithmetic, the same everywhere
+
+
+def shard_plan(numel: int, peers: list[str], rates: list[float], align: int = SHARD_ALIGN
+               ) -> tuple[list[str], list[int]]:
+    """Which serving members own a shard, and the bounds: owners[i] owns [bounds[i], bounds[i+1]).
+    `rates`: each peer's announced upload rate in bytes/s (0 or not finite: not known; such a
+    peer counts at the median of the known ones, and with none known all shards are equal).
+    A peer under 1/SLOW_FRACTION of the median (the lower median of the known rates) owns
+    nothing; the others own shards proportional to their rates, each at least one unit, in
+    units of `align` values (halved while there are fewer units than owners); the last shard
+    ends at `numel`. Pure and integer-only: equal inputs give equal bounds on every machine."""
+    if len(peers) != len(rates) or not peers:
+        raise ValueError(f"a shard plan needs one rate per serving peer and at least one ({len(peers)} peers, "
+                         f"{len(rates)} rates)")
+    if numel < len(peers):
+        raise ValueError(f"cannot split {numel} values among {len(peers)} shard owners")
+    units = [max(1, int(r // RATE_UNIT_BPS)) if math.isfinite(r) and r > 0 else 0 for r in rates]
+    known = sorted(u for u in units if u > 0)
+    median = known[(len(known) - 1) // 2] if known else 1
+    weights = [u or median for u in units]
+    keep = [i for i, w in enumerate(weights) if w * SLOW_FRACTION >= median]   # the median peer stays
+    owners, weights = [peers[i] for i in keep], [weights[i] for i in keep]
+    n = len(owners)
+    unit = max(1, align)
+    while unit > 1 and numel // unit < n:
+        unit //= 2
+    free, total = numel // unit - n, sum(weights)       # every owner has one unit; the rest by weight
+    quota = [free * w for w in weights]
+    sizes = [1 + q // total for q in quota]
+    short = numel // unit - sum(sizes)                  # largest remainders first, ties by order
+    for i in sorted(range(n), key=lambda i: (-(quota[i] % total), i))[:short]:
+        sizes[i] += 1
+    bounds = [0]
+    for size in sizes:
+        bounds.append(bounds[-1] + size * unit)
+    bounds[-1] = numel                                  # the last shard takes what no unit filled
+    return owners, bounds
 
 
 def roster_hash(r: pb.Roster) -> str:
     body = {
         "round": r.round, "leader": r.leader, "codec": r.codec, "numel": r.numel,
         "bounds": list(r.shard_bounds), "owners": list(r.owners),
-        "members": [[m.peer_id, m.address, m.weight, m.samples, m.client_mode, m.carried_weight, m.carried_round]
-                    for m in r.members],
+        "members": [[m.peer_id, m.address, m.weight, m.samples, m.client_mode, m.carried_weight, m.carried_round,
+                     m.upload_bps] for m in r.members],
     }
     return hashlib.sha256(json.dumps(body, separators=(",", ":")).encode()).hexdigest()
 
 
 def make_roster(round_: int, leader: str, members: list[pb.Member], codec: str, numel: int) -> pb.Roster:
+    """Members sorted by peer id; owners and bounds from the serving members' upload rates."""
     members = sorted(members, key=lambda m: m.peer_id)
-    owners = [m.peer_id for m in members if not m.client_mode]
+    serving = [m for m in members if not m.client_mode]
+    owners, bounds = shard_plan(numel, [m.peer_id for m in serving], [m.upload_bps for m in serving])
     r = pb.Roster(round=round_, leader=leader, members=members, owners=owners, codec=codec, numel=numel,
-                  shard_bounds=shard_bounds(numel, len(owners)))
+                  shard_bounds=bounds)
     r.hash = roster_hash(r)
     return r
 
@@ -91,8 +130,12 @@ class LeaderGroup:
         if missing:
             log.info("round %d: closing the group without %s (no Join within %.1f s)",
                      self.round, ", ".join(sorted(p[-6:] for p in missing)), window_s)
-        self.roster.set_result(make_roster(self.round, self.leader, list(self.members.values()),
-                                           self.codec, self.numel))
+        roster = make_roster(self.round, self.leader, list(self.members.values()), self.codec, self.numel)
+        slow = sorted(m.peer_id[-6:] for m in roster.members if not m.client_mode and m.peer_id not in roster.owners)
+        if slow:
+            log.info("round %d: %s own no shard (upload rate under 1/%d of the median)",
+                     self.round, ", ".join(slow), SLOW_FRACTION)
+        self.roster.set_result(roster)
         return True
 
     def window_over(self, expected: set[str], window_s: float) -> set[str]:

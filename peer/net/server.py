@@ -13,6 +13,7 @@ from peer._proto import peer_pb2_grpc
 from peer.net import owner
 from peer.net.client import CHANNEL_OPTIONS, Reject
 from peer.net.linktest import LinkTests
+from peer.net.upload import paced
 
 if TYPE_CHECKING:
     from peer.net.core import NetCore
@@ -44,7 +45,7 @@ class Servicer(peer_pb2_grpc.PeerServicer):
 
     async def GetShard(self, request: pb.ShardRequest, context):
         chunks = await self._guard(context, "GetShard", owner.handle_get_shard(self.core, request))
-        for chunk in chunks or ():
+        async for chunk in paced(self.core.upload, chunks or ()):
             await context.write(chunk)
         self.core.faults.hit("served_shard", request.round)
 
@@ -55,9 +56,9 @@ class Servicer(peer_pb2_grpc.PeerServicer):
         snapshot = await self._guard(context, "GetState", self.core.handle_get_state(request))
         if snapshot is None:
             return
-        chunks = snapshot.chunks(request.offset, request.length)
-        chunk = next(chunks)
-        for following in chunks:
+        chunks = paced(self.core.upload, snapshot.chunks(request.offset, request.length))
+        chunk = await anext(chunks)
+        async for following in chunks:
             await context.write(chunk)
             chunk = following
         if chunk.data:  # a test kills a donor here: the newcomer never gets all of the range, whatever its size
@@ -66,7 +67,7 @@ class Servicer(peer_pb2_grpc.PeerServicer):
 
     async def GetUpdates(self, request: pb.UpdatesRequest, context):
         chunks = await self._guard(context, "GetUpdates", self.core.handle_get_updates(request))
-        for chunk in chunks or ():
+        async for chunk in paced(self.core.upload, chunks or ()):
             await context.write(chunk)
 
     async def Progress(self, request: pb.ProgressRequest, context):

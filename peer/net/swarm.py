@@ -66,6 +66,7 @@ class PeerRecord:
     spec: str            # spec hash
     t: float             # DHT time of publication
     phase: str = ""      # one of PHASES: what the peer is doing now
+    upload_bps: float = 0.0  # its measured upload rate, capped by --max-upload-mbit (bytes/s; 0 = not known)
 
     def ready(self) -> bool:
         """Holds a state of the run and is not catching up: counts for --min-peers and rounds."""
@@ -87,11 +88,12 @@ class PeerRecord:
             rec = cls(peer_id=peer_id, addr=str(v["addr"]), round=int(v["round"]), steps=int(v["steps"]),
                       samples=int(v["samples"]), rate=float(v["rate"]), training=bool(v["training"]),
                       client=bool(v["client"]), state_round=int(v["state_round"]), spec=str(v["spec"]),
-                      t=float(v["t"]), phase=str(v["phase"]))
+                      t=float(v["t"]), phase=str(v["phase"]), upload_bps=float(v.get("upload_bps", 0.0)))
         except (KeyError, TypeError, ValueError):
             log.debug("ignoring malformed progress record of %s: %r", peer_id, v)
             return None
-        if rec.rate < 0 or rec.steps < 0 or rec.rate > 1e6 or rec.phase not in PHASES:
+        if (rec.rate < 0 or rec.steps < 0 or rec.rate > 1e6 or rec.phase not in PHASES
+                or not (math.isfinite(rec.upload_bps) and 0 <= rec.upload_bps <= 1e12)):
             return None
         return rec
 

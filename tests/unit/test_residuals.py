@@ -23,9 +23,9 @@ from peer.outer import GlobalState
 
 pytestmark = pytest.mark.timeout(60)
 
-NUMEL = 12_000  # 3 owners: [0, 4000, 8000, 12000); 4 owners: [0, 3000, 6000, 9000, 12000)
+NUMEL = 49_152  # 12 units of round.SHARD_ALIGN: 3 owners: [0, 16384, 32768, 49152); 4 owners: [0, 12288, 24576, 36864, 49152)
 CODEC = Int8Codec()
-THREE, FOUR = ["a", "p", "z"], ["a", "p", "q", "z"]  # "p" owns shard 1: [4000, 8000), then [3000, 6000)
+THREE, FOUR = ["a", "p", "z"], ["a", "p", "q", "z"]  # "p" owns shard 1: [16384, 32768), then [12288, 24576)
 
 
 @dataclass
@@ -124,7 +124,7 @@ def test_a_shard_without_our_contribution_keeps_its_slice() -> None:
     assert not done.contributed("p", 0) and done.contributed("p", 1) and done.contributed("p", 2)
     after = peers["p"].ef.residual()
     assert torch.equal(member_reference(before, done, "p"), after)
-    kept, changed = slices(done.roster)[0], slice(4000, NUMEL)
+    kept, changed = slices(done.roster)[0], slice(16384, NUMEL)
     assert torch.equal(after[kept], before[kept])
     assert not torch.equal(after[changed], before[changed])
 
@@ -138,25 +138,25 @@ def owner_target(done: Round, j: int, residual: torch.Tensor) -> torch.Tensor:
 
 def test_owner_residual_keeps_the_overlap_with_its_old_range_and_zeroes_the_rest() -> None:
     peers = {p: Peer() for p in FOUR}
-    run_round(0, peers, THREE)  # p owns [4000, 8000)
+    run_round(0, peers, THREE)  # p owns [16384, 32768)
     first = peers["p"].owner_ef.residual()
     assert first is not None and first.shape == (NUMEL,)
-    assert not bool(first[4000:8000].eq(0).all()) and bool(first[:4000].eq(0).all() and first[8000:].eq(0).all())
+    assert not bool(first[16384:32768].eq(0).all()) and bool(first[:16384].eq(0).all() and first[32768:].eq(0).all())
 
-    done = run_round(1, peers, FOUR)  # p owns [3000, 6000): compensated with [4000, 6000) of the old one only
+    done = run_round(1, peers, FOUR)  # p owns [12288, 24576): compensated with [16384, 24576) of the old one only
     expected = torch.zeros(NUMEL)
-    expected[4000:6000] = first[4000:6000]
+    expected[16384:24576] = first[16384:24576]
     target = owner_target(done, 1, expected)
     header, payload = done.reduced[1].result.result()
     assert payload == CODEC.encode(target)
     second = peers["p"].owner_ef.residual()
     lost = torch.sub(target, CODEC.decode(payload, target.numel()))
-    assert torch.equal(second[3000:6000], lost)
-    assert bool(second[:3000].eq(0).all() and second[6000:].eq(0).all())  # [6000, 8000) of round 0: dropped
+    assert torch.equal(second[12288:24576], lost)
+    assert bool(second[:12288].eq(0).all() and second[24576:].eq(0).all())  # [24576, 32768) of round 0: dropped
 
-    done = run_round(2, peers, THREE)  # p owns [4000, 8000) again: keeps [4000, 6000), not round 0's [6000, 8000)
+    done = run_round(2, peers, THREE)  # p owns [16384, 32768) again: keeps [16384, 24576), not round 0's [24576, 32768)
     expected = torch.zeros(NUMEL)
-    expected[4000:6000] = second[4000:6000]
+    expected[16384:24576] = second[16384:24576]
     assert done.reduced[1].result.result()[1] == CODEC.encode(owner_target(done, 1, expected))
 
 
@@ -195,10 +195,10 @@ def keyed_ckpt(residuals: dict, owner_residuals: dict) -> Checkpoint:
 def test_keyed_residuals_of_an_older_checkpoint_are_added_into_one(tmp_path: Path,
                                                                    caplog: pytest.LogCaptureFixture) -> None:
     gen = torch.Generator().manual_seed(5)
-    keyed = {(0, 4000): torch.randn(4000, generator=gen), (4000, 8000): torch.randn(4000, generator=gen),
-             (8000, NUMEL): torch.randn(4000, generator=gen), (3000, 6000): torch.randn(3000, generator=gen)}
-    owner_keyed = {("owner", 4000, 8000): torch.randn(4000, generator=gen),
-                   ("owner", 3000, 6000): torch.randn(3000, generator=gen)}
+    keyed = {(0, 16384): torch.randn(16384, generator=gen), (16384, 32768): torch.randn(16384, generator=gen),
+             (32768, NUMEL): torch.randn(16384, generator=gen), (12288, 24576): torch.randn(12288, generator=gen)}
+    owner_keyed = {("owner", 16384, 32768): torch.randn(16384, generator=gen),
+                   ("owner", 12288, 24576): torch.randn(12288, generator=gen)}
     save(tmp_path / "old.ckpt", keyed_ckpt(keyed, owner_keyed))
     with caplog.at_level(logging.WARNING, logger="peer.checkpoint"):
         loaded = load(tmp_path / "old.ckpt")
@@ -213,9 +213,9 @@ def test_keyed_residuals_of_an_older_checkpoint_are_added_into_one(tmp_path: Pat
 
 
 @pytest.mark.parametrize("residuals, match", [
-    ({"residual": torch.zeros(NUMEL - 1)}, r"residuals \(residual: 11999 values, expected 12000"),
+    ({"residual": torch.zeros(NUMEL - 1)}, r"residuals \(residual: 49151 values, expected 49152"),
     ({"residual": torch.zeros(NUMEL, dtype=torch.float64)}, r"residuals \(residual: expected a 1-D float32"),
-    ({(0, NUMEL + 1): torch.zeros(NUMEL + 1)}, r"range \(0, 12001\) is outside the model's 12000 values"),
+    ({(0, NUMEL + 1): torch.zeros(NUMEL + 1)}, r"range \(0, 49153\) is outside the model's 49152 values"),
     ({(0, 10): torch.zeros(9)}, "residual: 9 values, expected 10"),
     ({"residual": torch.zeros(NUMEL), "other": torch.zeros(1)}, r"residuals \(keys"),
 ])
