@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import grpc
@@ -25,11 +25,13 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def chunks(header: pb.ShardHeader, payload: bytes) -> list[pb.ShardChunk]:
-    """The stream for one payload: the header rides on the first chunk."""
-    out = [pb.ShardChunk(header=header, data=payload[:CHUNK_BYTES])]
-    out += [pb.ShardChunk(data=payload[i:i + CHUNK_BYTES]) for i in range(CHUNK_BYTES, len(payload), CHUNK_BYTES)]
-    return out
+def chunks(header: pb.ShardHeader, payload: bytes | bytearray) -> Iterator[pb.ShardChunk]:
+    """The stream for one payload, made lazily (one chunk's copy at a time, as gRPC asks for
+    it, never the whole payload again): the header rides on the first chunk."""
+    view = memoryview(payload)
+    yield pb.ShardChunk(header=header, data=bytes(view[:CHUNK_BYTES]))
+    for i in range(CHUNK_BYTES, len(payload), CHUNK_BYTES):
+        yield pb.ShardChunk(data=bytes(view[i:i + CHUNK_BYTES]))
 
 
 async def rest_of(call) -> AsyncIterator[pb.ShardChunk]:
@@ -41,19 +43,31 @@ async def rest_of(call) -> AsyncIterator[pb.ShardChunk]:
         yield chunk
 
 
-async def read_payload(first: pb.ShardChunk, rest: AsyncIterator[pb.ShardChunk], expected_bytes: int) -> bytes:
-    """Joins a stream's chunks, refusing more than `expected_bytes`; checks the header's sha256."""
-    buf = bytearray(first.data)
-    async for chunk in rest:
-        buf += chunk.data
-        if len(buf) > expected_bytes:
+async def read_payload(first: pb.ShardChunk, rest: AsyncIterator[pb.ShardChunk], expected_bytes: int) -> bytearray:
+    """Takes a stream's chunks as they arrive into one buffer of the announced size (the
+    caller checked `expected_bytes` against the codec's size for the shard), hashing each
+    chunk on arrival; refuses more or fewer bytes, and a sha256 other than the header's."""
+    buf = bytearray(expected_bytes)
+    view = memoryview(buf)
+    digest = hashlib.sha256()
+    filled = 0
+
+    def take(data: bytes) -> None:
+        nonlocal filled
+        if filled + len(data) > expected_bytes:
             raise ValueError(f"stream carries more than the {expected_bytes} bytes announced")
-    if len(buf) != expected_bytes:
-        raise ValueError(f"stream ended after {len(buf)} of {expected_bytes} bytes")
-    data = bytes(buf)
-    if sha256(data) != first.header.sha256:
+        view[filled:filled + len(data)] = data
+        digest.update(data)
+        filled += len(data)
+
+    take(first.data)
+    async for chunk in rest:
+        take(chunk.data)
+    if filled != expected_bytes:
+        raise ValueError(f"stream ended after {filled} of {expected_bytes} bytes")
+    if digest.hexdigest() != first.header.sha256:
         raise ValueError("payload sha256 does not match its header")
-    return data
+    return buf
 
 
 def check_header(h: pb.ShardHeader, roster: pb.Roster, codec: Codec, reduced: bool) -> str | None:
@@ -156,15 +170,22 @@ def encode_shards(delta: torch.Tensor, roster: pb.Roster, codec: Codec, ef: Erro
     Returns (payload, pending residual update) per shard; runs in an executor."""
     if delta.numel() != roster.numel:
         raise ValueError(f"round {roster.round}: the delta has {delta.numel()} values, the roster {roster.numel}")
-    out = []
+    return [encode_shard(delta, roster, codec, ef, j) for j in range(len(roster.owners))]
+
+
+def encode_shard(delta: torch.Tensor, roster: pb.Roster, codec: Codec, ef: ErrorFeedback, j: int
+                 ) -> tuple[bytes, ResidualUpdate]:
+    """Shard j of a member's delta with its slice of the flat residual added, encoded: the
+    payload and its pending residual update. Runs in an executor, one shard at a time, so
+    the member sends shard j while it encodes the next."""
+    if delta.numel() != roster.numel:
+        raise ValueError(f"round {roster.round}: the delta has {delta.numel()} values, the roster {roster.numel}")
     b = roster.shard_bounds
-    for j in range(len(roster.owners)):
-        target = ef.compensate(b[j], delta[b[j]:b[j + 1]], roster.numel)
-        payload = codec.encode(target)
-        # decoded here, not at commit on the network loop; an exact codec loses nothing: target itself
-        decoded = target if codec.EXACT else codec.decode(payload, target.numel())
-        out.append((payload, ResidualUpdate(b[j], roster.numel, target, decoded)))
-    return out
+    target = ef.compensate(b[j], delta[b[j]:b[j + 1]], roster.numel)
+    payload = codec.encode(target)
+    # decoded here, not at commit on the network loop; an exact codec loses nothing: target itself
+    decoded = target if codec.EXACT else codec.decode(payload, target.numel())
+    return payload, ResidualUpdate(b[j], roster.numel, target, decoded)
 
 
 def contribution_header(roster: pb.Roster, sender: str, shard: int, codec: Codec, payload: bytes,

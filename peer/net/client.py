@@ -7,17 +7,31 @@ import grpc
 
 from peer._proto import peer_pb2_grpc
 
-CHUNK_BYTES = 1 << 20                  # tensor payloads travel in chunks of this size
-MAX_MESSAGE_BYTES = CHUNK_BYTES + (64 << 10)   # one chunk plus its header, nothing larger
+# 1 MiB chunks: large enough that per-message overhead (a protobuf object, an HTTP/2 frame
+# header per 16 KiB, one await) is well under 1 % of the bytes, small enough that a member
+# holds only one chunk's copy beyond the payload and a stalled stream is noticed within a chunk.
+CHUNK_BYTES = 1 << 20
+# One chunk plus its header (a ShardHeader lists at most the roster's contributors and
+# weights), nothing larger: a peer never allocates a message bigger than this for anyone.
+MAX_MESSAGE_BYTES = CHUNK_BYTES + (64 << 10)
 CHANNEL_OPTIONS = [
+    # Both directions, on channels and on the server alike (server.py passes these too).
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # HTTP/2 flow control: BDP probing (on by default in grpcio, set here so it stays on)
+    # grows each stream's window to the link's bandwidth-delay product, so one stream fills
+    # a long fat link; the windows themselves are not fixed by hand, since grpcio exposes no
+    # per-stream window option other than the probe.
+    ("grpc.http2.bdp_probe", 1),
+    # Keepalive: a ping after 10 s without traffic, a dead peer noticed 5 s later (before a
+    # transfer timeout), also between calls so a cached channel to a dead peer fails fast.
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),  # servers accept our keepalive pings
     ("grpc.http2.max_ping_strikes", 0),
+    # No transparent retries: a failed call is a fact for the round (unreachable, backup owner).
     ("grpc.enable_retries", 0),
 ]
 

@@ -52,18 +52,8 @@ async def run_round(core: NetCore, r: int, delta: torch.Tensor, weight: float, s
         ctx.roster.set_result(roster)
     owner_side.own_shards(core, ctx, roster)
     core.faults.hit("after_join", r)
-    codec = get_codec(roster.codec)
-    loop = asyncio.get_running_loop()
-    encoded = await loop.run_in_executor(None, ar.encode_shards, delta, roster, codec, core.ef)
-    sent_before, started = ctx.bytes_sent, time.monotonic()   # all owners at once: our whole uplink
-    await asyncio.gather(*(send_shard(core, ctx, roster, j, payload, deadline)
-                           for j, (payload, _) in enumerate(encoded)))
-    core.upload_meter.observe(ctx.bytes_sent - sent_before, time.monotonic() - started)
-    core.faults.hit("after_send", r)
     avg = torch.empty(roster.numel, dtype=torch.float32)   # each reduced shard is decoded into its slice
-    b = roster.shard_bounds
-    results = await asyncio.gather(*(fetch_shard(core, ctx, roster, j, encoded[j][0], deadline, avg[b[j]:b[j + 1]])
-                                     for j in range(len(roster.owners))), return_exceptions=True)
+    encoded, results = await send_and_fetch(core, ctx, roster, delta, deadline, avg)
     failures = [f"shard {j}: {res}" for j, res in enumerate(results) if isinstance(res, BaseException)]
     shards = [res for res in results if isinstance(res, ar.ShardResult)]
     report = pb.CommitRequest(round=r, roster_hash=roster.hash, peer_id=core.peer_id, ok=not failures,
@@ -92,6 +82,46 @@ async def run_round(core: NetCore, r: int, delta: torch.Tensor, weight: float, s
     out.total_weight = float(sum(members[p].weight for p in out.contributors))
     out.samples = int(sum(members[p].samples for p in out.contributors))
     return out
+
+
+async def send_and_fetch(core: NetCore, ctx, roster: pb.Roster, delta: torch.Tensor, deadline: Deadline,
+                         avg: torch.Tensor) -> tuple[list, list]:
+    """The pipelined butterfly of one member: encodes shard after shard (executor), starting
+    with the one after our own so members do not all begin at owner 0; each shard's send
+    starts as soon as it is encoded, and its GetShard as soon as that send is done (the owner
+    holds the call until the shard is reduced), which decodes it into its slice of `avg`. Our
+    sends together measure our upload rate (core.upload_meter). Returns the (payload, residual)
+    per shard and the fetch results (a ShardResult or the exception) in shard order."""
+    codec = get_codec(roster.codec)
+    n = len(roster.owners)
+    if delta.numel() != roster.numel:
+        raise ValueError(f"round {roster.round}: the delta has {delta.numel()} values, the roster {roster.numel}")
+    first = next((i + 1 for i, o in enumerate(roster.owners) if o == core.peer_id), 0)
+    encoded: list = [None] * n
+    sends: list = [None] * n
+    fetches: list = [None] * n
+    b = roster.shard_bounds
+    sent_before, started = ctx.bytes_sent, time.monotonic()   # all owners at once: our whole uplink
+
+    async def fetch_after_send(j: int) -> ar.ShardResult:
+        await sends[j]
+        return await fetch_shard(core, ctx, roster, j, encoded[j][0], deadline, avg[b[j]:b[j + 1]])
+
+    loop = asyncio.get_running_loop()
+    try:
+        for j in [(first + i) % n for i in range(n)]:
+            encoded[j] = await loop.run_in_executor(None, ar.encode_shard, delta, roster, codec, core.ef, j)
+            sends[j] = asyncio.ensure_future(send_shard(core, ctx, roster, j, encoded[j][0], deadline))
+            fetches[j] = asyncio.ensure_future(fetch_after_send(j))
+        await asyncio.gather(*sends)
+        core.upload_meter.observe(ctx.bytes_sent - sent_before, time.monotonic() - started)
+        core.faults.hit("after_send", roster.round)
+        results = await asyncio.gather(*fetches, return_exceptions=True)
+    finally:
+        for task in sends + fetches:
+            if task is not None and not task.done():
+                task.cancel()
+    return encoded, list(results)
 
 
 async def send_shard(core: NetCore, ctx, roster: pb.Roster, j: int, payload: bytes, deadline: Deadline,
@@ -147,7 +177,7 @@ async def fetch_shard(core: NetCore, ctx, roster: pb.Roster, j: int, mine: bytes
 
 
 async def pull_shard(core: NetCore, roster: pb.Roster, j: int, source: str, wait_s: float, backup: bool = False
-                     ) -> tuple[pb.ShardHeader, bytes]:
+                     ) -> tuple[pb.ShardHeader, bytearray]:
     """One GetShard call to `source` (the owner, a member holding the result, or the backup owner)."""
     address = next(m.address for m in roster.members if m.peer_id == source)
     req = pb.ShardRequest(round=roster.round, roster_hash=roster.hash, shard=j, requester=core.peer_id,

@@ -88,6 +88,8 @@ class Servicer(peer_pb2_grpc.PeerServicer):
 
 async def start_server(core: NetCore, host: str, port: int) -> tuple[grpc.aio.Server, int]:
     """Starts the server on host:port (0 = a free port) and returns it with the bound port."""
+    # The same options as our channels (client.py explains each): message sizes bounded to
+    # one chunk, BDP-probed flow-control windows, and the keepalive pings our channels send accepted.
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
     peer_pb2_grpc.add_PeerServicer_to_server(Servicer(core), server)
     bound = server.add_insecure_port(f"{host}:{port}")
