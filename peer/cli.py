@@ -56,6 +56,7 @@ FLAGS: list[tuple[str, Any, str]] = [
     ("progress", str, "a progress bar per round: auto (when stderr is a terminal and the log is not DEBUG), "
                       "on or off"),
     ("eval-batches", int, "held-out batches evaluated after every round (0 = none)"),
+    ("eval-every", int, "evaluate after every Nth round only, and after the last of --max-rounds (1; 0 = never)"),
     ("min-peers-timeout-s", float, "how long round 0 waits for --min-peers before starting anyway"),
     ("join-window-s", float, "the most a round's leader waits for the rest of the group (the window in force "
                              "is 2 s + 2 inner steps of the slowest peer, at least 3 s)"),

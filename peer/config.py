@@ -118,6 +118,7 @@ class PeerConfig:
     log_level: str = "INFO"
     progress: str = "auto"           # a progress bar per round: on, off, auto (when stderr is a terminal)
     eval_batches: int = 8
+    eval_every: int = 1             # evaluate after every Nth round (and the last of --max-rounds); 0: never
     min_peers_timeout_s: float = 600.0
     join_window_s: float = 30.0      # the most a leader waits for the rest of the group (see deadlines.py)
     timeout_floor_s: float = 5.0     # no communication deadline is shorter ...
@@ -201,6 +202,8 @@ def validate_peer(c: PeerConfig) -> None:
            "DEBUG, INFO, WARNING or ERROR")
     _check(c.progress in PROGRESS, "progress", c.progress, "auto (a bar on a terminal), on or off")
     _check(c.eval_batches >= 0, "eval_batches", c.eval_batches, "an integer >= 0")
+    _check(isinstance(c.eval_every, int) and c.eval_every >= 0, "eval_every", c.eval_every,
+           "an integer >= 0 (evaluate after every Nth round; 0 = never after a round)")
     _check(c.min_peers_timeout_s > 0, "min_peers_timeout_s", c.min_peers_timeout_s, "a positive number")
     _check(0 < c.timeout_floor_s <= c.timeout_ceiling_s, "timeout_floor_s", c.timeout_floor_s,
            f"seconds > 0 and <= --timeout-ceiling-s ({c.timeout_ceiling_s})")

@@ -133,7 +133,7 @@ def run(cfg: PeerConfig, explicit: set[str]) -> int:
     except Interrupted as e:
         log.info("%s received: leaving the swarm", e)
         if parts.node is not None:
-            parts.node.drain(timeout_s=parts.node.core.transfer_timeout_s())
+            parts.node.drain()
         if parts.trainer is not None:
             parts.trainer.save_checkpoint("on exit")
         code = EXIT_OK

@@ -122,6 +122,7 @@ class Trainer:
         self.faults = FaultPlan.from_env()
         self.dump_dir = os.environ.get("DILOCO_TEST_DUMP_DIR", "")
         self.divergences = 0
+        self.rounds_run = 0   # rounds this process ran (--eval-every counts them)
         self.carry: tuple[torch.Tensor, float, int] | None = None  # (delta, weight, origin round)
         self.show_bar = wants_bar(cfg.progress, cfg.log_level)   # a progress bar per round on a terminal
         self.bar: RoundBar | None = None
@@ -145,7 +146,7 @@ class Trainer:
         checkpoint of this run and returns it; None without one."""
         if not self.cfg.checkpoint_dir:
             return None
-        ckpt = latest(self.cfg.checkpoint_dir, self.cfg.run_id, self.node.core.spec_hash)
+        ckpt = latest(self.cfg.checkpoint_dir, self.cfg.run_id, self.node.spec_hash)
         if ckpt is None:
             return None
         self.opt.load_state_dict(ckpt.optimizer)
@@ -164,7 +165,7 @@ class Trainer:
         state, residuals, owner_residuals = self.node.checkpoint_parts()  # taken together on the loop
         if state is None:
             return
-        ckpt = Checkpoint(state=state, run_id=self.cfg.run_id, spec_hash=self.node.core.spec_hash,
+        ckpt = Checkpoint(state=state, run_id=self.cfg.run_id, spec_hash=self.node.spec_hash,
                           peer_id=self.node.peer_id, optimizer=self.opt.state_dict(),
                           data=self.stream.state_dict(), residuals=residuals, owner_residuals=owner_residuals,
                           spec=self.spec.to_record(), assets=self.assets())
@@ -216,8 +217,8 @@ class Trainer:
         log.info("eval loss at the start: %.4f", self.evaluate())
         rounds_done = 0
         while not self.cfg.max_rounds or rounds_done < self.cfg.max_rounds:
-            state = self.one_round(state)
             rounds_done += 1
+            state = self.one_round(state, last=rounds_done == self.cfg.max_rounds)
         log.info("finished %d rounds; the global state is at round %d (digest %s)",
                  rounds_done, state.round, state.digest()[:12])
         return 0
@@ -258,7 +259,12 @@ class Trainer:
             return 0.0
         return {"steps": float(stats.steps), "samples": float(stats.samples), "equal": 1.0}[self.spec.weighting]
 
-    def one_round(self, state: GlobalState) -> GlobalState:
+    def due_for_eval(self, rounds_done: int, last: bool) -> bool:
+        """--eval-every N: after every Nth round this process ran, and after its last one."""
+        every = self.cfg.eval_every
+        return last or (every > 0 and rounds_done % every == 0)
+
+    def one_round(self, state: GlobalState, last: bool = False) -> GlobalState:
         r, t0 = state.round, time.monotonic()
         self.node.begin_round(r)
         self.bar = RoundBar(r) if self.show_bar else None
@@ -284,7 +290,8 @@ class Trainer:
         self.carry_over(r, delta, weight, carried[1], outcome, new_state)
         avg_s = time.monotonic() - t_avg
         self.dump(r, state, delta, weight, outcome, new_state)
-        eval_loss = self.evaluate()
+        self.rounds_run += 1
+        eval_loss = self.evaluate() if self.due_for_eval(self.rounds_run, last) else float("nan")
         self.report(r, stats, weight, outcome, new_state, eval_loss, time.monotonic() - t0, avg_s)
         if new_state.round != r and new_state.round % self.cfg.checkpoint_every == 0:
             self.save_checkpoint(f"after round {r}")

@@ -260,8 +260,11 @@ class Node:
 
         self.net.call(load(), 30)
 
-    def drain(self, timeout_s: float) -> None:
-        """Before leaving: serves the shards this peer owns until every member fetched them."""
+    def drain(self, timeout_s: float | None = None) -> None:
+        """Before leaving: serves the shards this peer owns until every member fetched them, for
+        at most `timeout_s` (default: one transfer's timeout at the measured rate)."""
+        if timeout_s is None:
+            timeout_s = self.core.transfer_timeout_s()
         try:
             self.net.call(self.core.drain(Deadline(timeout_s)), timeout_s + 2)
         except Exception as e:
@@ -294,6 +297,11 @@ class Node:
 
     def report_progress(self, steps: int, samples: int, steps_per_s: float) -> None:
         self.net.loop.call_soon_threadsafe(self.core.set_progress, steps, samples, steps_per_s)
+
+    @property
+    def spec_hash(self) -> str:
+        """The run spec's hash: fixed once the spec is agreed (start_state), read by the trainer."""
+        return self.core.spec_hash
 
     def should_stop(self, steps: int, step_s: float) -> bool:
         """True when the next inner step could not finish before the swarm closes the round:

@@ -18,6 +18,7 @@ from peer.config import ConfigError, RunSpec, read_initial_peers_file, spec_conf
     (["--device", "tpu"], "--device: 'tpu' is not valid; expected auto, cpu, cuda or cuda:N"),
     (["--port", "70000"], "--port: 70000 is not valid"),
     (["--target-steps", "0"], "--target-steps: 0 is not valid"),
+    (["--eval-every", "-1"], "--eval-every: -1 is not valid; expected an integer >= 0"),
     (["--outer-momentum", "1.5"], "--outer-momentum: 1.5 is not valid"),
     (["--initial-peers", "localhost:31337"], "--initial-peers: 'localhost:31337' is not valid; expected a multiaddr"),
     (["--announce-addr", "nohost"], "--announce-addr: 'nohost' is not valid; expected host:port"),

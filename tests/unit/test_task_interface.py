@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -123,12 +124,15 @@ def test_user_task_trains_in_a_real_peer_and_exports(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "peer.cli", "--task", "sine_task:build", "--target-steps", "60", "--max-rounds", "4",
            "--inner-lr", "3e-3", "--warmup-samples", "10", "--threads", "1", "--host", "127.0.0.1",
            "--dht-host-maddrs", "/ip4/127.0.0.1/tcp/0", "--metrics-file", str(metrics), "--checkpoint-dir", str(ckpts),
-           "--checkpoint-every", "1", "--run-id", "sine", "--export-every", "2", "--export-dir", str(tmp_path / "live")]
+           "--checkpoint-every", "1", "--run-id", "sine", "--export-every", "2", "--export-dir", str(tmp_path / "live"),
+           "--eval-every", "2"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["state_round"] for r in rows] == [1, 2, 3, 4]
-    assert rows[-1]["eval_loss"] < 0.5 * rows[0]["eval_loss"], [r["eval_loss"] for r in rows]
+    assert [r["eval_loss"] is None for r in rows] == [True, False, True, False], "--eval-every 2: rounds 2 and 4"
+    start = float(re.search(r"eval loss at the start: ([0-9.]+)", p.stderr).group(1))
+    assert rows[-1]["eval_loss"] < 0.5 * start, [r["eval_loss"] for r in rows]
     out = tmp_path / "export"
     e = subprocess.run([sys.executable, "-m", "peer.cli", "export", "--checkpoint-dir", str(ckpts), "--out", str(out)],
                        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
