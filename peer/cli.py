@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-mode", action="store_true",
                    help="accept no inbound connections (NAT): send and fetch, own no shard, never lead; "
                         "needs --initial-peers")
+    p.add_argument("--overlap", action="store_true",
+                   help="train on while a round is averaged (one round in flight at most); the global "
+                        "state stays the same bytes, only this peer's local parameters carry the steps")
     for name, typ, text in FLAGS:
         dest = name.replace("-", "_")
         if dest in LIST_FIELDS:
@@ -142,9 +145,9 @@ def _read_env(env: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _from_text(name: str, raw: str) -> Any:
-    if name == "client_mode":
+    if name in ("client_mode", "overlap"):
         if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
-            raise ConfigError(f"DILOCO_CLIENT_MODE: {raw!r} is not valid; expected 1 or 0")
+            raise ConfigError(f"DILOCO_{name.upper()}: {raw!r} is not valid; expected 1 or 0")
         return raw.lower() in ("1", "true", "yes")
     default = getattr(RunSpec() if name in SPEC_FIELDS else PeerConfig(), name)
     try:

@@ -102,6 +102,7 @@ class PeerConfig:
     announce_addr: str = ""          # host:port others dial for gRPC; derived when empty
     http_port: int = 0               # /status, /metrics and the swarm page on this port; 0 = no HTTP server
     client_mode: bool = False        # no inbound connections: sends and fetches, owns nothing
+    overlap: bool = False            # train on while the round averages (trainer.py: one round in flight)
     batch_size: int = 8
     data: str = ""                   # a file or folder of .txt/.jsonl/.json/.parquet; empty = built-in corpus
     eval_data: str = ""              # held-out data of the same kinds; empty = a fixed slice cut from --data

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
-POINTS = ("inner_step", "before_average", "after_round", "checkpoint_write",  # trainer thread
+POINTS = ("inner_step", "before_average", "overlap_step", "after_round", "checkpoint_write",  # trainer thread
           "after_join", "after_send", "serving_shard", "served_shard", "leader_commit", "serving_state")  # network loop: kill only
 
 

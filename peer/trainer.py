@@ -20,7 +20,7 @@ import torch
 from peer.checkpoint import Checkpoint, latest, save_round
 from peer.config import ConfigError, PeerConfig, RunSpec
 from peer.faults import FaultPlan
-from peer.net.node import MAX_CARRY_ROUNDS, Node, Outcome
+from peer.net.node import MAX_CARRY_ROUNDS, Node, Outcome, PendingRound
 from peer.outer import GlobalState, assign_flat_, flatten_params, pseudo_gradient
 from peer.progress import RoundBar, estimate, wants_bar
 from peer.tasks import Task, TaskOptions, inner_lr, make_task, to_device
@@ -123,6 +123,8 @@ class Trainer:
         self.dump_dir = os.environ.get("DILOCO_TEST_DUMP_DIR", "")
         self.divergences = 0
         self.rounds_run = 0   # rounds this process ran (--eval-every counts them)
+        self.ahead: RoundStats | None = None   # --overlap: steps of the next round done while one averaged
+        self.steps_ahead = 0   # of the round being trained: how many of its steps were done ahead
         self.carry: tuple[torch.Tensor, float, int] | None = None  # (delta, weight, origin round)
         self.show_bar = wants_bar(cfg.progress, cfg.log_level)   # a progress bar per round on a terminal
         self.bar: RoundBar | None = None
@@ -201,9 +203,18 @@ class Trainer:
             self.stop.critical -= 1
         self.stop.check()
 
-    def adopt(self, state: GlobalState) -> GlobalState:
-        """Trains from `state` next (the keeper's: read, never changed)."""
-        assign_flat_(self.params, state.theta)
+    def adopt(self, state: GlobalState, carried: torch.Tensor | None = None,
+              anchor: torch.Tensor | None = None) -> GlobalState:
+        """Trains from `state` next (the keeper's: read, never changed): L <- theta, minus the
+        `carried` delta of a missed round, plus (--overlap) the steps made since `anchor` A was
+        kept: L <- theta + (L - A). Without steps since A this is the blocking path's assignment."""
+        if carried is None and anchor is None:
+            assign_flat_(self.params, state.theta)
+        else:
+            local = torch.sub(state.theta, carried) if carried is not None else state.theta.clone()
+            if anchor is not None:
+                local.add_(torch.sub(self.local_params(), anchor, out=anchor))
+            assign_flat_(self.params, local)
         self.state = state
         return state
 
@@ -223,11 +234,15 @@ class Trainer:
                  rounds_done, state.round, state.digest()[:12])
         return 0
 
-    def train_until_trigger(self, r: int, base_samples: int) -> RoundStats:
-        stats = RoundStats()
+    def train_until_trigger(self, r: int, base_samples: int, ahead: RoundStats | None = None) -> RoundStats:
+        """Inner steps until the round's trigger; `ahead`: steps already done for this round while
+        the round before averaged (--overlap), which count as its first steps."""
+        stats = ahead or RoundStats()
         self.model.train()
-        t0 = time.monotonic()
-        step_s = 0.0
+        t0 = time.monotonic() - stats.train_s
+        step_s = stats.train_s / stats.steps if stats.steps else 0.0
+        if stats.steps:
+            self.node.report_progress(stats.steps, stats.samples, 1.0 / max(step_s, 1e-6))
         while not self.node.should_stop(stats.steps, step_s):
             t = time.monotonic()
             lr = inner_lr(base_samples + stats.samples * self.node.num_training(r), self.spec.inner_lr,
@@ -264,12 +279,40 @@ class Trainer:
         every = self.cfg.eval_every
         return last or (every > 0 and rounds_done % every == 0)
 
+    def train_while_averaging(self, pending: PendingRound, r: int, state: GlobalState, steps: int,
+                              ) -> tuple[torch.Tensor | None, RoundStats | None]:
+        """--overlap: keeps A = L (the anchor) and trains on while the round averages, at most as
+        many steps as the round had (one round in flight), polling the round between steps.
+        Returns the anchor and the steps done (None, None when the result came first)."""
+        if pending.done():
+            return None, None
+        anchor, ahead = self.local_params().clone(), RoundStats()
+        t0 = time.monotonic()
+        while ahead.steps < max(1, steps):
+            self.faults.hit("overlap_step", r)
+            if pending.done():
+                break
+            lr = inner_lr(state.global_samples + ahead.samples * self.node.num_training(r), self.spec.inner_lr,
+                          self.spec.warmup_samples, self.spec.total_samples)
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+            with self.critical():
+                ahead.loss_sum += self.inner_step(ahead)
+            ahead.steps += 1
+        ahead.train_s = time.monotonic() - t0
+        if ahead.steps == 0:
+            return None, None
+        return anchor, ahead
+
     def one_round(self, state: GlobalState, last: bool = False) -> GlobalState:
         r, t0 = state.round, time.monotonic()
         self.node.begin_round(r)
+        ahead, self.ahead = self.ahead, None
         self.bar = RoundBar(r) if self.show_bar else None
+        anchor = None
         try:  # the bar goes before the round's line is logged, and on any exit
-            stats = self.train_until_trigger(r, state.global_samples)
+            self.steps_ahead = ahead.steps if ahead else 0
+            stats = self.train_until_trigger(r, state.global_samples, ahead)
             self.faults.hit("before_average", r)
             delta = pseudo_gradient(state.theta, self.local_params())
             fresh = self.weight_of(stats)
@@ -278,16 +321,20 @@ class Trainer:
             t_avg = time.monotonic()
             if self.bar is not None:
                 self.bar.averaging()
-            result = self.node.finish_round(r, delta, weight, stats.samples, carried)   # read, never written
+            pending = self.node.submit_round(r, delta, weight, stats.samples, carried)   # read, never written
+            if self.cfg.overlap and weight > 0:
+                anchor, self.ahead = self.train_while_averaging(pending, r, state, stats.steps)
+            result = pending.result()
         finally:
             if self.bar is not None:
                 self.bar.close()
                 self.bar = None
-        new_state, outcome = self.adopt(result.state), result.outcome
+        new_state, outcome = result.state, result.outcome
         self.divergences = result.divergences
+        carrying = self.carry_over(r, delta, weight, carried[1], outcome, new_state)
+        self.adopt(new_state, delta if carrying else None, anchor)
         if new_state.round != r:
             self.export(new_state)
-        self.carry_over(r, delta, weight, carried[1], outcome, new_state)
         avg_s = time.monotonic() - t_avg
         self.dump(r, state, delta, weight, outcome, new_state)
         self.rounds_run += 1
@@ -299,17 +346,18 @@ class Trainer:
         return new_state
 
     def carry_over(self, r: int, delta: torch.Tensor, weight: float, origin: int, outcome: Outcome,
-                   new: GlobalState) -> None:
+                   new: GlobalState) -> bool:
         """--stale-work carry: work of a round we were left out of goes on top of the new
-        global state and into our next contribution (with its origin round); drop: it is lost."""
+        global state (True: adopt subtracts `delta`) and into our next contribution (with its
+        origin round); drop: it is lost."""
         missed = outcome.kind == "excluded" and new.round > r and weight > 0
         origin = origin if origin >= 0 else r
         if not missed or self.spec.stale_work != "carry" or new.round - origin > MAX_CARRY_ROUNDS:
             self.carry = None
-            return
+            return False
         self.carry = (delta, weight, origin)
-        assign_flat_(self.params, torch.sub(new.theta, delta))
         log.info("round %d: carrying %.0f weight of work from round %d into round %d", r, weight, origin, new.round)
+        return True
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -329,11 +377,13 @@ class Trainer:
         tps = stats.tokens / stats.train_s if stats.train_s > 0 else 0.0
         dropped = ", ".join(f"{p[-6:]} ({o.drop_reasons.get(p, '?')})" for p in o.dropped)
         log.info("round %d: %s, %d peers, loss %.4f, eval %.4f, %.0f samples/s, %.0f tokens/s, sent %.2f MB, "
-                 "%.1f s (train %.1f s, %d steps; average %.1f s)%s", r, o.kind, group, stats.loss, eval_loss, sps, tps,
-                 o.bytes_sent / 1e6, round_s, stats.train_s, stats.steps, avg_s,
+                 "%.1f s (train %.1f s, %d steps%s; average %.1f s)%s", r, o.kind, group, stats.loss, eval_loss, sps, tps,
+                 o.bytes_sent / 1e6, round_s, stats.train_s, stats.steps,
+                 f", {self.steps_ahead} ahead" if self.steps_ahead else "", avg_s,
                  f"; dropped {dropped}" if dropped else "")
         row = {"round": r, "peer_id": self.node.peer_id, "outcome": o.kind, "group_size": group,
-               "weight": weight, "total_weight": o.total_weight, "steps": stats.steps, "samples": stats.samples,
+               "weight": weight, "total_weight": o.total_weight, "steps": stats.steps,
+               "steps_ahead": self.steps_ahead, "samples": stats.samples,
                "loss": _num(stats.loss), "eval_loss": _num(eval_loss), "samples_per_s": sps,
                "tokens": stats.tokens, "tokens_per_s": tps, "device_max_memory_mb": self.device_memory_mb(),
                "bytes_sent": o.bytes_sent, "bytes_received": o.bytes_received, "round_seconds": round_s,

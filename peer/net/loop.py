@@ -70,7 +70,11 @@ class NetLoop:
 
     def call(self, coro: Coroutine[Any, Any, T], timeout_s: float) -> T:
         """Runs `coro` on the loop and waits for it from another thread, at most `timeout_s`."""
-        fut = self.submit(coro)
+        return self.wait(self.submit(coro), timeout_s)
+
+    def wait(self, fut: concurrent.futures.Future[T], timeout_s: float) -> T:
+        """The result of a submitted coroutine, waited for at most `timeout_s` (plus a short grace
+        for one that is finishing); cancels it and raises TimeoutError past that."""
         for wait_s in (timeout_s, LATE_GRACE_S):
             try:
                 return fut.result(wait_s)

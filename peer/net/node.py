@@ -62,6 +62,20 @@ def dht_tcp_address(host: str, announced: list[str], visible: list[str]) -> str:
     return ""
 
 
+
+class PendingRound:
+    """A round handed to the network loop: the one thing of a round that crosses back to the
+    trainer, as a future (a RoundResult, or the keeper's exception, by its deadline)."""
+
+    def __init__(self, net, fut, deadline: float):
+        self.net, self.fut, self.deadline = net, fut, deadline
+
+    def done(self) -> bool:
+        return self.fut.done()
+
+    def result(self) -> RoundResult:
+        return self.net.wait(self.fut, max(0.0, self.deadline - time.monotonic()))
+
 class Node:
     def __init__(self, cfg: PeerConfig, dht: hivemind.DHT):
         self.cfg, self.dht = cfg, dht
@@ -240,10 +254,17 @@ class Node:
         """Hands over `delta` (the trainer no longer touches it; weight 0: no inner step fit) and
         returns the next state with the round's outcome. `carried` is the part of `weight` that
         is work of a missed round, and that round. Raises CannotKeepUp."""
+        return self.submit_round(round_, delta, weight, samples, carried).result()
+
+    def submit_round(self, round_: int, delta: torch.Tensor, weight: float, samples: int,
+                     carried: tuple[float, int] = (0.0, -1)) -> PendingRound:
+        """finish_round without waiting (--overlap): the round runs on the loop while the trainer
+        trains on; the trainer polls `done()` between steps and takes `result()` once."""
         round_s = self.core.join_window_s() + 40 + 3 * self.core.transfer_timeout_s()
         limit_s = round_s + 3 * STATE_TIMEOUT_S + BACKOFF_S[1] + 30
         assert self.keeper is not None
-        return self.net.call(self.keeper.finish_round(round_, delta, weight, samples, carried, round_s), limit_s)
+        fut = self.net.submit(self.keeper.finish_round(round_, delta, weight, samples, carried, round_s))
+        return PendingRound(self.net, fut, time.monotonic() + limit_s)
 
     def checkpoint_parts(self) -> tuple[GlobalState | None, dict, dict]:
         """The global state with the residuals that go with it (one consistent moment)."""

@@ -1,4 +1,4 @@
-"""A bootstrap node and 3 peers train with the int8 codec; one peer is killed (SIGKILL)
+"""A bootstrap node and 3 peers train with the int8 codec (b with --overlap); one peer is killed (SIGKILL)
 between rounds, the survivors go on; a peer with a conflicting run-spec flag is refused; the
 survivors leave cleanly on SIGTERM/SIGINT. No process of a dead peer may keep a port."""
 
@@ -26,13 +26,24 @@ def swarm(tmp_path_factory):
     try:
         s.start_bootstrap()
         s.start_peer("a", ["--checkpoint-dir", str(s.root / "ckpt-a"), "--checkpoint-every", "2"])
-        for name in ("b", "victim"):
-            s.start_peer(name)
+        s.start_peer("b", ["--overlap"])
+        s.start_peer("victim")
         s.wait_rounds("victim", 2, 120)
         yield s
         s.assert_one_digest_per_round()
     finally:
         s.stop_all()
+
+
+def test_an_overlapping_peer_trains_ahead_and_keeps_the_swarms_state(swarm):
+    """b trains steps of the next round while one averages; its states are the others' bytes
+    (the fixture's teardown checks every round's digest across all peers as well)."""
+    rows = swarm.wait_rounds("b", 3, 120)
+    assert any(r["steps_ahead"] > 0 for r in rows[1:]), [r["steps_ahead"] for r in rows]
+    assert all(r["steps_ahead"] <= r["steps"] for r in rows)
+    a = swarm.by_round("a")
+    same = [r for r in rows if r["round"] in a and r["outcome"] == a[r["round"]]["outcome"] == "applied"]
+    assert same and all(r["digest"] == a[r["round"]]["digest"] for r in same)
 
 
 def test_conflicting_spec_flag_exits_2(swarm):
