@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from peer.codecs import CODECS, CodecError, ErrorFeedback, Fp32Codec, Int8Codec, get_codec
+from peer.codecs import CODECS, CodecError, ErrorFeedback, Fp32Codec, Int8Codec, all_finite, get_codec
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -236,3 +236,16 @@ def test_decode_into_a_slice_gives_the_bytes_of_a_new_tensor(name: str) -> None:
         codec.decode(data, 1000, torch.empty(2000)[::2])
     if codec.EXACT:   # the encoder takes the target itself as its decoding (allreduce.encode_shards)
         assert codec.decode(data, 1000).numpy().tobytes() == x.numpy().tobytes()
+
+
+@pytest.mark.parametrize("numel", [1, 2, 7, 255, 100_003])
+def test_all_finite_finds_every_nan_and_infinity(numel: int) -> None:
+    """The one-pass check every codec runs agrees with the mask check, wherever the bad value is."""
+    g = torch.Generator().manual_seed(numel)
+    assert all_finite(torch.randn(numel, generator=g).mul_(3e38).clamp_(-3.4e38, 3.4e38))
+    assert all_finite(torch.empty(0))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for pos in {0, numel // 2, numel - 1}:
+            x = torch.randn(numel, generator=g)
+            x[pos] = bad
+            assert not all_finite(x) and not bool(torch.isfinite(x).all()), (bad, pos)
