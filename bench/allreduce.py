@@ -190,7 +190,7 @@ def bound_s(step: str, run: Run) -> float | None:
 
 
 HEADER = (f"{'backend':22} {'k':>2} {'MiB':>4} {'median s':>9} {'min s':>7} {'max s':>7} {'sent MB/peer':>12} "
-          f"{'max abs err':>11} {'same':>5} {'failed':>6}")
+          f"{'err round 0':>11} {'max abs err':>11} {'same':>5} {'failed':>6}")
 
 
 def print_run(run: Run, label: str) -> None:
@@ -206,10 +206,11 @@ def print_run(run: Run, label: str) -> None:
         else:
             sent = f"{'-':>12}"
         err = max((p["err"] for r in ok for p in r), default=float("nan"))
+        first = max(p["err"] for p in rounds[0]) if rounds[0] in ok else float("nan")  # one encoding's
         same = "yes" if all(len({p["sha"] for p in r}) == 1 for r in ok) else "NO"
         med = statistics.median(times)
         line = (f"{step:22} {run.k:2d} {4 * run.numel / 2**20:4.0f} {med:9.3f} {min(times):7.3f} "
-                f"{max(times):7.3f} {sent} {err:11.2e} {same:>5} {len(rounds) - len(ok):3d}/{len(rounds):<2d}")
+                f"{max(times):7.3f} {sent} {first:11.2e} {err:11.2e} {same:>5} {len(rounds) - len(ok):3d}/{len(rounds):<2d}")
         bound = bound_s(step, run)
         if bound is not None:
             line += f" {bound:8.3f} {med / bound:7.2f}"

@@ -82,12 +82,12 @@ class Worker:
             raise SystemExit(f"peer {self.index}: the driver said {line.strip()!r}, not go, before {step}")
 
     def report(self, step: str, seconds: float, avg: torch.Tensor | None, before: tuple[int, int],
-               sent: int = 0, received: int = 0, kind: str = "applied") -> None:
+               sent: int = 0, received: int = 0, kind: str = "applied", **extra: float) -> None:
         tx, rx = tx_rx_bytes(self.args.iface)
         err = float((avg - self.mean).abs().max()) if avg is not None else float("nan")
         sha = hashlib.sha256(avg.numpy().tobytes()).hexdigest()[:16] if avg is not None else ""
         self.say(ev="done", step=step, s=seconds, kind=kind, sent=sent, received=received,
-                 tx=tx - before[0], rx=rx - before[1], err=err, sha=sha)
+                 tx=tx - before[0], rx=rx - before[1], err=err, sha=sha, **extra)
 
     # ---- ours -------------------------------------------------------------------------------
     async def ours(self, dht, codec: str) -> None:
@@ -102,6 +102,16 @@ class Worker:
         core.address = f"{self.args.ip}:{port}"
         refresher = asyncio.ensure_future(core.refresh_forever())
         name = wire_codec(spec)
+        marks: dict[str, float] = {}
+        join = core.join_round
+
+        async def timed_join(*a, **kw):   # the same call, with when it began and ended noted
+            marks["join"] = time.perf_counter()
+            try:
+                return await join(*a, **kw)
+            finally:
+                marks["joined"] = time.perf_counter()
+        core.join_round = timed_join  # type: ignore[method-assign]
         try:
             for r in range(self.args.rounds):
                 core.round, core.steps, core.samples, core.training, core.grant = r, 0, 0, False, None
@@ -113,13 +123,15 @@ class Worker:
                 started = time.perf_counter()
                 out = await member.run_round(core, r, self.delta, 1.0, 1, (0.0, -1))
                 seconds = time.perf_counter() - started
+                phases = {"refresh_s": marks["join"] - started, "join_s": marks["joined"] - marks["join"],
+                          "transfer_s": started + seconds - marks["joined"]}
                 if out.kind != "applied":
                     log.warning("round %d (%s): %s: %s", r, name, out.kind, out.reason)
                 if out.kind == "applied":   # as the keeper does: the error feedback of an applied round
                     ar.apply_residuals(core.ef, get_codec(name), out.residuals)
                     ar.apply_residuals(core.owner_ef, get_codec(name), out.owner_residuals)
                 self.report(step, seconds, out.avg if out.kind == "applied" else None, before,
-                            out.bytes_sent, out.bytes_received, out.kind)
+                            out.bytes_sent, out.bytes_received, out.kind, **phases)
         finally:
             refresher.cancel()
             await server.stop(1.0)
