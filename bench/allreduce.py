@@ -6,7 +6,9 @@ round starts at a barrier across the peers; a round's time is its slowest peer's
 start of the step to its result. Prints, per backend, the median, min and max over the rounds,
 bytes sent per peer and the max abs error against the exact mean (float64 sum over the same
 seeds; with our lossy codecs the error feedback carries over rounds as in a peer, so the
-error is a round's real one, not one encoding's).
+error is a round's real one, not one encoding's; "err round 0" is one encoding's), and the
+workers' peak RSS so far (monotonic over a worker's life: a backend run later shows only a
+higher peak; it includes the bench's own deltas and exact mean).
 
 --net netns puts each peer in its own network namespace, a veth to a bridge, both directions
 capped with tc tbf at --mbit (tests/links.py), bytes read from the namespace's eth0, and prints
@@ -190,7 +192,7 @@ def bound_s(step: str, run: Run) -> float | None:
 
 
 HEADER = (f"{'backend':22} {'k':>2} {'MiB':>4} {'median s':>9} {'min s':>7} {'max s':>7} {'sent MB/peer':>12} "
-          f"{'err round 0':>11} {'max abs err':>11} {'same':>5} {'failed':>6}")
+          f"{'err round 0':>11} {'max abs err':>11} {'same':>5} {'failed':>6} {'peak GB':>7}")
 
 
 def print_run(run: Run, label: str) -> None:
@@ -210,7 +212,8 @@ def print_run(run: Run, label: str) -> None:
         same = "yes" if all(len({p["sha"] for p in r}) == 1 for r in ok) else "NO"
         med = statistics.median(times)
         line = (f"{step:22} {run.k:2d} {4 * run.numel / 2**20:4.0f} {med:9.3f} {min(times):7.3f} "
-                f"{max(times):7.3f} {sent} {first:11.2e} {err:11.2e} {same:>5} {len(rounds) - len(ok):3d}/{len(rounds):<2d}")
+                f"{max(times):7.3f} {sent} {first:11.2e} {err:11.2e} {same:>5} {len(rounds) - len(ok):3d}/{len(rounds):<2d}"
+                f" {max(p['rss'] for r in rounds for p in r) / 1e9:7.2f}")
         bound = bound_s(step, run)
         if bound is not None:
             line += f" {bound:8.3f} {med / bound:7.2f}"

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -87,7 +88,8 @@ class Worker:
         err = float((avg - self.mean).abs().max()) if avg is not None else float("nan")
         sha = hashlib.sha256(avg.numpy().tobytes()).hexdigest()[:16] if avg is not None else ""
         self.say(ev="done", step=step, s=seconds, kind=kind, sent=sent, received=received,
-                 tx=tx - before[0], rx=rx - before[1], err=err, sha=sha, **extra)
+                 tx=tx - before[0], rx=rx - before[1], err=err, sha=sha,
+                 rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **extra)
 
     # ---- ours -------------------------------------------------------------------------------
     async def ours(self, dht, codec: str) -> None:
