@@ -11,7 +11,9 @@ workers' peak RSS so far (monotonic over a worker's life: a backend run later sh
 higher peak; it includes the bench's own deltas and exact mean).
 
 --net netns puts each peer in its own network namespace, a veth to a bridge, both directions
-capped with tc tbf at --mbit (tests/links.py), bytes read from the namespace's eth0, and prints
+capped with tc tbf at --mbit (tests/links.py), bytes read from the namespace's eth0 (all a
+peer sent, its DHT's included; on loopback the counters hold every process's traffic, so only
+our Outcome.bytes_sent is shown there, and "-" for hivemind and gloo), and prints
 measured / bound, bound = 2 (k-1)/k * payload / link (a codec's encoded payload). --slow-peer
 adds a run where the last peer's link is a quarter of the others'; its bound is that peer's
 own payload at its rate (owning no shard, it still sends and receives one whole payload).

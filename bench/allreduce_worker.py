@@ -161,7 +161,11 @@ class Worker:
             await self.barrier("hivemind")
             before = tx_rx_bytes(self.args.iface)
             started = time.perf_counter()
-            group = await loop.run_in_executor(None, lambda: averager.step(timeout=STEP_TIMEOUT_S))
+            try:
+                group = await loop.run_in_executor(None, lambda: averager.step(timeout=STEP_TIMEOUT_S))
+            except Exception as e:  # a failed step is a failed round in the table, not the end of the run
+                log.warning("hivemind step failed: %r", e)
+                group = None
             seconds = time.perf_counter() - started
             with averager.get_tensors() as tensors:
                 avg = tensors[0].clone()
