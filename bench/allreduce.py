@@ -7,6 +7,7 @@ start of the step to its result. Prints, per backend, the median, min and max ov
 bytes sent per peer and the max abs error against the exact mean (float64 sum over the same
 seeds; with our lossy codecs the error feedback carries over rounds as in a peer, so the
 error is a round's real one, not one encoding's; "err round 0" is one encoding's), and the
+share (%, median) of the state the last peer's shards held (with --slow-peer, the slow one), the
 workers' peak RSS so far (monotonic over a worker's life: a backend run later shows only a
 higher peak; it includes the bench's own deltas and exact mean).
 
@@ -194,7 +195,7 @@ def bound_s(step: str, run: Run) -> float | None:
 
 
 HEADER = (f"{'backend':22} {'k':>2} {'MiB':>4} {'median s':>9} {'min s':>7} {'max s':>7} {'sent MB/peer':>12} "
-          f"{'err round 0':>11} {'max abs err':>11} {'same':>5} {'failed':>6} {'peak GB':>7}")
+          f"{'err round 0':>11} {'max abs err':>11} {'same':>5} {'failed':>6} {'peak GB':>7} {'last owns':>9}")
 
 
 def print_run(run: Run, label: str) -> None:
@@ -216,6 +217,8 @@ def print_run(run: Run, label: str) -> None:
         line = (f"{step:22} {run.k:2d} {4 * run.numel / 2**20:4.0f} {med:9.3f} {min(times):7.3f} "
                 f"{max(times):7.3f} {sent} {first:11.2e} {err:11.2e} {same:>5} {len(rounds) - len(ok):3d}/{len(rounds):<2d}"
                 f" {max(p['rss'] for r in rounds for p in r) / 1e9:7.2f}")
+        owned = [r[-1]["owned"] for r in rounds if "owned" in r[-1]]
+        line += f" {100 * statistics.median(owned):9.1f}" if owned else f" {'-':>9}"
         bound = bound_s(step, run)
         if bound is not None:
             line += f" {bound:8.3f} {med / bound:7.2f}"

@@ -7,7 +7,8 @@ It talks JSON lines with the driver: stdout carries {"ev": "dht", ...} once, the
 timed step {"ev": "ready", "step": ...}; the driver answers "go" on stdin once every peer is
 ready (a barrier, so the peers start together), and the worker prints {"ev": "done", ...} with
 its seconds from the start of the step to its result, bytes and the error against the exact
-mean. Logs go to stderr. Not a test; run by the driver, not by hand."""
+mean. Logs go to stderr, at WARNING unless ALLREDUCE_LOG (e.g. INFO) says otherwise. Not a
+test; run by the driver, not by hand."""
 
 from __future__ import annotations
 
@@ -126,7 +127,7 @@ class Worker:
                 out = await member.run_round(core, r, self.delta, 1.0, 1, (0.0, -1))
                 seconds = time.perf_counter() - started
                 phases = {"refresh_s": marks["join"] - started, "join_s": marks["joined"] - marks["join"],
-                          "transfer_s": started + seconds - marks["joined"]}
+                          "transfer_s": started + seconds - marks["joined"], "owned": owned_share(out, core.peer_id)}
                 if out.kind != "applied":
                     log.warning("round %d (%s): %s: %s", r, name, out.kind, out.reason)
                 if out.kind == "applied":   # as the keeper does: the error feedback of an applied round
@@ -191,6 +192,14 @@ class Worker:
             dist.destroy_process_group()
 
 
+def owned_share(out, peer_id: str) -> float:
+    """The share of the state whose shards this peer owned in the round (NaN without a roster)."""
+    if out.roster is None:
+        return float("nan")
+    b = out.roster.shard_bounds
+    return sum(b[j + 1] - b[j] for j, o in enumerate(out.roster.owners) if o == peer_id) / out.roster.numel
+
+
 def make_averager(dht, args: argparse.Namespace):
     from hivemind.averaging import DecentralizedAverager
     return DecentralizedAverager([torch.zeros(args.numel)], dht, start=True, prefix=f"ab{args.tag}",
@@ -223,7 +232,7 @@ def main() -> None:
     ap.add_argument("--codecs", nargs="*", default=[], help="wire codec names for our averager")
     ap.add_argument("--backends", nargs="*", default=[], help="hivemind and/or gloo")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+    logging.basicConfig(level=os.environ.get("ALLREDUCE_LOG", "WARNING").upper(), stream=sys.stderr,
                         format=f"%(asctime)s p{args.index} %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(1)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", args.iface)
