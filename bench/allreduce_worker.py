@@ -1,0 +1,256 @@
+"""One peer of bench/allreduce.py (and bench/scale.py): a real hivemind DHT (peer 0 is the
+bootstrap), then, step by step, our averager (a NetCore with its real gRPC server and
+member.run_round, per codec), hivemind's DecentralizedAverager on the same DHT and a
+torch.distributed gloo all_reduce, each on the same delta (seeded per peer index).
+
+It talks JSON lines with the driver: stdout carries {"ev": "dht", ...} once, then for every
+timed step {"ev": "ready", "step": ...}; the driver answers "go" on stdin once every peer is
+ready (a barrier, so the peers start together), and the worker prints {"ev": "done", ...} with
+its seconds from the start of the step to its result, bytes and the error against the exact
+mean. Logs go to stderr, at WARNING unless ALLREDUCE_LOG (e.g. INFO) says otherwise. Not a
+test; run by the driver, not by hand."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import hashlib
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch  # noqa: E402
+
+from peer.codecs import get_codec  # noqa: E402
+from peer.config import PeerConfig, RunSpec, wire_codec  # noqa: E402
+from peer.dht import create_dht  # noqa: E402
+from peer.net import allreduce as ar  # noqa: E402
+from peer.net import member, swarm  # noqa: E402
+from peer.net.core import NetCore  # noqa: E402
+from peer.net.node import visible_maddrs  # noqa: E402
+from peer.net.server import start_server  # noqa: E402
+from peer.net.state_sync import StateSnapshot  # noqa: E402
+from peer.outer import GlobalState  # noqa: E402
+
+log = logging.getLogger("allreduce_worker")
+VIEW_TIMEOUT_S = 60.0    # the others' records must show up in our view within this
+STEP_TIMEOUT_S = 300.0   # one hivemind step at most
+
+
+def delta_of(index: int, numel: int) -> torch.Tensor:
+    """Peer `index`'s fixed pseudo-gradient: every worker can rebuild every peer's."""
+    return torch.randn(numel, generator=torch.Generator().manual_seed(1000 + index)).mul_(1e-2)
+
+
+def exact_mean(k: int, numel: int) -> torch.Tensor:
+    acc = torch.zeros(numel, dtype=torch.float64)
+    for i in range(k):
+        acc += delta_of(i, numel).double()
+    return acc.div_(k).float()
+
+
+def tx_rx_bytes(iface: str) -> tuple[int, int]:
+    """Bytes sent and received on `iface` of this process's network namespace (0, 0 if absent)."""
+    for line in Path("/proc/net/dev").read_text().splitlines()[2:]:
+        name, _, rest = line.partition(":")
+        if name.strip() == iface:
+            f = rest.split()
+            return int(f[8]), int(f[0])
+    return 0, 0
+
+
+class Worker:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.k, self.numel, self.index = args.k, args.numel, args.index
+        self.delta = delta_of(self.index, self.numel)
+        self.mean = exact_mean(self.k, self.numel)
+
+    def say(self, **msg) -> None:
+        sys.stdout.write(json.dumps(msg) + "\n")
+        sys.stdout.flush()
+
+    async def barrier(self, step: str) -> None:
+        """Says we are ready for `step` and waits for the driver's go (it has a deadline there)."""
+        self.say(ev="ready", step=step)
+        line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        if line.strip() != "go":
+            raise SystemExit(f"peer {self.index}: the driver said {line.strip()!r}, not go, before {step}")
+
+    def report(self, step: str, seconds: float, avg: torch.Tensor | None, before: tuple[int, int],
+               sent: int = 0, received: int = 0, kind: str = "applied", **extra: float) -> None:
+        tx, rx = tx_rx_bytes(self.args.iface)
+        err = float((avg - self.mean).abs().max()) if avg is not None else float("nan")
+        sha = hashlib.sha256(avg.numpy().tobytes()).hexdigest()[:16] if avg is not None else ""
+        self.say(ev="done", step=step, s=seconds, kind=kind, sent=sent, received=received,
+                 tx=tx - before[0], rx=rx - before[1], err=err, sha=sha,
+                 rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **extra)
+
+    # ---- ours -------------------------------------------------------------------------------
+    async def ours(self, dht, codec: str) -> None:
+        spec = RunSpec(codec="sparse" if codec.startswith("sparse") else codec)
+        run_id = f"ab-{self.args.tag}-{codec.replace(':', '-')}"
+        core = NetCore(dht, PeerConfig(run_id=run_id), dht.peer_id.to_base58())
+        core.spec, core.spec_hash, core.numel = spec, spec.hash(), self.numel
+        core.reach.settled = True    # loopback or one bridge: everyone dials everyone
+        tiny = GlobalState(torch.zeros(1), torch.zeros(1), 0, 0)
+        core.snapshot = StateSnapshot.of(tiny, core.spec_hash)   # a state held: our record counts as ready
+        server, port = await start_server(core, self.args.ip, 0)
+        core.address = f"{self.args.ip}:{port}"
+        refresher = asyncio.ensure_future(core.refresh_forever())
+        name = wire_codec(spec)
+        marks: dict[str, float] = {}
+        join = core.join_round
+
+        async def timed_join(*a, **kw):   # the same call, with when it began and ended noted
+            marks["join"] = time.perf_counter()
+            try:
+                return await join(*a, **kw)
+            finally:
+                marks["joined"] = time.perf_counter()
+        core.join_round = timed_join  # type: ignore[method-assign]
+        try:
+            for r in range(self.args.rounds):
+                core.round, core.steps, core.samples, core.training, core.grant = r, 0, 0, False, None
+                core.phase = swarm.AVERAGE
+                await self.wait_for_view(core, r)
+                step = f"ours {name}"
+                await self.barrier(step)
+                before = tx_rx_bytes(self.args.iface)
+                started = time.perf_counter()
+                out = await member.run_round(core, r, self.delta, 1.0, 1, (0.0, -1))
+                seconds = time.perf_counter() - started
+                phases = {"refresh_s": marks["join"] - started, "join_s": marks["joined"] - marks["join"],
+                          "transfer_s": started + seconds - marks["joined"], "owned": owned_share(out, core.peer_id)}
+                if out.kind != "applied":
+                    log.warning("round %d (%s): %s: %s", r, name, out.kind, out.reason)
+                if out.kind == "applied":   # as the keeper does: the error feedback of an applied round
+                    ar.apply_residuals(core.ef, get_codec(name), out.residuals)
+                    ar.apply_residuals(core.owner_ef, get_codec(name), out.owner_residuals)
+                self.report(step, seconds, out.avg if out.kind == "applied" else None, before,
+                            out.bytes_sent, out.bytes_received, out.kind, **phases)
+        finally:
+            refresher.cancel()
+            await server.stop(1.0)
+            await core.channels.close()
+
+    async def wait_for_view(self, core: NetCore, r: int) -> None:
+        """Publishes round r and waits until the view holds every other peer at round r (ready)."""
+        deadline = time.monotonic() + VIEW_TIMEOUT_S
+        while True:
+            await core.refresh()
+            there = [p for p in core.live_peers(r) if p.ready()]
+            if len(there) >= self.k - 1:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"peer {self.index}: {len(there)} of {self.k - 1} others at round {r} "
+                                   f"in the view after {VIEW_TIMEOUT_S:.0f} s")
+            await asyncio.sleep(0.2)
+
+    # ---- hivemind ---------------------------------------------------------------------------
+    async def hivemind(self, averager) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(self.args.rounds):
+            with averager.get_tensors() as tensors:
+                tensors[0].copy_(self.delta)
+            await self.barrier("hivemind")
+            before = tx_rx_bytes(self.args.iface)
+            started = time.perf_counter()
+            try:
+                group = await loop.run_in_executor(None, lambda: averager.step(timeout=STEP_TIMEOUT_S))
+            except Exception as e:  # a failed step is a failed round in the table, not the end of the run
+                log.warning("hivemind step failed: %r", e)
+                group = None
+            seconds = time.perf_counter() - started
+            with averager.get_tensors() as tensors:
+                avg = tensors[0].clone()
+            self.report("hivemind", seconds, avg if group is not None else None, before,
+                        kind="applied" if group is not None else "failed")
+
+    # ---- gloo -------------------------------------------------------------------------------
+    async def gloo(self) -> None:
+        import torch.distributed as dist
+        dist.init_process_group("gloo", init_method=f"tcp://{self.args.gloo}", rank=self.index, world_size=self.k,
+                                timeout=datetime.timedelta(seconds=120))
+        try:
+            for _ in range(self.args.rounds):
+                buf = self.delta.clone()
+                await self.barrier("gloo")
+                before = tx_rx_bytes(self.args.iface)
+                started = time.perf_counter()
+                dist.all_reduce(buf)
+                buf.div_(self.k)
+                seconds = time.perf_counter() - started
+                self.report("gloo", seconds, buf, before)
+        finally:
+            dist.destroy_process_group()
+
+
+def owned_share(out, peer_id: str) -> float:
+    """The share of the state whose shards this peer owned in the round (NaN without a roster)."""
+    if out.roster is None:
+        return float("nan")
+    b = out.roster.shard_bounds
+    return sum(b[j + 1] - b[j] for j, o in enumerate(out.roster.owners) if o == peer_id) / out.roster.numel
+
+
+def make_averager(dht, args: argparse.Namespace):
+    from hivemind.averaging import DecentralizedAverager
+    return DecentralizedAverager([torch.zeros(args.numel)], dht, start=True, prefix=f"ab{args.tag}",
+                                 target_group_size=args.k, min_group_size=args.k, min_matchmaking_time=5.0,
+                                 request_timeout=3.0)
+
+
+async def run(args: argparse.Namespace, dht, averager) -> None:
+    w = Worker(args)
+    for codec in args.codecs:
+        await w.ours(dht, codec)
+    if averager is not None:
+        await w.hivemind(averager)
+    if "gloo" in args.backends:
+        await w.gloo()
+    w.say(ev="end")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="one peer of bench/allreduce.py (started by it)")
+    ap.add_argument("--index", type=int, required=True)
+    ap.add_argument("--k", type=int, required=True)
+    ap.add_argument("--numel", type=int, required=True)
+    ap.add_argument("--rounds", type=int, required=True)
+    ap.add_argument("--ip", required=True, help="our address: DHT, gRPC and gloo listen on it")
+    ap.add_argument("--iface", default="lo", help="interface whose byte counters are read")
+    ap.add_argument("--boot", default="", help="peer 0's DHT multiaddr (empty for peer 0)")
+    ap.add_argument("--gloo", default="", help="host:port of gloo's rendezvous (peer 0 listens)")
+    ap.add_argument("--tag", required=True, help="names this run's DHT keys")
+    ap.add_argument("--codecs", nargs="*", default=[], help="wire codec names for our averager")
+    ap.add_argument("--backends", nargs="*", default=[], help="hivemind and/or gloo")
+    args = ap.parse_args()
+    logging.basicConfig(level=os.environ.get("ALLREDUCE_LOG", "WARNING").upper(), stream=sys.stderr,
+                        format=f"%(asctime)s p{args.index} %(name)s %(levelname)s %(message)s")
+    torch.set_num_threads(1)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", args.iface)
+    dht = create_dht(initial_peers=[args.boot] if args.boot else [], host_maddrs=[f"/ip4/{args.ip}/tcp/0"])
+    try:
+        # the averager's process is forked before any gRPC channel or server exists here
+        averager = make_averager(dht, args) if "hivemind" in args.backends else None
+        w_maddrs = [str(m) for m in visible_maddrs(dht)]
+        sys.stdout.write(json.dumps({"ev": "dht", "maddrs": w_maddrs}) + "\n")
+        sys.stdout.flush()
+        try:
+            asyncio.run(run(args, dht, averager))
+        finally:
+            if averager is not None:
+                averager.shutdown()
+    finally:
+        dht.shutdown()
+
+
+if __name__ == "__main__":
+    main()
