@@ -151,7 +151,8 @@ class OwnedShard:
                        ) -> tuple[bytes, ResidualUpdate]:
         """The mean plus the owner's residual on this shard's slice, encoded once."""
         start, numel = self.bounds[0], self.roster.numel
-        target = ef.compensate(start, weighted_mean(items), numel)
+        mean = weighted_mean(items)
+        target = mean if self.codec.EXACT else ef.compensate(start, mean, numel)
         payload = self.codec.encode(target)
         decoded = target if self.codec.EXACT else self.codec.decode(payload, target.numel())
         return payload, ResidualUpdate(start, numel, target, decoded, owner_round=self.roster.round)
@@ -181,7 +182,8 @@ def encode_shard(delta: torch.Tensor, roster: pb.Roster, codec: Codec, ef: Error
     if delta.numel() != roster.numel:
         raise ValueError(f"round {roster.round}: the delta has {delta.numel()} values, the roster {roster.numel}")
     b = roster.shard_bounds
-    target = ef.compensate(b[j], delta[b[j]:b[j + 1]], roster.numel)
+    # an exact codec leaves no residual: the slice itself is sent (error feedback has nothing to add)
+    target = delta[b[j]:b[j + 1]] if codec.EXACT else ef.compensate(b[j], delta[b[j]:b[j + 1]], roster.numel)
     payload = codec.encode(target)
     # decoded here, not at commit on the network loop; an exact codec loses nothing: target itself
     decoded = target if codec.EXACT else codec.decode(payload, target.numel())
@@ -205,7 +207,10 @@ def backup_owner(roster: pb.Roster, shard: int) -> str:
 
 def apply_residuals(ef: ErrorFeedback, codec: Codec, pending: list[ResidualUpdate]) -> None:
     """Commits error-feedback updates of an applied round: on each update's slice, residual = what we
-    meant to send - what was received (an owner's updates also zero the rest, see ErrorFeedback)."""
+    meant to send - what was received (an owner's updates also zero the rest, see ErrorFeedback).
+    An exact codec loses nothing: its residuals stay as they are (none, or zeros)."""
+    if codec.EXACT:
+        return
     for u in pending:
         decoded = codec.decode(u.encoded, u.target.numel()) if isinstance(u.encoded, bytes) else u.encoded
         if u.owner_round is None:

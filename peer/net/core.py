@@ -56,6 +56,7 @@ class RoundCtx:
     tally: Tally | None = None   # as the round's leader: the members' progress reports
     bytes_sent: int = 0
     bytes_received: int = 0
+    send_rates: list[float] = field(default_factory=list)   # bytes/s of each shard stream we sent
 
 
 class NetCore:

@@ -19,7 +19,7 @@ from peer.net.client import describe_rpc_error
 from peer.net.core import NetCore
 from peer.net.loop import Deadline
 from peer.net.round import Outcome, drop_reasons
-from peer.net.upload import paced
+from peer.net.upload import MIN_SAMPLE_BYTES, paced
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ async def send_and_fetch(core: NetCore, ctx, roster: pb.Roster, delta: torch.Ten
     with the one after our own so members do not all begin at owner 0; each shard's send
     starts as soon as it is encoded, and its GetShard as soon as that send is done (the owner
     holds the call until the shard is reduced), which decodes it into its slice of `avg`. Our
-    sends together measure our upload rate (core.upload_meter). Returns the (payload, residual)
+    sends together measure our upload rate (core.upload_meter: their rates summed). Returns the (payload, residual)
     per shard and the fetch results (a ShardResult or the exception) in shard order."""
     codec = get_codec(roster.codec)
     n = len(roster.owners)
@@ -101,7 +101,6 @@ async def send_and_fetch(core: NetCore, ctx, roster: pb.Roster, delta: torch.Ten
     sends: list = [None] * n
     fetches: list = [None] * n
     b = roster.shard_bounds
-    sent_before, started = ctx.bytes_sent, time.monotonic()   # all owners at once: our whole uplink
 
     async def fetch_after_send(j: int) -> ar.ShardResult:
         await sends[j]
@@ -114,7 +113,10 @@ async def send_and_fetch(core: NetCore, ctx, roster: pb.Roster, delta: torch.Ten
             sends[j] = asyncio.ensure_future(send_shard(core, ctx, roster, j, encoded[j][0], deadline))
             fetches[j] = asyncio.ensure_future(fetch_after_send(j))
         await asyncio.gather(*sends)
-        core.upload_meter.observe(ctx.bytes_sent - sent_before, time.monotonic() - started)
+        # our uplink: the streams ran at once, so their rates add up; a stream slowed by its
+        # receiver's downlink lowers only its own part (the total bytes over the slowest stream's
+        # time would charge our uplink with the slowest receiver)
+        core.upload_meter.observe_rate(sum(ctx.send_rates), ctx.bytes_sent)
         core.faults.hit("after_send", roster.round)
         results = await asyncio.gather(*fetches, return_exceptions=True)
     finally:
@@ -140,8 +142,11 @@ async def send_shard(core: NetCore, ctx, roster: pb.Roster, j: int, payload: byt
         started = time.monotonic()
         reply = await core.channels.stub(address).Contribute(
             paced(core.upload, ar.chunks(header, payload)), timeout=min(deadline.left(0.1), core.transfer_timeout_s()))
-        core.deadlines.observe(len(payload), time.monotonic() - started)
+        took = time.monotonic() - started
+        core.deadlines.observe(len(payload), took)
         ctx.bytes_sent += len(payload)
+        if not backup and len(payload) >= MIN_SAMPLE_BYTES and took > 0:
+            ctx.send_rates.append(len(payload) / took)
         if not reply.accepted:
             log.warning("round %d: owner %s refused shard %d: %s", roster.round, owner[-6:], j, reply.reason)
     except grpc.aio.AioRpcError as e:

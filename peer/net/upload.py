@@ -27,9 +27,13 @@ class RateMeter:
         self.num_samples = 0
 
     def observe(self, num_bytes: int, seconds: float) -> None:
-        if num_bytes < MIN_SAMPLE_BYTES or seconds <= 0:
+        if seconds > 0:
+            self.observe_rate(num_bytes / seconds, num_bytes)
+
+    def observe_rate(self, rate: float, num_bytes: int) -> None:
+        """A rate measured over `num_bytes` in all (too few: ignored)."""
+        if num_bytes < MIN_SAMPLE_BYTES or not (math.isfinite(rate) and rate > 0):
             return
-        rate = num_bytes / seconds
         self.rate_bps = rate if self.rate_bps is None else EMA_KEEP * self.rate_bps + (1 - EMA_KEEP) * rate
         self.num_samples += 1
 
