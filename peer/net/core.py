@@ -37,6 +37,7 @@ PROBE_TIMEOUT_S = 3.0   # a leader that does not answer Health within this is pa
 GROUP_PROBE_TIMEOUT_S = 2.0  # a missing member that does not say within this is in no other group
 SPEC_REFRESH_S = 10.0   # every peer re-publishes the run spec, so it outlives the peer that started it
 PROGRESS_S = 0.1        # a training member reports its progress to the round's leader this often
+WAKE_S = 0.25           # a Join waiting on its group rechecks the DHT view at least this often
 GRANT_FRESH_S = 1.5     # a leader's answer older than this is not trusted: the DHT view decides
 ROUND_MARKS = 6         # swarm rounds remembered to measure how often the swarm closes one
 PIN_S = 20.0            # an older state asked for this recently is kept for the download using it
@@ -372,7 +373,7 @@ class NetCore:
         deadline = Deadline(window + 10)
         while True:
             if self.swarm_round() > r and not group.closed:  # the swarm finished round r without this group
-                group.roster.set_exception(ClosedElsewhere(f"the swarm at round {self.swarm_round()}"))
+                group.fail(ClosedElsewhere(f"the swarm at round {self.swarm_round()}"))
                 break  # (checked first: the members who moved on are no longer expected, a group of us alone is)
             if group.maybe_close(self.expected_members(r), window):
                 break
@@ -382,11 +383,11 @@ class NetCore:
                 try:
                     other = await self.group_elsewhere(r, missing)
                 finally:
-                    group.probing, group.probed = False, True
+                    group.probe_done()
                 if other and not group.closed:
                     log.info("round %d: %s are in a group led by %s; closing ours without forming it",
                              r, ", ".join(p[-6:] for p in sorted(missing)), other[-6:])
-                    group.roster.set_exception(ClosedElsewhere(f"its group is led by {other[-6:]}"))
+                    group.fail(ClosedElsewhere(f"its group is led by {other[-6:]}"))
             if deadline.expired():
                 raise TimeoutError(f"round {r}: group did not close")
             best = self.candidates(r, set(req.skip))
@@ -394,7 +395,10 @@ class NetCore:
                 group.members.pop(req.member.peer_id, None)
                 return pb.JoinReply(status=pb.JoinReply.REDIRECT, redirect_peer_id=best[0][0],
                                     redirect_address=best[0][1], current_round=self.round)
-            await asyncio.sleep(0.05)
+            # woken by a join, the close or a probe's end; the view and the window are rechecked at
+            # least every WAKE_S (a refreshed view may change who is expected)
+            until_window = group.close_in(window)   # past it, only a probe's end or a view changes things
+            await group.changed(min(WAKE_S, until_window if until_window > 0 else WAKE_S, deadline.left()))
         try:
             roster = await group.roster
         except ClosedElsewhere as e:
@@ -462,7 +466,7 @@ class NetCore:
         while not group.maybe_decide(self.transfer_timeout_s()):
             if deadline.expired():
                 raise TimeoutError(f"round {req.round}: no commit decision")
-            await asyncio.sleep(0.05)
+            await group.changed(min(group.decide_in(self.transfer_timeout_s()), deadline.left()))
         return await group.decision
 
     def set_snapshot(self, snap: StateSnapshot | None) -> None:

@@ -105,6 +105,40 @@ class LeaderGroup:
         self.first_report_at: float | None = None
         self.probing = False          # asking missing members whether they are in another group
         self.probed = False
+        self._changed = asyncio.Event()   # set (and replaced) whenever a join, a report or the close lands
+
+    def fail(self, error: BaseException) -> None:
+        """Ends the group without a roster (its joiners are told it closed)."""
+        if not self.roster.done():
+            self.roster.set_exception(error)
+        self._signal()
+
+    def probe_done(self) -> None:
+        self.probing, self.probed = False, True
+        self._signal()
+
+    def _signal(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def changed(self, timeout_s: float) -> None:
+        """Returns at the next join, report, close or probe result, or after timeout_s."""
+        try:
+            await asyncio.wait_for(self._changed.wait(), max(0.0, timeout_s))
+        except asyncio.TimeoutError:
+            pass
+
+    def decide_in(self, window_s: float) -> float:
+        """Seconds until maybe_decide stops waiting for the missing reports (inf before the first)."""
+        if self.first_report_at is None:
+            return math.inf
+        return window_s - (time.monotonic() - self.first_report_at)
+
+    def close_in(self, window_s: float) -> float:
+        """Seconds until the join window passes (inf before the first join)."""
+        if self.first_join_at is None:
+            return math.inf
+        return window_s - (time.monotonic() - self.first_join_at)
 
     @property
     def closed(self) -> bool:
@@ -114,6 +148,7 @@ class LeaderGroup:
         self.members[member.peer_id] = member
         if self.first_join_at is None:
             self.first_join_at = time.monotonic()
+        self._signal()
 
     def maybe_close(self, expected: set[str], window_s: float) -> bool:
         """Closes when every expected live peer joined, or the join window has passed and the
@@ -125,7 +160,7 @@ class LeaderGroup:
         if (missing and (waited < window_s or not self.probed)) or self.probing:
             return False
         if not any(not m.client_mode for m in self.members.values()):
-            self.roster.set_exception(RuntimeError("no serving member joined: every joiner is in client mode"))
+            self.fail(RuntimeError("no serving member joined: every joiner is in client mode"))
             return True
         if missing:
             log.info("round %d: closing the group without %s (no Join within %.1f s)",
@@ -136,6 +171,7 @@ class LeaderGroup:
             log.info("round %d: %s own no shard (upload rate under 1/%d of the median)",
                      self.round, ", ".join(slow), SLOW_FRACTION)
         self.roster.set_result(roster)
+        self._signal()
         return True
 
     def window_over(self, expected: set[str], window_s: float) -> set[str]:
@@ -148,6 +184,7 @@ class LeaderGroup:
         self.reports[report.peer_id] = report
         if self.first_report_at is None:
             self.first_report_at = time.monotonic()
+        self._signal()
 
     def maybe_decide(self, window_s: float) -> bool:
         """Decides once every member reported or `window_s` passed since the first report."""
