@@ -53,6 +53,7 @@ def weighted_mean(contributions: Sequence[tuple[float, torch.Tensor]]) -> torch.
             )
     weights_f32 = [_weight_f32(weight) for weight, _ in contributions]
     acc = torch.mul(contributions[0][1], weights_f32[0])
+    term = torch.empty_like(acc) if len(contributions) > 1 else acc
     for weight_f32, (_, x) in zip(weights_f32[1:], contributions[1:], strict=True):
-        acc = torch.add(acc, torch.mul(x, weight_f32))
-    return torch.div(acc, total_weight(weights_f32))
+        acc.add_(torch.mul(x, weight_f32, out=term))   # the same ops in the same order, into two buffers
+    return acc.div_(total_weight(weights_f32))

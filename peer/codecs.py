@@ -177,19 +177,30 @@ class Int8Codec(Codec):
             raise CodecError(f"int8 payload: {int((q == -128).sum())} values are -128, expected [-127, 127]")
         return q
 
-    def _per_value(self, scales: torch.Tensor, numel: int) -> torch.Tensor:
-        return scales.repeat_interleave(self.BLOCK)[:numel]
+    def _parts(self, numel: int) -> list[tuple[int, int, int]]:
+        """(first value, blocks, values per block) of the whole blocks and of the short last one:
+        each part is a 2-D view of its values, so scales broadcast over a block without a tensor
+        of per-value scales (the same float32 op per value as a per-value tensor would give)."""
+        full = numel // self.BLOCK
+        parts = [(0, full, self.BLOCK)] if full else []
+        if numel % self.BLOCK:
+            parts.append((full * self.BLOCK, 1, numel % self.BLOCK))
+        return parts
 
     def _encode(self, x: torch.Tensor) -> bytes:
         numel = x.numel()
-        padded = torch.zeros(self.num_blocks(numel) * self.BLOCK, dtype=torch.float32)
-        padded[:numel] = torch.abs(x)
-        scales = torch.div(padded.view(-1, self.BLOCK).amax(dim=1), float(self.Q_MAX))
-        if bool((scales > self.MAX_SCALE).any()):
-            raise ValueError(f"{self.name} codec: |x| too large (block scale above {self.MAX_SCALE:.3g})")
-        safe_scales = torch.where(scales > 0, scales, torch.ones_like(scales))
-        q = torch.round(torch.div(x, self._per_value(safe_scales, numel)))
-        q = torch.clamp(q, -self.Q_MAX, self.Q_MAX).to(torch.int8)
+        scales = torch.empty(self.num_blocks(numel), dtype=torch.float32)
+        q = torch.empty(numel, dtype=torch.int8)
+        for start, blocks, size in self._parts(numel):
+            xb = x[start:start + blocks * size].view(blocks, size)
+            lo, hi = torch.aminmax(xb, dim=1)
+            absmax = torch.maximum(hi, torch.neg(lo)).abs_()   # max |x| per block; abs_: never -0.0
+            sb = torch.div(absmax, float(self.Q_MAX), out=scales[start // self.BLOCK:start // self.BLOCK + blocks])
+            if bool((sb > self.MAX_SCALE).any()):
+                raise ValueError(f"{self.name} codec: |x| too large (block scale above {self.MAX_SCALE:.3g})")
+            safe = torch.where(sb > 0, sb, torch.ones_like(sb)).unsqueeze(1)
+            qb = torch.div(xb, safe).round_().clamp_(-self.Q_MAX, self.Q_MAX)
+            q[start:start + blocks * size].view(blocks, size).copy_(qb)
         return _f32_bytes(scales) + self._pack(q)
 
     def _decode(self, data: memoryview, numel: int, out: torch.Tensor) -> torch.Tensor:
@@ -197,10 +208,14 @@ class Int8Codec(Codec):
         scales = _f32_from(data[:scale_bytes])
         self._check_scales(scales)
         q = self._unpack(data[scale_bytes:], numel)
-        stray = (q != 0) & (self._per_value(scales, numel) == 0)
-        if bool(stray.any()):
-            raise CodecError(f"{self.name} payload: {int(stray.sum())} nonzero values in blocks with scale 0")
-        return torch.mul(q.to(torch.float32), self._per_value(scales, numel), out=out)
+        for start, blocks, size in self._parts(numel):
+            qb, sb = q[start:start + blocks * size].view(blocks, size), scales[start // self.BLOCK:][:blocks]
+            zero = sb == 0
+            if bool(zero.any()) and bool((qb[zero] != 0).any()):
+                raise CodecError(f"{self.name} payload: {int((qb[zero] != 0).sum())} nonzero values in blocks "
+                                 "with scale 0")
+            torch.mul(qb, sb.unsqueeze(1), out=out[start:start + blocks * size].view(blocks, size))
+        return out
 
     def _check_scales(self, scales: torch.Tensor) -> None:
         bad = ~torch.isfinite(scales) | (scales < 0) | (scales > self.MAX_SCALE)
