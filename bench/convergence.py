@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -35,9 +36,18 @@ class Config:
     weighting: str = "steps"
     overlap: bool = False
     slow: int = 0                        # how many peers sleep 20 ms per inner step
-    curve: list[tuple[float, float, float]] = field(default_factory=list)   # (samples, seconds, eval loss)
-    rounds: int = 0
-    wall_s: float = 0.0
+    runs: list[Run] = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    curve: list[tuple[float, float, float]]   # (global samples, seconds, eval loss)
+    rounds: int
+    wall_s: float
+
+
+def slug(name: str) -> str:
+    return re.sub(r"\W+", "-", name)
 
 
 def configs(codecs: list[str], weightings: list[str], peers: int) -> list[Config]:
@@ -48,8 +58,8 @@ def configs(codecs: list[str], weightings: list[str], peers: int) -> list[Config
     return out
 
 
-def run(root: Path, cfg: Config, args: argparse.Namespace) -> None:
-    """One run of `cfg`; fills its curve from peer p0's metrics (the global state, and so its eval
+def run(root: Path, cfg: Config, args: argparse.Namespace, seed: int) -> Run:
+    """One run of `cfg`: the curve of peer p0's metrics (the global state, and so its eval
     loss, is the same bytes on every peer), the start from p0's log."""
     swarm_peers = args.peers
     solo = cfg.peers == 1
@@ -59,11 +69,11 @@ def run(root: Path, cfg: Config, args: argparse.Namespace) -> None:
     spec = ["--model", args.model, "--codec", cfg.codec, "--weighting", cfg.weighting,
             "--target-steps", str(target), "--min-peers", str(cfg.peers), "--max-rounds", str(args.rounds),
             "--batch-size", str(batch), "--eval-batches", str(args.eval_windows // batch),
-            "--join-window-s", "3", "--model-seed", "0", "--run-id", re.sub(r"\W+", "-", cfg.name)]
+            "--join-window-s", "3", "--model-seed", str(seed), "--run-id", slug(cfg.name)]
     if cfg.overlap:
         spec.append("--overlap")
     with LocalSwarm(root) as swarm:
-        procs = [swarm.peer(f"p{i}", [*spec, "--seed", str(i)], {"DILOCO_FAULTS": SLOW} if i >= cfg.peers - cfg.slow else {})
+        procs = [swarm.peer(f"p{i}", [*spec, "--seed", str(seed * 100 + i)], {"DILOCO_FAULTS": SLOW} if i >= cfg.peers - cfg.slow else {})
                  for i in range(cfg.peers)]
         for i, p in enumerate(procs):
             if p.wait(timeout=args.timeout_s) != 0:
@@ -73,11 +83,10 @@ def run(root: Path, cfg: Config, args: argparse.Namespace) -> None:
     if not rows:
         raise RuntimeError(f"{cfg.name}: peer p0 wrote no metrics rows; see {root / 'p0.log'}")
     t0 = rows[0]["time"] - rows[0]["round_seconds"]   # the start of round 0's training
-    cfg.curve = [(0.0, 0.0, float(m.group(1)))] if m else []
-    cfg.curve += [(float(r["global_samples"]), r["time"] - t0, float(r["eval_loss"])) for r in rows
-                  if isinstance(r["eval_loss"], (int, float)) and math.isfinite(r["eval_loss"])]
-    cfg.rounds = sum(r["outcome"] == "applied" for r in rows)
-    cfg.wall_s = rows[-1]["time"] - t0
+    curve = [(0.0, 0.0, float(m.group(1)))] if m else []
+    curve += [(float(r["global_samples"]), r["time"] - t0, float(r["eval_loss"])) for r in rows
+              if isinstance(r["eval_loss"], (int, float)) and math.isfinite(r["eval_loss"])]
+    return Run(curve, sum(r["outcome"] == "applied" for r in rows), rows[-1]["time"] - t0)
 
 
 def at_samples(curve: list[tuple[float, float, float]], samples: float) -> float:
@@ -95,10 +104,10 @@ def plot(cfgs: list[Config], out: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (by_samples, by_time) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for c in cfgs:
-        style = "--" if c.peers == 1 else "-"
-        by_samples.plot([s for s, _, _ in c.curve], [x for _, _, x in c.curve], style, marker=".", label=c.name)
-        by_time.plot([t for _, t, _ in c.curve], [x for _, _, x in c.curve], style, marker=".", label=c.name)
+    for c in cfgs:   # the first repeat's curves
+        style, curve = "--" if c.peers == 1 else "-", c.runs[0].curve
+        by_samples.plot([s for s, _, _ in curve], [x for _, _, x in curve], style, marker=".", label=c.name)
+        by_time.plot([t for _, t, _ in curve], [x for _, _, x in curve], style, marker=".", label=c.name)
     by_samples.set(xlabel="samples trained by the swarm", ylabel="eval loss", title=f"eval loss by samples ({title})")
     by_time.set(xlabel="seconds since round 0 started", title="eval loss by time")
     for ax in (by_samples, by_time):
@@ -120,12 +129,14 @@ def main() -> None:
                     "of peers x batch size, so the reference evaluates the same windows)")
     ap.add_argument("--codecs", nargs="+", default=["fp32", "int8", "int4", "sparse"])
     ap.add_argument("--weightings", nargs="+", default=["steps", "samples", "equal"])
+    ap.add_argument("--repeats", type=int, default=1, help="runs of every config (model and data seeds differ); "
+                    "the table gives the mean and the spread")
     ap.add_argument("--out", default="convergence.png", help="the PNG to write")
     ap.add_argument("--timeout-s", type=float, default=900.0, help="the most one config's run may take")
     ap.add_argument("--log-dir", default="", help="keep each run's logs and metrics here (default: a temp folder)")
     args = ap.parse_args()
-    if args.rounds < 1 or args.peers < 2 or args.target_steps < args.peers or args.batch_size < 1:
-        ap.error("need --rounds >= 1, --peers >= 2, --target-steps >= --peers and --batch-size >= 1")
+    if args.rounds < 1 or args.repeats < 1 or args.peers < 2 or args.target_steps < args.peers or args.batch_size < 1:
+        ap.error("need --rounds >= 1, --repeats >= 1, --peers >= 2, --target-steps >= --peers and --batch-size >= 1")
     if args.eval_windows % (args.peers * args.batch_size):
         ap.error(f"--eval-windows {args.eval_windows} is not a multiple of peers x batch size "
                  f"({args.peers * args.batch_size}); the reference would evaluate other windows")
@@ -136,20 +147,25 @@ def main() -> None:
     print(f"model {args.model}, {args.rounds} rounds of {args.target_steps} inner steps x batch {args.batch_size} "
           f"({args.target_steps * args.batch_size} samples a round), loopback, 2-core machine shared with others: "
           f"wall times are noisy. Logs in {log_root}", flush=True)
-    for c in cfgs:
-        root = log_root / re.sub(r"\W+", "-", c.name)
-        root.mkdir(parents=True, exist_ok=True)
-        t = time.monotonic()
-        run(root, c, args)
-        print(f"  {c.name}: {c.rounds} rounds, eval {c.curve[-1][2]:.4f} ({time.monotonic() - t:.0f} s)", flush=True)
+    for rep in range(args.repeats):
+        for c in cfgs:
+            root = log_root / f"{slug(c.name)}-{rep}"
+            root.mkdir(parents=True, exist_ok=True)
+            t = time.monotonic()
+            c.runs.append(run(root, c, args, seed=rep))
+            print(f"  {c.name} #{rep}: {c.runs[-1].rounds} rounds, eval {c.runs[-1].curve[-1][2]:.4f} "
+                  f"({time.monotonic() - t:.0f} s)", flush=True)
     plot(cfgs, args.out, args.model)
-    equal = min(c.curve[-1][0] for c in cfgs)
-    ref = at_samples(next(c for c in cfgs if c.name == f"{args.peers} peers fp32").curve, equal)
-    print(f"\neval loss at {equal:.0f} global samples (each curve interpolated there); wrote {args.out}")
-    print(f"{'config':26} {'eval loss':>9} {'wall s':>7} {'rounds':>6} {'gap to fp32':>11}")
+    equal = min(r.curve[-1][0] for c in cfgs for r in c.runs)
+    losses = {c.name: [at_samples(r.curve, equal) for r in c.runs] for c in cfgs}
+    ref = statistics.mean(losses[f"{args.peers} peers fp32"])
+    print(f"\neval loss at {equal:.0f} global samples (each curve interpolated there), mean of {args.repeats} "
+          f"run(s) (min-max); wrote {args.out}")
+    print(f"{'config':26} {'eval loss':>9} {'min-max':>15} {'wall s':>7} {'rounds':>6} {'gap to fp32':>11}")
     for c in cfgs:
-        loss = at_samples(c.curve, equal)
-        print(f"{c.name:26} {loss:9.4f} {c.wall_s:7.1f} {c.rounds:6d} {100 * (loss - ref) / ref:+10.2f}%")
+        loss, wall = statistics.mean(losses[c.name]), statistics.mean(r.wall_s for r in c.runs)
+        print(f"{c.name:26} {loss:9.4f} {min(losses[c.name]):7.4f}-{max(losses[c.name]):7.4f} {wall:7.1f} "
+              f"{sum(r.rounds for r in c.runs) / len(c.runs):6.1f} {100 * (loss - ref) / ref:+10.2f}%")
 
 
 if __name__ == "__main__":

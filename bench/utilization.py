@@ -10,7 +10,7 @@ swarm's peers do and the ratio counts what the rounds cost, not the cores. Round
 connections, first steps) and the last round are left out; with --overlap the steps a round
 trained ahead are counted in the round they ran in.
 
-    .venv/bin/python bench/utilization.py [--model tiny] [--rounds 5] [--target-steps 1200]
+    .venv/bin/python bench/utilization.py [--model tiny] [--rounds 4] [--target-steps 800]
         [--codec fp32] [--mbit 100] [--links loopback capped] [--alone-procs 4]
 """
 
@@ -76,9 +76,9 @@ def run(root: Path, spec: list[str], link: str, mbit: float, peers: dict[str, li
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny", choices=["tiny", "small", "base"])
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--peers", type=int, default=4)
-    ap.add_argument("--target-steps", type=int, default=1200, help="inner steps summed over the swarm per round")
+    ap.add_argument("--target-steps", type=int, default=800, help="inner steps summed over the swarm per round")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--codec", default="fp32")
     ap.add_argument("--mbit", type=float, default=100.0, help="the cap of every peer's up and down link")
