@@ -15,6 +15,7 @@ import json
 import math
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -73,11 +74,17 @@ def run(root: Path, cfg: Config, args: argparse.Namespace, seed: int) -> Run:
     if cfg.overlap:
         spec.append("--overlap")
     with LocalSwarm(root) as swarm:
-        procs = [swarm.peer(f"p{i}", [*spec, "--seed", str(seed * 100 + i)], {"DILOCO_FAULTS": SLOW} if i >= cfg.peers - cfg.slow else {})
-                 for i in range(cfg.peers)]
+        procs = [swarm.peer(f"p{i}", [*spec, "--seed", str(seed * 100 + i)],
+                            {"DILOCO_FAULTS": SLOW} if i >= cfg.peers - cfg.slow else {}) for i in range(cfg.peers)]
+        deadline = time.monotonic() + args.timeout_s
         for i, p in enumerate(procs):
-            if p.wait(timeout=args.timeout_s) != 0:
-                raise RuntimeError(f"{cfg.name}: peer p{i} exited with {p.returncode}; see {root / f'p{i}.log'}")
+            try:
+                rc = p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"{cfg.name}: peer p{i} still running after --timeout-s {args.timeout_s:g}; "
+                                   f"see {root / f'p{i}.log'}") from None
+            if rc != 0:
+                raise RuntimeError(f"{cfg.name}: peer p{i} exited with {rc}; see {root / f'p{i}.log'}")
         rows = swarm.metrics("p0")
         m = START_EVAL.search((root / "p0.log").read_text())
     if not rows:

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -65,8 +67,14 @@ def run(root: Path, spec: list[str], link: str, mbit: float, peers: dict[str, li
     try:
         for name, extra in peers.items():
             swarm.start_peer(name, extra)
+        deadline = time.monotonic() + timeout_s
         for name in peers:
-            if (rc := swarm.wait_exit(name, timeout_s)) != 0:
+            try:
+                rc = swarm.wait_exit(name, max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"peer {name} still running after --timeout-s {timeout_s:g}; "
+                                   f"see {root / f'{name}.log'}") from None
+            if rc != 0:
                 raise RuntimeError(f"peer {name} exited with {rc}; see {root / f'{name}.log'}")
         return {name: swarm.metrics(name) for name in peers}
     finally:
