@@ -1,0 +1,149 @@
+"""Compute utilization: a peer's samples/s in a swarm divided by its samples/s training alone,
+blocking rounds vs --overlap, for a swarm of 4 peers on loopback and, where root and tc are
+there, with every link capped at --mbit (tests/links.py namespaces). Real processes. Not a test.
+
+In the swarm a peer's rate is the samples it trained over the wall seconds of its rounds (the
+sum of round_seconds, averaging included), not the train-only rate of a row. Alone is the
+train-only rate of --alone-procs peers that each train alone (--min-peers 1, a run id each) at
+the same time: by default as many as the swarm has, so that they share the CPU cores as the
+swarm's peers do and the ratio counts what the rounds cost, not the cores. Round 0 (warm-up:
+connections, first steps) and the last round are left out; with --overlap the steps a round
+trained ahead are counted in the round they ran in.
+
+    .venv/bin/python bench/utilization.py [--model tiny] [--rounds 4] [--target-steps 800]
+        [--codec fp32] [--mbit 100] [--links loopback capped] [--alone-procs 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.swarm.harness import Swarm  # noqa: E402
+
+
+def trained(rows: list[dict], batch: int) -> tuple[float, float]:
+    """(samples trained, seconds) over rounds 1 .. n-2 of one peer's rows: a round's samples
+    less those it trained ahead during the round before, plus those the next round trained
+    ahead during it."""
+    window = rows[1:-1]
+    samples = sum(r["samples"] - r["steps_ahead"] * batch for r in window) + rows[-1]["steps_ahead"] * batch
+    return samples, sum(r["round_seconds"] for r in window)
+
+
+def train_rate(rows: list[dict]) -> float:
+    """The train-only samples/s of rounds 1 .. n-2 (a row's train seconds = samples / samples_per_s)."""
+    window = [r for r in rows[1:-1] if r["samples_per_s"] > 0]
+    return sum(r["samples"] for r in window) / sum(r["samples"] / r["samples_per_s"] for r in window)
+
+
+def open_swarm(root: Path, spec: list[str], link: str, mbit: float):
+    """A started swarm (bootstrap up) on loopback, or in namespaces with every peer capped."""
+    if link == "loopback":
+        swarm, close = Swarm(root, spec), None
+    else:
+        from tests.links import NetSwarm, Topology
+        topo = Topology("ut")
+        swarm = NetSwarm(root, spec, topo, up_mbit=mbit, down_mbit=mbit)
+        close = swarm.close
+    try:
+        swarm.start_bootstrap()
+    except BaseException:
+        (close or swarm.stop_all)()
+        raise
+    return swarm, close or swarm.stop_all
+
+
+def run(root: Path, spec: list[str], link: str, mbit: float, peers: dict[str, list[str]], timeout_s: float) -> dict:
+    """Starts `peers` (name -> extra flags), waits for each to exit 0, returns name -> rows."""
+    root.mkdir(parents=True, exist_ok=True)
+    swarm, close = open_swarm(root, spec, link, mbit)
+    try:
+        for name, extra in peers.items():
+            swarm.start_peer(name, extra)
+        deadline = time.monotonic() + timeout_s
+        for name in peers:
+            try:
+                rc = swarm.wait_exit(name, max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"peer {name} still running after --timeout-s {timeout_s:g}; "
+                                   f"see {root / f'{name}.log'}") from None
+            if rc != 0:
+                raise RuntimeError(f"peer {name} exited with {rc}; see {root / f'{name}.log'}")
+        return {name: swarm.metrics(name) for name in peers}
+    finally:
+        close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="tiny", choices=["tiny", "small", "base"])
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--peers", type=int, default=4)
+    ap.add_argument("--target-steps", type=int, default=800, help="inner steps summed over the swarm per round")
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--codec", default="fp32")
+    ap.add_argument("--mbit", type=float, default=100.0, help="the cap of every peer's up and down link")
+    ap.add_argument("--links", nargs="+", default=["loopback", "capped"], choices=["loopback", "capped"])
+    ap.add_argument("--alone-procs", type=int, default=0, help="solo peers training at once for the alone "
+                    "rate (0: as many as --peers)")
+    ap.add_argument("--timeout-s", type=float, default=900.0, help="the most one run may take")
+    ap.add_argument("--log-dir", default="")
+    args = ap.parse_args()
+    if args.rounds < 3 or args.peers < 2 or args.target_steps < args.peers:
+        ap.error("need --rounds >= 3 (round 0 and the last are left out), --peers >= 2, --target-steps >= --peers")
+    links = list(args.links)
+    if "capped" in links:
+        from tests.links import LinksUnavailable, check_available
+        try:
+            check_available()
+        except LinksUnavailable as e:
+            print(f"capped links skipped: {e}")
+            links.remove("capped")
+    alone_procs = args.alone_procs or args.peers
+    log_root = Path(args.log_dir or tempfile.mkdtemp(prefix="utilization-"))
+    spec = ["--model", args.model, "--codec", args.codec, "--batch-size", str(args.batch_size),
+            "--max-rounds", str(args.rounds), "--eval-batches", "0", "--join-window-s", "3", "--model-seed", "0"]
+    print(f"utilization: model {args.model}, {args.codec}, {args.peers} peers, {args.rounds} rounds of "
+          f"{args.target_steps} inner steps; alone = {alone_procs} solo peers at once; 2-core machine shared "
+          f"with others: figures are noisy. Logs in {log_root}", flush=True)
+
+    per_peer = str(max(1, args.target_steps // args.peers))
+    solo = run(log_root / "alone", [*spec, "--min-peers", "1", "--target-steps", per_peer], "loopback", args.mbit,
+               {f"a{i}": ["--run-id", f"alone-{i}", "--seed", str(i)] for i in range(alone_procs)}, args.timeout_s)
+    # alone: the train-only rate (samples / train seconds, train seconds = samples / samples_per_s)
+    alone = statistics.mean(train_rate(rows) for rows in solo.values())
+    print(f"  alone: {alone:.0f} samples/s per peer", flush=True)
+
+    table = []
+    for link in links:
+        for mode in ("blocking", "overlap"):
+            extra = ["--overlap"] if mode == "overlap" else []
+            rows = run(log_root / f"{link}-{mode}", [*spec, "--min-peers", str(args.peers), "--target-steps",
+                                                     str(args.target_steps), "--run-id", f"ut-{link}-{mode}"],
+                       link, args.mbit, {f"p{i}": ["--seed", str(i), *extra] for i in range(args.peers)},
+                       args.timeout_s)
+            rates = [s / t for s, t in (trained(r, args.batch_size) for r in rows.values())]
+            avg = statistics.mean(r["average_seconds"] for peer in rows.values() for r in peer[1:-1])
+            rate = statistics.mean(rates)
+            own = statistics.mean(s / t / train_rate(r) for (s, t), r in
+                                  ((trained(r, args.batch_size), r) for r in rows.values()))
+            table.append((mode, "loopback" if link == "loopback" else f"{args.mbit:g} Mbit/s", rate, own, avg))
+            print(f"  {link} {mode}: {rate:.0f} samples/s per peer (peers {min(rates):.0f}-{max(rates):.0f})",
+                  flush=True)
+    print("\nutilization = swarm /s over alone /s; 'of own train rate': swarm /s over the same peers' "
+          "train-only rate in the same run (blind to steps slowed by averaging work, not to other load)")
+    print(f"{'mode':9} {'link':12} {'alone /s':>9} {'swarm /s':>9} {'utilization':>11} {'of own train rate':>17} "
+          f"{'average s':>9}")
+    for mode, link, rate, own, avg in table:
+        print(f"{mode:9} {link:12} {alone:9.0f} {rate:9.0f} {rate / alone:11.3f} {own:17.3f} {avg:9.2f}")
+
+
+if __name__ == "__main__":
+    main()
