@@ -7,6 +7,7 @@ import asyncio
 import concurrent.futures
 import ctypes
 import errno
+import gc
 import ipaddress
 import logging
 import os
@@ -72,6 +73,9 @@ class ChildSafeDHT(hivemind.DHT):
     the parent stops it with `shutdown` (SIGKILL after a deadline), and it dies with the parent anyway."""
 
     def run(self) -> None:  # runs in the forked DHT process
+        # objects inherited from the parent are never collected here: garbage it left (a closed gRPC
+        # channel, say) would run its finalizer in a child whose gRPC threads did not fork, and crash it
+        gc.freeze()
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # neither the handler our parent may have installed
         signal.signal(signal.SIGINT, signal.SIG_IGN)   # nor the default: see the class docstring
         _die_with_parent(self._parent_pid)  # hivemind records the creator's pid in __init__

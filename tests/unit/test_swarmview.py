@@ -53,9 +53,9 @@ def record(addr: str, round_: int, phase: str, *, client=False, t=None, spec=Non
 
 @pytest.fixture(scope="module")
 def dht_loop():
+    dht = create_dht(initial_peers=[], host_maddrs=["/ip4/127.0.0.1/tcp/0"])   # it forks: before the loop's thread
     loop = NetLoop("test-swarmview")
     loop.start()
-    dht = create_dht(initial_peers=[], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     try:
         yield dht, loop
     finally:
