@@ -45,6 +45,9 @@ sys.path.insert(0, str(ROOT))
 from peer.codecs import CODECS, get_codec  # noqa: E402
 from peer.config import RunSpec, wire_codec  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from local_swarm import stop_all  # noqa: E402
+
 WORKER = Path(__file__).resolve().parent / "allreduce_worker.py"
 START_TIMEOUT_S = 180.0   # a worker's DHT (and its exact mean) is up within this
 GLOO_PORT = 29500         # in a namespace of its own, peer 0's gloo rendezvous port is free
@@ -144,15 +147,7 @@ class Peers:
             out.steps.setdefault(step, []).append([done[i] for i in sorted(done)])
 
     def close(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(10)
+        stop_all(self.procs)
 
 
 def free_port() -> int:

@@ -47,11 +47,17 @@ class LocalSwarm:
         return proc
 
     def __exit__(self, *exc) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_all(self.procs)
+
+
+def stop_all(procs: list[subprocess.Popen], grace_s: float = 15) -> None:
+    """SIGTERM to every process still running, then at most grace_s each before SIGKILL (and reaped)."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(10)
