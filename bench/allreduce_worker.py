@@ -30,6 +30,7 @@ import torch  # noqa: E402
 from peer.codecs import get_codec  # noqa: E402
 from peer.config import PeerConfig, RunSpec, wire_codec  # noqa: E402
 from peer.dht import create_dht  # noqa: E402
+from peer.identity import Identity  # noqa: E402
 from peer.net import allreduce as ar  # noqa: E402
 from peer.net import member, swarm  # noqa: E402
 from peer.net.core import NetCore  # noqa: E402
@@ -96,7 +97,7 @@ class Worker:
     async def ours(self, dht, codec: str) -> None:
         spec = RunSpec(codec="sparse" if codec.startswith("sparse") else codec)
         run_id = f"ab-{self.args.tag}-{codec.replace(':', '-')}"
-        core = NetCore(dht, PeerConfig(run_id=run_id), dht.peer_id.to_base58())
+        core = NetCore(dht, PeerConfig(run_id=run_id), self.args.identity)
         core.spec, core.spec_hash, core.numel = spec, spec.hash(), self.numel
         core.reach.settled = True    # loopback or one bridge: everyone dials everyone
         tiny = GlobalState(torch.zeros(1), torch.zeros(1), 0, 0)
@@ -236,7 +237,9 @@ def main() -> None:
                         format=f"%(asctime)s p{args.index} %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(1)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", args.iface)
-    dht = create_dht(initial_peers=[args.boot] if args.boot else [], host_maddrs=[f"/ip4/{args.ip}/tcp/0"])
+    args.identity = Identity.generate()
+    dht = create_dht(initial_peers=[args.boot] if args.boot else [], host_maddrs=[f"/ip4/{args.ip}/tcp/0"],
+                     identity=args.identity)
     try:
         # the averager's process is forked before any gRPC channel or server exists here
         averager = make_averager(dht, args) if "hivemind" in args.backends else None

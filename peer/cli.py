@@ -68,6 +68,15 @@ FLAGS: list[tuple[str, Any, str]] = [
     ("checkpoint-every", int, "rounds between checkpoints (one is also written on SIGINT/SIGTERM)"),
     ("export-every", int, "write the global state as a model folder every this many rounds (0 = never)"),
     ("export-dir", str, "where --export-every writes (default <checkpoint-dir>/export)"),
+    ("identity-file", str, "this peer's key file: its id is the key's hash (made if missing; default "
+                           "<checkpoint-dir>/identity.key, else a new identity each start)"),
+    ("run-secret", str, "a private run: only peers with this secret take part (visible to local users in the "
+                        "process list until it starts: prefer DILOCO_RUN_SECRET or --run-secret-file)"),
+    ("run-secret-file", str, "read the run secret from the first line of this file"),
+    ("tls-cert", str, "PEM certificate of this peer's gRPC server; with --tls-key and --tls-ca every call is TLS"),
+    ("tls-key", str, "PEM private key of --tls-cert"),
+    ("tls-ca", str, "PEM CA bundle that signed the other peers' certificates"),
+    ("max-clock-skew-s", float, "calls stamped further than this from this peer's clock are refused (30)"),
     # run spec: the starting peer's values become the run's; joiners adopt them
     ("model", str, "run spec: a built-in GPT preset (tiny, small, base) or a local folder with a transformers "
                    "causal LM config.json (and safetensors weights to continue from)"),
@@ -186,9 +195,39 @@ def parse_config(argv: list[str] | None = None) -> tuple[PeerConfig, set[str]]:
     peer_kw = {k: _coerce(k, v, getattr(base_peer, k)) for k, v in values.items() if k in PEER_FIELDS}
     spec_kw = {k: _coerce(k, v, getattr(base_spec, k)) for k, v in values.items() if k in SPEC_FIELDS}
     _model_and_tokenizer_files(peer_kw, spec_kw)
+    if peer_kw.get("run_secret_file"):
+        peer_kw["run_secret"] = _read_secret_file(peer_kw.pop("run_secret_file"), bool(peer_kw.get("run_secret")))
     cfg = PeerConfig(**peer_kw, spec=RunSpec(**spec_kw))
     validate_peer(cfg)
     return cfg, set(spec_kw)
+
+
+def _read_secret_file(path: str, also_given: bool) -> str:
+    if also_given:
+        raise ConfigError("--run-secret-file: not given together with --run-secret / DILOCO_RUN_SECRET (pick one)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            secret = f.readline().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--run-secret-file: cannot read {path!r}: {getattr(e, 'strerror', None) or e}") from None
+    if not secret:
+        raise ConfigError(f"--run-secret-file: {path!r} holds no secret on its first line")
+    return secret
+
+
+def hide_secret(argv: list[str]) -> None:
+    """Overwrites this process's command line so that `ps` and /proc/PID/cmdline show no --run-secret value."""
+    shown, hidden = [], False
+    for i, arg in enumerate(argv):
+        if arg.startswith("--run-secret="):
+            arg, hidden = "--run-secret=(hidden)", True
+        elif i > 0 and argv[i - 1] == "--run-secret":
+            arg, hidden = "(hidden)", True
+        shown.append(arg)
+    if hidden:
+        import setproctitle
+
+        setproctitle.setproctitle(" ".join([os.path.basename(sys.argv[0] or "peer"), *shown]))
 
 
 def _model_and_tokenizer_files(peer_kw: dict[str, Any], spec_kw: dict[str, Any]) -> None:
@@ -222,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     try:
+        hide_secret(argv)
         cfg, explicit = parse_config(argv)
     except ConfigError as e:
         print(f"peer: error: {e}", file=sys.stderr)

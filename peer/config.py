@@ -129,6 +129,13 @@ class PeerConfig:
     checkpoint_every: int = 10       # rounds between checkpoints (and one on SIGINT/SIGTERM)
     export_every: int = 0            # rounds between exports of the global state as a model folder (0 = never)
     export_dir: str = ""             # where those exports go; empty = <checkpoint-dir>/export
+    identity_file: str = ""          # the peer's key file (its id); empty = <checkpoint-dir>/identity.key, else a new key each start
+    run_secret: str = field(default="", repr=False)  # a private run: only peers with this secret take part
+    run_secret_file: str = ""        # the secret's first line is read from this file (instead of --run-secret)
+    tls_cert: str = ""               # PEM certificate of this peer's gRPC server (with --tls-key): calls are TLS
+    tls_key: str = ""
+    tls_ca: str = ""                 # PEM CA bundle that signed the other peers' certificates
+    max_clock_skew_s: float = 30.0   # calls stamped further than this from our clock are refused (replays)
     spec: RunSpec = field(default_factory=RunSpec)
 
 
@@ -219,6 +226,21 @@ def validate_peer(c: PeerConfig) -> None:
            and c.max_upload_mbit >= 0, "max_upload_mbit", c.max_upload_mbit,
            "a number of Mbit/s >= 0 (0 = no cap), e.g. 20")
     _check(0.5 <= c.join_window_s <= 300, "join_window_s", c.join_window_s, "seconds in [0.5, 300]")
+    _check(c.identity_file == "" or os.path.isdir(os.path.dirname(os.path.abspath(c.identity_file))),
+           "identity_file", c.identity_file, "a file in a folder that exists (a new key is written there if missing)")
+    _check(not (c.run_secret and c.run_secret_file), "run_secret_file", c.run_secret_file,
+           "not given together with --run-secret / DILOCO_RUN_SECRET (pick one)")
+    _check(c.run_secret_file == "" or os.path.isfile(c.run_secret_file), "run_secret_file", c.run_secret_file,
+           "a file that exists, holding the secret on its first line")
+    _check(c.run_secret == "" or len(c.run_secret) >= 8, "run_secret", "(hidden)",
+           "at least 8 characters (a long random string: python3 -c 'import secrets; print(secrets.token_hex(16))')")
+    _check(bool(c.tls_cert) == bool(c.tls_key), "tls_key", c.tls_key, "given together with --tls-cert")
+    _check(not c.tls_cert or bool(c.tls_ca), "tls_ca", c.tls_ca,
+           "the CA bundle that signed the peers' certificates (with --tls-cert every call is TLS)")
+    for name in ("tls_cert", "tls_key", "tls_ca"):
+        _check(getattr(c, name) == "" or os.path.isfile(getattr(c, name)), name, getattr(c, name),
+               "a PEM file that exists")
+    _check(5 <= c.max_clock_skew_s <= 600, "max_clock_skew_s", c.max_clock_skew_s, "seconds in [5, 600]")
     validate_spec(c.spec)
 
 

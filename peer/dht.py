@@ -25,6 +25,7 @@ import torch.multiprocessing
 from hivemind.dht.validation import RecordValidatorBase
 from hivemind.utils.multiaddr import Multiaddr
 
+from peer.identity import Identity
 from peer.net.announce import maddr_host, remote_swarm
 
 logger = logging.getLogger(__name__)
@@ -196,14 +197,27 @@ def _describe(error: Exception) -> str:
 def create_dht(
     *, initial_peers: list[str], host_maddrs: list[str], announce_maddrs: list[str] | None = None,
     identity_path: str | None = None, client_mode: bool = False, startup_timeout_s: float = 30.0,
-    record_validators: Iterable[RecordValidatorBase] = (),
+    record_validators: Iterable[RecordValidatorBase] = (), identity: Identity | None = None,
 ) -> ChildSafeDHT:
     """Start a DHT node (from the main thread, before any other thread) and wait until it is ready.
 
     Every attempt offers hivemind all initial peers (IPv4 first); a failure to join is retried with
     backoff until startup_timeout_s, and each initial peer is probed to say why (DNS, refused, timeout).
+    With `identity`, the node's peer id is that key's (p2pd reads it from its key file, or from a
+    private temporary copy, removed once the node runs, for a key held in memory).
     Raises ValueError for a malformed address or identity path, DHTStartError when the node cannot start.
     """
+    if identity is not None and identity_path is None:
+        if identity.path:
+            return create_dht(initial_peers=initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
+                              identity_path=identity.path, client_mode=client_mode,
+                              startup_timeout_s=startup_timeout_s, record_validators=record_validators)
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="diloco-id-") as folder:
+            return create_dht(initial_peers=initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
+                              identity_path=identity.write_temp(folder), client_mode=client_mode,
+                              startup_timeout_s=startup_timeout_s, record_validators=record_validators)
     peers = [str(parse_maddr(p, need_peer_id=True)) for p in initial_peers]
     peers.sort(key=lambda p: not p.startswith("/ip4/"))  # stable: IPv4 first, else the caller's order
     hosts = [str(parse_maddr(m)) for m in host_maddrs]

@@ -106,10 +106,13 @@ def run(cfg, timeout_s: float) -> list[Check]:
 
     checks: list[Check] = []
     t = time.monotonic()
+    from peer.identity import Identity
+
+    identity = Identity.generate()   # the doctor is not the peer: a key of its own, so it never takes the peer's id
     try:
         dht = create_dht(initial_peers=list(cfg.initial_peers), host_maddrs=list(cfg.dht_host_maddrs),
                          announce_maddrs=list(cfg.dht_announce_maddrs) or None, client_mode=cfg.client_mode,
-                         startup_timeout_s=timeout_s)
+                         startup_timeout_s=timeout_s, identity=identity)
     except (ValueError, DHTStartError) as e:
         return [Check("DHT", FAIL, str(e), "check the address (the bootstrap prints its `Join through:` lines), "
                       "that it runs, and that this machine reaches its TCP port")]
@@ -122,7 +125,7 @@ def run(cfg, timeout_s: float) -> list[Check]:
                             + (f"; {n} other DHT peer(s) in the routing table" if n >= 0 else "")))
         from peer.net.node import Node
 
-        node = Node(cfg, dht)   # the gRPC server and the address a peer with these flags would announce
+        node = Node(cfg, dht, identity)   # the gRPC server and the address a peer with these flags would announce
         try:
             node.start()
             checks += node.net.call(_network_checks(node), 120)

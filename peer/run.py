@@ -23,6 +23,7 @@ from peer.config import (
     read_initial_peers_file,
     validate_peer,
 )
+from peer.identity import KEY_FILE_NAME, Identity, IdentityError
 from peer.logs import setup_logging
 from peer.progress import wants_bar
 
@@ -178,6 +179,23 @@ def with_initial_peers_file(cfg: PeerConfig) -> PeerConfig:
     return cfg
 
 
+def load_identity(cfg: PeerConfig) -> Identity:
+    """The key in --identity-file, else in <checkpoint-dir>/identity.key (made when missing), else a new
+    key that lives as long as this process; its hash is this peer's id."""
+    path = cfg.identity_file or (os.path.join(cfg.checkpoint_dir, KEY_FILE_NAME) if cfg.checkpoint_dir else "")
+    if path and cfg.checkpoint_dir and not cfg.identity_file:
+        os.makedirs(cfg.checkpoint_dir, exist_ok=True)
+    if not path:
+        identity = Identity.generate()
+        log.info("peer id %s: a new key, not kept (--identity-file or --checkpoint-dir keeps one id across "
+                 "restarts)", identity.peer_id)
+        return identity
+    existed = os.path.exists(path)
+    identity = Identity.load_or_create(path)
+    log.info("peer id %s: key file %s%s", identity.peer_id, path, "" if existed else " (new)")
+    return identity
+
+
 def _start_and_train(cfg: PeerConfig, explicit: set[str], parts: _Parts) -> int:
     from peer.dht import DHTStartError, create_dht, join_addresses
 
@@ -188,10 +206,15 @@ def _start_and_train(cfg: PeerConfig, explicit: set[str], parts: _Parts) -> int:
         except ConfigError as e:
             log.error("%s", e)
             return EXIT_CONFIG
+    try:
+        identity = load_identity(cfg)
+    except IdentityError as e:
+        log.error("%s", e)
+        return EXIT_CONFIG
     try:  # hivemind forks its DHT process: before any thread, gRPC object or CUDA context
         parts.dht = dht = create_dht(
             initial_peers=list(cfg.initial_peers), host_maddrs=list(cfg.dht_host_maddrs),
-            announce_maddrs=list(cfg.dht_announce_maddrs) or None, client_mode=cfg.client_mode)
+            announce_maddrs=list(cfg.dht_announce_maddrs) or None, client_mode=cfg.client_mode, identity=identity)
     except ValueError as e:
         log.error("bad address: %s", e)
         return EXIT_CONFIG
@@ -202,7 +225,7 @@ def _start_and_train(cfg: PeerConfig, explicit: set[str], parts: _Parts) -> int:
     from peer.tasks import TaskError
     from peer.trainer import Trainer
 
-    parts.node = node = Node(cfg, dht)
+    parts.node = node = Node(cfg, dht, identity)
     try:
         node.start()
         spec = node.resolve_spec(cfg.spec, explicit)

@@ -60,3 +60,24 @@ def train_tokenizer(out_dir: Path | str, texts: list[str], vocab_size: int = 400
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(out / "tokenizer.json"))
     return out
+
+
+_TEST_KEYS: dict = {}
+
+
+def named(name: str):
+    """An identity whose peer id is `name`, for tests that build a NetCore without a DHT and call its
+    handlers in-process (a signed call to another process would be refused: the id is not the key's hash)."""
+    from peer.identity import Identity
+
+    if "" not in _TEST_KEYS:
+        _TEST_KEYS[""] = Identity.generate()
+    key = _TEST_KEYS[""]
+    return Identity(key.key, name, key.public_key, "")
+
+
+def identity():
+    """A real identity (a fresh key; its id is the key's hash)."""
+    from peer.identity import Identity
+
+    return Identity.generate()

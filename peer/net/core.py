@@ -20,6 +20,7 @@ from peer._proto import peer_pb2 as pb
 from peer.codecs import ErrorFeedback, get_codec
 from peer.config import PeerConfig, RunSpec, wire_codec
 from peer.faults import FaultPlan
+from peer.identity import Identity
 from peer.net import allreduce as ar
 from peer.net import swarm
 from peer.net.client import Channels, Reject, describe_rpc_error
@@ -61,8 +62,9 @@ class RoundCtx:
 
 
 class NetCore:
-    def __init__(self, dht: hivemind.DHT, cfg: PeerConfig, peer_id: str):
-        self.dht, self.cfg, self.peer_id = dht, cfg, peer_id
+    def __init__(self, dht: hivemind.DHT, cfg: PeerConfig, identity: Identity):
+        self.dht, self.cfg, self.identity = dht, cfg, identity
+        self.peer_id = peer_id = identity.peer_id
         self.run_id = cfg.run_id
         self.address = ""
         self.dht_address = ""                # host:port of our DHT node (TCP), dialled back with `address`

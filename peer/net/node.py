@@ -14,6 +14,7 @@ from hivemind.utils import get_dht_time
 
 from peer import swarmview
 from peer.config import ConfigError, PeerConfig, RunSpec, spec_conflicts
+from peer.identity import Identity
 from peer.metrics import CONTENT_TYPE_LATEST, PeerMetrics
 from peer.monitor import Monitor
 from peer.net import announce, swarm
@@ -77,11 +78,13 @@ class PendingRound:
         return self.net.wait(self.fut, max(0.0, self.deadline - time.monotonic()))
 
 class Node:
-    def __init__(self, cfg: PeerConfig, dht: hivemind.DHT):
-        self.cfg, self.dht = cfg, dht
-        self.peer_id = dht.peer_id.to_base58()
+    def __init__(self, cfg: PeerConfig, dht: hivemind.DHT, identity: Identity):
+        if dht.peer_id.to_base58() != identity.peer_id:
+            raise ValueError(f"the DHT node runs as {dht.peer_id.to_base58()}, not as the identity {identity.peer_id}")
+        self.cfg, self.dht, self.identity = cfg, dht, identity
+        self.peer_id = identity.peer_id
         self.net = NetLoop()
-        self.core = NetCore(dht, cfg, self.peer_id)
+        self.core = NetCore(dht, cfg, identity)
         self._server: Any = None
         self.monitor = Monitor()   # on the loop: the last round and the totals, for /status
         self.web: WebServer | None = None   # --http-port

@@ -14,6 +14,7 @@ from peer.config import PeerConfig
 from peer.net.client import Channels
 from peer.net.core import NetCore
 from peer.net.server import start_server
+from tests.fixtures import named
 from tests.unit.test_state_download import NUM_BYTES, snapshot
 
 pytestmark = pytest.mark.timeout(60)
@@ -25,7 +26,7 @@ def test_the_link_test_follows_a_peer_that_moved_on_to_a_newer_state(monkeypatch
     first, newer = snapshot(1, round_=7), snapshot(2, round_=8)
 
     async def body():
-        core = NetCore(None, PeerConfig(), "peer")
+        core = NetCore(None, PeerConfig(), named("peer"))
         core.snapshot = first
         server, port = await start_server(core, "127.0.0.1", 0)
         channels = Channels()

@@ -24,6 +24,7 @@ from peer.net.loop import Deadline, NetLoop
 from peer.net.server import start_server
 from peer.net.state_sync import StateSnapshot
 from peer.outer import GlobalState
+from tests.fixtures import identity, named
 
 NUMEL = 200_000
 SPEC = RunSpec(model="tiny", codec="fp32")
@@ -55,7 +56,7 @@ def test_a_known_dead_leader_does_not_keep_the_wait_going():
 
 
 def test_a_slow_link_is_named_with_its_figures():
-    core = NetCore(None, PeerConfig(run_id="slow"), "me")  # type: ignore[arg-type]
+    core = NetCore(None, PeerConfig(run_id="slow"), named("me"))  # type: ignore[arg-type]
     core.spec, core.numel = SPEC, 1_000_000
     keeper = Keeper(core, genesis=False)
     assert keeper.lag_verdict(5) == "", "nothing measured yet: no verdict"
@@ -81,16 +82,17 @@ def net():
 
 
 def test_a_download_survives_the_dht_timing_out(net):
-    dht = create_dht(initial_peers=[], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    dht_identity = identity()
+    dht = create_dht(initial_peers=[], host_maddrs=["/ip4/127.0.0.1/tcp/0"], identity=dht_identity)
     resumed = threading.Event()
     try:
         g = torch.Generator().manual_seed(5)
         held = GlobalState(torch.randn(NUMEL, generator=g), torch.zeros(NUMEL), 3, 77)
-        donor = NetCore(dht, PeerConfig(run_id="dl"), "donor")
+        donor = NetCore(dht, PeerConfig(run_id="dl"), named("donor"))
         donor.spec, donor.spec_hash, donor.numel = SPEC, SPEC.hash(), NUMEL
         donor.snapshot = StateSnapshot.of(held, SPEC.hash())
         server, port = net.call(start_server(donor, "127.0.0.1", 0), 10)
-        me = NetCore(dht, PeerConfig(run_id="dl"), dht.peer_id.to_base58())
+        me = NetCore(dht, PeerConfig(run_id="dl"), dht_identity)
         me.spec, me.spec_hash, me.numel = SPEC, SPEC.hash(), NUMEL
         keeper = Keeper(me, genesis=False)
 

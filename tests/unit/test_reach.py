@@ -21,6 +21,7 @@ from peer.net import announce, reach, swarm
 from peer.net.client import Channels
 from peer.net.core import NetCore
 from peer.net.server import start_server
+from tests.fixtures import named
 
 pytestmark = pytest.mark.timeout(60)
 S = pb.DialResult
@@ -28,7 +29,7 @@ SPEC = RunSpec(model="tiny")
 
 
 async def serving(name: str) -> tuple[NetCore, grpc.aio.Server]:
-    core = NetCore(None, PeerConfig(run_id="reach"), name)  # type: ignore[arg-type]  # no DHT: views are set by the test
+    core = NetCore(None, PeerConfig(run_id="reach"), named(name))  # type: ignore[arg-type]  # no DHT: views are set by the test
     core.spec, core.spec_hash = SPEC, SPEC.hash()
     server, port = await start_server(core, "127.0.0.1", 0)
     core.address = f"127.0.0.1:{port}"

@@ -25,6 +25,7 @@ from peer.net.server import Servicer, start_server
 from peer.net.state_ranges import CALLS_PER_DONOR
 from peer.net.state_sync import StateSnapshot, download
 from peer.outer import GlobalState, outer_step
+from tests.fixtures import named
 
 pytestmark = pytest.mark.timeout(60)
 NUMEL = 300_000                 # 2.4 MB: three chunks
@@ -54,7 +55,7 @@ class Donor(Servicer):
 
     def __init__(self, snap: StateSnapshot, fail_after: int | None = None, how: str = "die",
                  then: StateSnapshot | None = None, corrupt: bool = False, rate_bps: float | None = None):
-        super().__init__(NetCore(None, PeerConfig(), "donor"))
+        super().__init__(NetCore(None, PeerConfig(), named("donor")))
         self.core.snapshot = snap
         self.fail_after, self.how, self.then, self.corrupt = fail_after, how, then, corrupt
         self.rate_bps, self.uplink = rate_bps, asyncio.Lock()   # its calls share one uplink this fast
@@ -269,7 +270,7 @@ def test_server_serves_exactly_the_range_and_rejects_a_bad_one():
     snap = snapshot(13)
 
     async def body():
-        core = NetCore(None, PeerConfig(), "donor")
+        core = NetCore(None, PeerConfig(), named("donor"))
         core.snapshot = snap
         server, port = await start_server(core, "127.0.0.1", 0)
         channels = Channels()

@@ -14,6 +14,7 @@ from peer.net import swarm
 from peer.net.core import NetCore
 from peer.net.round import Tally, leader_rank
 from peer.net.server import start_server
+from tests.fixtures import named
 
 TARGET = 150
 
@@ -67,7 +68,7 @@ def test_a_silent_member_no_longer_holds_its_lease():
 
 
 def core_for(name: str, round_: int) -> NetCore:
-    c = NetCore(None, PeerConfig(run_id="trig"), name)  # type: ignore[arg-type]  # no DHT: the view is set here
+    c = NetCore(None, PeerConfig(run_id="trig"), named(name))  # type: ignore[arg-type]  # no DHT: the view is set here
     c.spec = RunSpec(target_steps=TARGET)
     c.spec_hash = c.spec.hash()
     c.round, c.training = round_, True
