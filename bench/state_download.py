@@ -45,6 +45,7 @@ def serve(host: str, numel: int) -> None:
     """Donor: the peer's gRPC server with a core that only serves the state."""
     from peer.faults import FaultPlan
     from peer.logs import setup_logging
+    from peer.net.auth import Verifier
     from peer.net.core import NetCore
     from peer.net.server import start_server
     from peer.net.state_sync import StateSnapshot
@@ -55,7 +56,7 @@ def serve(host: str, numel: int) -> None:
         handle_get_state = NetCore.handle_get_state
 
         def __init__(self, snapshot):
-            self.snapshot, self.faults = snapshot, FaultPlan([])
+            self.snapshot, self.faults, self.verifier = snapshot, FaultPlan([]), Verifier()
 
     setup_logging("WARNING")
     snapshot = StateSnapshot.of(make_state(numel), SPEC_HASH)
@@ -70,7 +71,9 @@ def serve(host: str, numel: int) -> None:
 
 def fetch(addresses: list[str], counts: list[int], repeats: int, numel: int) -> None:
     """Newcomer: downloads with the first n donors for each n, `repeats` times; one JSON line each."""
+    from peer.identity import Identity
     from peer.logs import setup_logging
+    from peer.net.auth import Signer
     from peer.net.client import Channels
     from peer.net.loop import Deadline
     from peer.net.state_sync import download
@@ -79,7 +82,7 @@ def fetch(addresses: list[str], counts: list[int], repeats: int, numel: int) -> 
     donors = [(f"donor{i}", address) for i, address in enumerate(addresses)]
 
     async def once(n: int) -> float:
-        channels = Channels()   # fresh connections for every try
+        channels = Channels(Signer(Identity.generate()))   # fresh connections for every try
         try:
             started = time.monotonic()
             state = await download(channels, donors[:n], ROUND, "newcomer", numel, SPEC_HASH, Deadline(600))

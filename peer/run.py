@@ -13,6 +13,7 @@ import time
 from typing import TYPE_CHECKING
 
 from peer.config import (
+    EXIT_AUTH,
     EXIT_CONFIG,
     EXIT_CRASH,
     EXIT_INCOMPATIBLE,
@@ -221,6 +222,7 @@ def _start_and_train(cfg: PeerConfig, explicit: set[str], parts: _Parts) -> int:
     except DHTStartError as e:
         log.error("%s", e)
         return EXIT_CRASH
+    from peer.net.auth import AuthRefused
     from peer.net.node import CannotKeepUp, Node
     from peer.tasks import TaskError
     from peer.trainer import Trainer
@@ -229,6 +231,9 @@ def _start_and_train(cfg: PeerConfig, explicit: set[str], parts: _Parts) -> int:
     try:
         node.start()
         spec = node.resolve_spec(cfg.spec, explicit)
+    except AuthRefused as e:
+        log.error("%s", e)
+        return EXIT_AUTH
     except ConfigError as e:
         log.error("%s", e)
         return EXIT_CONFIG
@@ -248,6 +253,9 @@ def _start_and_train(cfg: PeerConfig, explicit: set[str], parts: _Parts) -> int:
         return EXIT_CONFIG
     try:
         return parts.trainer.run()
+    except AuthRefused as e:   # another peer refused our run secret (peer.net.auth)
+        log.error("%s", e)
+        return EXIT_AUTH
     except CannotKeepUp as e:
         log.error("%s", e)
         return EXIT_INCOMPATIBLE

@@ -81,3 +81,11 @@ def identity():
     from peer.identity import Identity
 
     return Identity.generate()
+
+
+def channels(who=None, secret: str = ""):
+    """Client channels signing every call as `who` (an Identity; a fresh one when None)."""
+    from peer.net.auth import Signer
+    from peer.net.client import Channels
+
+    return Channels(Signer(who or identity(), secret))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import grpc
 
 from peer._proto import peer_pb2_grpc
+from peer.net.auth import Signer, client_interceptors
 
 # 1 MiB chunks: large enough that per-message overhead (a protobuf object, an HTTP/2 frame
 # header per 16 KiB, one await) is well under 1 % of the bytes, small enough that a member
@@ -36,16 +37,22 @@ CHANNEL_OPTIONS = [
 ]
 
 
-class Channels:
-    """Caches one channel per address; `close()` closes them all."""
+def open_channel(address: str, signer: Signer, options=CHANNEL_OPTIONS) -> grpc.aio.Channel:
+    """A channel whose every call is signed by `signer` (peer.net.auth)."""
+    return grpc.aio.insecure_channel(address, options=options, interceptors=client_interceptors(signer))
 
-    def __init__(self) -> None:
+
+class Channels:
+    """Caches one channel per address, each signing its calls with `signer`; `close()` closes them all."""
+
+    def __init__(self, signer: Signer) -> None:
+        self.signer = signer
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def stub(self, address: str) -> peer_pb2_grpc.PeerStub:
         ch = self._channels.get(address)
         if ch is None:
-            ch = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            ch = open_channel(address, self.signer)
             self._channels[address] = ch
         return peer_pb2_grpc.PeerStub(ch)
 

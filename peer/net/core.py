@@ -23,6 +23,7 @@ from peer.faults import FaultPlan
 from peer.identity import Identity
 from peer.net import allreduce as ar
 from peer.net import swarm
+from peer.net.auth import Signer, Verifier
 from peer.net.client import Channels, Reject, describe_rpc_error
 from peer.net.deadlines import Deadlines
 from peer.net.loop import Deadline
@@ -64,18 +65,20 @@ class RoundCtx:
 class NetCore:
     def __init__(self, dht: hivemind.DHT, cfg: PeerConfig, identity: Identity):
         self.dht, self.cfg, self.identity = dht, cfg, identity
-        self.peer_id = peer_id = identity.peer_id
+        self.peer_id = identity.peer_id
         self.run_id = cfg.run_id
         self.address = ""
         self.dht_address = ""                # host:port of our DHT node (TCP), dialled back with `address`
         self.client_mode = cfg.client_mode   # no inbound connections: set by --client-mode, or when a dial-back
         #                                      check finds us unreachable (reach.py); the loop replaces it only
         self.reach = Reachability()
-        self.dialer = DialBackService(peer_id)
+        self.signer = Signer(identity, cfg.run_secret)   # signs every call we make (peer.net.auth)
+        self.verifier = Verifier(cfg.run_secret, cfg.max_clock_skew_s)   # checks every call we answer
+        self.dialer = DialBackService(self.signer)
         self.spec: RunSpec | None = None
         self.spec_hash = ""
         self.numel = 0
-        self.channels = Channels()
+        self.channels = Channels(self.signer)
         self.round = -1                      # the round this peer trains for; -1 before it has state
         self.steps = self.samples = 0
         self.rate = 0.0

@@ -53,6 +53,7 @@ class NetLoop:
         self.loop = _new_loop()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._started = threading.Event()
+        self._fatal: concurrent.futures.Future = concurrent.futures.Future()   # set by `fail`
 
     def start(self) -> None:
         self._thread.start()
@@ -68,21 +69,34 @@ class NetLoop:
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
-    def call(self, coro: Coroutine[Any, Any, T], timeout_s: float) -> T:
+    def call(self, coro: Coroutine[Any, Any, T], timeout_s: float, abortable: bool = True) -> T:
         """Runs `coro` on the loop and waits for it from another thread, at most `timeout_s`."""
-        return self.wait(self.submit(coro), timeout_s)
+        return self.wait(self.submit(coro), timeout_s, abortable)
 
-    def wait(self, fut: concurrent.futures.Future[T], timeout_s: float) -> T:
+    def wait(self, fut: concurrent.futures.Future[T], timeout_s: float, abortable: bool = True) -> T:
         """The result of a submitted coroutine, waited for at most `timeout_s` (plus a short grace
-        for one that is finishing); cancels it and raises TimeoutError past that."""
+        for one that is finishing); cancels it and raises TimeoutError past that. After `fail(e)`,
+        cancels it and raises e at once (unless not `abortable`: what a stopping peer still does)."""
+        watch = (fut, self._fatal) if abortable else (fut,)
         for wait_s in (timeout_s, LATE_GRACE_S):
-            try:
-                return fut.result(wait_s)
-            except concurrent.futures.TimeoutError:
-                if fut.done():  # the coroutine's own TimeoutError (the same class on Python >= 3.11): keep its cause
-                    raise
+            concurrent.futures.wait(watch, wait_s, concurrent.futures.FIRST_COMPLETED)
+            if fut.done():
+                return fut.result()   # the coroutine's own TimeoutError keeps its cause
+            if abortable and self._fatal.done():
+                fut.cancel()
+                raise self._fatal.exception()
         fut.cancel()
         raise TimeoutError(f"network call did not finish within {timeout_s:.1f} s") from None
+
+    def fail(self, error: BaseException) -> None:
+        """From any thread: every `call` and `wait`, now and later, raises `error` (the first one given)
+        instead of waiting on: the network found that this peer cannot go on (a refused run secret)."""
+        if not self._fatal.done():
+            self._fatal.set_exception(error)
+
+    @property
+    def failed(self) -> BaseException | None:
+        return self._fatal.exception() if self._fatal.done() else None
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Cancels every task still on the loop, stops it and joins the thread, which then closes it:
@@ -103,7 +117,7 @@ class NetLoop:
                                 ", ".join(sorted(t.get_name() for t in pending)))
 
         try:
-            self.call(_cancel_all(), deadline.left(0.1))
+            self.call(_cancel_all(), deadline.left(0.1), abortable=False)
         except Exception as e:  # the loop is going away either way
             log.debug("cancelling network tasks: %s", e)
         try:

@@ -18,6 +18,7 @@ from peer.identity import Identity
 from peer.metrics import CONTENT_TYPE_LATEST, PeerMetrics
 from peer.monitor import Monitor
 from peer.net import announce, swarm
+from peer.net.auth import AuthRefused
 from peer.net.core import GRANT_FRESH_S, PROBE_TIMEOUT_S, NetCore
 from peer.net.keeper import BACKOFF_S, STATE_TIMEOUT_S, CannotKeepUp, Keeper, RoundResult  # noqa: F401
 from peer.net.loop import Deadline, NetLoop
@@ -85,6 +86,8 @@ class Node:
         self.peer_id = identity.peer_id
         self.net = NetLoop()
         self.core = NetCore(dht, cfg, identity)
+        # a peer refusing our run secret ends every wait of the trainer's at once: run.py exits 3
+        self.core.signer.on_refused = lambda line: self.net.fail(AuthRefused(line))
         self._server: Any = None
         self.monitor = Monitor()   # on the loop: the last round and the totals, for /status
         self.web: WebServer | None = None   # --http-port
@@ -173,7 +176,7 @@ class Node:
 
         if self.net.loop.is_running():  # not when a signal came before `start` ran it
             try:
-                self.net.call(_stop(), goodbye_s + grace_s + 2)
+                self.net.call(_stop(), goodbye_s + grace_s + 2, abortable=False)
             except Exception as e:
                 log.warning("stopping the gRPC server and channels: %s", str(e) or type(e).__name__)
         self.net.stop()
@@ -275,7 +278,7 @@ class Node:
             assert self.keeper is not None
             return self.keeper.checkpoint_parts()
 
-        return self.net.call(parts(), 30)
+        return self.net.call(parts(), 30, abortable=False)
 
     def load_residuals(self, residuals: dict, owner_residuals: dict) -> None:
         async def load():
@@ -333,6 +336,8 @@ class Node:
         Read from the trainer thread: the loop replaces these values, never changes them."""
         spec, c = self.core.spec, self.core
         assert spec is not None
+        if self.net.failed is not None:   # a refused run secret: the trainer stops here, not at its next call
+            raise self.net.failed
         if c.swarm_round() > c.round:  # the swarm closed this round without us: stop and catch up
             return True
         now = time.monotonic()

@@ -10,7 +10,8 @@ import grpc
 
 from peer._proto import peer_pb2 as pb
 from peer._proto import peer_pb2_grpc
-from peer.net import owner
+from peer.net import auth, owner, validate
+from peer.net.auth import AuthInterceptor
 from peer.net.client import CHANNEL_OPTIONS, Reject
 from peer.net.linktest import LinkTests
 from peer.net.upload import paced
@@ -26,8 +27,12 @@ class Servicer(peer_pb2_grpc.PeerServicer):
         self.core = core
         self.link_tests = LinkTests()
 
-    async def _guard(self, context: grpc.aio.ServicerContext, what: str, coro):
+    async def _guard(self, context: grpc.aio.ServicerContext, what: str, coro, request=None):
+        """Runs a handler's coroutine, mapping its failures to status codes; `request` is checked
+        first (peer.net.validate: it speaks only for its signed caller)."""
         try:
+            if request is not None:
+                validate.sender(request, auth.caller().peer_id)
             return await coro
         except Reject as e:
             log.debug("%s rejected: %s", what, e)
@@ -38,22 +43,23 @@ class Servicer(peer_pb2_grpc.PeerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: {e}")
 
     async def Join(self, request: pb.JoinRequest, context):
-        return await self._guard(context, "Join", self.core.handle_join(request))
+        return await self._guard(context, "Join", self.core.handle_join(request), request)
 
     async def Contribute(self, request_iterator, context):
-        return await self._guard(context, "Contribute", owner.handle_contribute(self.core, request_iterator))
+        return await self._guard(context, "Contribute", owner.handle_contribute(self.core, _signed_stream(
+            request_iterator, auth.caller().peer_id)))
 
     async def GetShard(self, request: pb.ShardRequest, context):
-        chunks = await self._guard(context, "GetShard", owner.handle_get_shard(self.core, request))
+        chunks = await self._guard(context, "GetShard", owner.handle_get_shard(self.core, request), request)
         async for chunk in paced(self.core.upload, chunks or ()):
             await context.write(chunk)
         self.core.faults.hit("served_shard", request.round)
 
     async def Commit(self, request: pb.CommitRequest, context):
-        return await self._guard(context, "Commit", self.core.handle_commit(request))
+        return await self._guard(context, "Commit", self.core.handle_commit(request), request)
 
     async def GetState(self, request: pb.StateRequest, context):
-        snapshot = await self._guard(context, "GetState", self.core.handle_get_state(request))
+        snapshot = await self._guard(context, "GetState", self.core.handle_get_state(request), request)
         if snapshot is None:
             return
         chunks = paced(self.core.upload, snapshot.chunks(request.offset, request.length))
@@ -66,7 +72,7 @@ class Servicer(peer_pb2_grpc.PeerServicer):
         await context.write(chunk)
 
     async def GetUpdates(self, request: pb.UpdatesRequest, context):
-        chunks = await self._guard(context, "GetUpdates", self.core.handle_get_updates(request))
+        chunks = await self._guard(context, "GetUpdates", self.core.handle_get_updates(request), request)
         async for chunk in paced(self.core.upload, chunks or ()):
             await context.write(chunk)
 
@@ -74,24 +80,37 @@ class Servicer(peer_pb2_grpc.PeerServicer):
         async def answer() -> pb.ProgressReply:
             return self.core.handle_progress(request)
 
-        return await self._guard(context, "Progress", answer())
+        return await self._guard(context, "Progress", answer(), request)
 
     async def Health(self, request: pb.HealthRequest, context):
         return self.core.health()
 
     async def DialBack(self, request: pb.DialBackRequest, context):
-        return await self._guard(context, "DialBack", self.core.dialer.handle(request, context.peer()))
+        return await self._guard(context, "DialBack", self.core.dialer.handle(request, context.peer()), request)
 
     async def LinkTest(self, request_iterator, context):
         return await self._guard(context, "LinkTest", self.link_tests.handle(request_iterator))
 
 
-async def start_server(core: NetCore, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    """Starts the server on host:port (0 = a free port) and returns it with the bound port."""
+async def _signed_stream(chunks, caller_id: str):
+    """A contribution stream whose header (its first chunk) must name the signed caller as its sender."""
+    first = True
+    async for chunk in chunks:
+        if first and chunk.HasField("header"):
+            validate.sender(chunk.header, caller_id)
+        first = False
+        yield chunk
+
+
+async def start_server(core: NetCore, host: str, port: int, servicer: Servicer | None = None
+                       ) -> tuple[grpc.aio.Server, int]:
+    """Starts the server on host:port (0 = a free port) and returns it with the bound port;
+    `servicer` (a test's subclass) defaults to Servicer(core)."""
     # The same options as our channels (client.py explains each): message sizes bounded to
     # one chunk, BDP-probed flow-control windows, and the keepalive pings our channels send accepted.
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
-    peer_pb2_grpc.add_PeerServicer_to_server(Servicer(core), server)
+    # Every call is checked (peer.net.auth) before its handler runs.
+    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[AuthInterceptor(core.verifier)])
+    peer_pb2_grpc.add_PeerServicer_to_server(servicer or Servicer(core), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot listen for gRPC on {host}:{port} (in use or not an address of this machine)")

@@ -11,9 +11,9 @@ import pytest
 from peer import doctor
 from peer._proto import peer_pb2 as pb
 from peer.config import PeerConfig
-from peer.net.client import Channels
 from peer.net.core import NetCore
 from peer.net.server import start_server
+from tests.fixtures import channels as signed_channels
 from tests.fixtures import named
 from tests.unit.test_state_download import NUM_BYTES, snapshot
 
@@ -29,7 +29,7 @@ def test_the_link_test_follows_a_peer_that_moved_on_to_a_newer_state(monkeypatch
         core = NetCore(None, PeerConfig(), named("peer"))
         core.snapshot = first
         server, port = await start_server(core, "127.0.0.1", 0)
-        channels = Channels()
+        channels = signed_channels()
 
         async def move_on():
             await asyncio.sleep(0.3)

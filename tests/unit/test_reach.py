@@ -18,10 +18,10 @@ from hivemind.utils import get_dht_time
 from peer._proto import peer_pb2 as pb
 from peer.config import ConfigError, PeerConfig, RunSpec, validate_peer
 from peer.net import announce, reach, swarm
-from peer.net.client import Channels
 from peer.net.core import NetCore
 from peer.net.server import start_server
-from tests.fixtures import named
+from tests.fixtures import channels as signed_channels
+from tests.fixtures import identity
 
 pytestmark = pytest.mark.timeout(60)
 S = pb.DialResult
@@ -29,7 +29,7 @@ SPEC = RunSpec(model="tiny")
 
 
 async def serving(name: str) -> tuple[NetCore, grpc.aio.Server]:
-    core = NetCore(None, PeerConfig(run_id="reach"), named(name))  # type: ignore[arg-type]  # no DHT: views are set by the test
+    core = NetCore(None, PeerConfig(run_id="reach"), identity())  # type: ignore[arg-type]  # no DHT: views are set by the test
     core.spec, core.spec_hash = SPEC, SPEC.hash()
     server, port = await start_server(core, "127.0.0.1", 0)
     core.address = f"127.0.0.1:{port}"
@@ -90,30 +90,30 @@ def test_dial_back_reaches_the_caller_over_a_fresh_connection_and_names_each_fai
         http1 = await asyncio.start_server(_http1, "127.0.0.1", 0)
         silent_addr = f"127.0.0.1:{silent.sockets[0].getsockname()[1]}"
         http1_addr = f"127.0.0.1:{http1.sockets[0].getsockname()[1]}"
-        channels = Channels()
+        channels = signed_channels()
         try:
             await callee.channels.stub(proxied).Health(pb.HealthRequest(), timeout=5)  # a cached connection
             assert proxy.connections == 1
-            ok = await reach.ask(channels, callee.address, caller.peer_id, proxied, [f"localhost:{closed_port()}"])
-            assert ok.peer_id == "callee-peer" and ok.caller_host == "127.0.0.1"
+            ok = await reach.ask(caller.channels, callee.address, caller.peer_id, proxied, [f"localhost:{closed_port()}"])
+            assert ok.peer_id == callee.peer_id and ok.caller_host == "127.0.0.1"
             g, t = ok.results
-            assert (g.grpc, g.status, g.answered_by) == (True, S.OK, "caller-peer") and g.ms > 0, g
+            assert (g.grpc, g.status, g.answered_by) == (True, S.OK, caller.peer_id) and g.ms > 0, g
             assert proxy.connections == 3, "a TCP connect and a fresh gRPC connection, not the cached channel"
             assert (t.grpc, t.status) == (False, S.REFUSED) and "connection refused" in t.detail, t
 
             cases = {f"127.0.0.1:{closed_port()}": S.REFUSED, other.address: S.WRONG_PEER,
                      http1_addr: S.NOT_A_PEER, "nonexistent.invalid:7000": S.DNS, "10.1.2.3:7000": S.NOT_CALLER}
             for address, status in cases.items():
-                r = (await reach.ask(channels, callee.address, caller.peer_id, address)).results[0]
+                r = (await reach.ask(caller.channels, callee.address, caller.peer_id, address)).results[0]
                 assert r.status == status, f"{address}: {r}"
-            wrong = (await reach.ask(channels, callee.address, caller.peer_id, other.address)).results[0]
-            assert wrong.answered_by == "other-peer" and "not " + "caller-peer"[-6:] in wrong.detail
-            stranger = (await reach.ask(channels, callee.address, caller.peer_id, "10.1.2.3:7000")).results[0]
+            wrong = (await reach.ask(caller.channels, callee.address, caller.peer_id, other.address)).results[0]
+            assert wrong.answered_by == other.peer_id and "not " + caller.peer_id[-6:] in wrong.detail
+            stranger = (await reach.ask(caller.channels, callee.address, caller.peer_id, "10.1.2.3:7000")).results[0]
             assert "not 127.0.0.1, the host this call came from" in stranger.detail and stranger.ms < 1000
 
-            timed = (await reach.ask(channels, callee.address, caller.peer_id, silent_addr, timeout_s=0.5)).results[0]
+            timed = (await reach.ask(caller.channels, callee.address, caller.peer_id, silent_addr, timeout_s=0.5)).results[0]
             assert timed.status == S.TIMEOUT and 400 < timed.ms < 2000, timed
-            tcp_only = await reach.ask(channels, callee.address, caller.peer_id, "", [silent_addr])
+            tcp_only = await reach.ask(caller.channels, callee.address, caller.peer_id, "", [silent_addr])
             assert [(r.grpc, r.status) for r in tcp_only.results] == [(False, S.OK)]
         finally:
             await channels.close()
@@ -139,20 +139,21 @@ def test_one_dial_back_per_caller_at_a_time_and_bad_requests_refused():
         callee, server = await serving("callee-peer")
         silent = await asyncio.start_server(lambda r, w: asyncio.sleep(30), "127.0.0.1", 0)
         silent_addr = f"127.0.0.1:{silent.sockets[0].getsockname()[1]}"
-        channels = Channels()
+        channels = signed_channels()
+        me = channels.signer.identity.peer_id
         try:
-            first = asyncio.ensure_future(reach.ask(channels, callee.address, "me", silent_addr, timeout_s=1.0))
+            first = asyncio.ensure_future(reach.ask(channels, callee.address, me, silent_addr, timeout_s=1.0))
             await asyncio.sleep(0.2)
             with pytest.raises(grpc.aio.AioRpcError) as busy:
-                await reach.ask(channels, callee.address, "me", callee.address)
+                await reach.ask(channels, callee.address, me, callee.address)
             assert busy.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "127.0.0.1" in busy.value.details()
             assert (await first).results[0].status == S.TIMEOUT
-            after = await reach.ask(channels, callee.address, "callee-peer", callee.address)
-            assert after.results[0].status == S.OK, "the caller may ask again once its dial-back ended"
+            after = await reach.ask(channels, callee.address, me, callee.address)
+            assert after.results[0].status == S.WRONG_PEER, "the caller may ask again once its dial-back ended"
             for grpc_address, tcp, why in [("", [], "1 to 4 addresses"), ("a:1", ["b:1"] * 4, "1 to 4 addresses"),
                                            ("no-port", [], "is not host:port")]:
                 with pytest.raises(grpc.aio.AioRpcError) as bad:
-                    await reach.ask(channels, callee.address, "me", grpc_address, tcp)
+                    await reach.ask(channels, callee.address, me, grpc_address, tcp)
                 assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and why in bad.value.details()
         finally:
             await channels.close()
@@ -182,7 +183,7 @@ def test_the_check_keeps_a_reachable_peer_serving_and_an_unreachable_one_in_clie
                 c.view = {a.peer_id: record(a)}
             await b.reach.settle(b)
             assert b.reach.settled and not b.client_mode
-            assert f"reachable at {b.address} (dialled back by aaaaaa in" in caplog.text
+            assert f"reachable at {b.address} (dialled back by {a.peer_id[-6:]} in" in caplog.text
 
             await hidden.reach.settle(hidden)
             assert hidden.reach.settled and hidden.client_mode
@@ -190,7 +191,7 @@ def test_the_check_keeps_a_reachable_peer_serving_and_an_unreachable_one_in_clie
             assert all(p != hidden.peer_id for p, _ in hidden.candidates(0, set())), "never a leader"
             line = next(r.getMessage() for r in caplog.records if "not reachable" in r.getMessage())
             port = hidden.address.rsplit(":", 1)[1]
-            for words in (f"not reachable at {hidden.address}", "aaaaaa could not connect: connection refused",
+            for words in (f"not reachable at {hidden.address}", f"{a.peer_id[-6:]} could not connect: connection refused",
                           "client mode", f"TCP connections on port {port}", f"-p {port}:{port}", "--announce-addr PUBLIC_IP:", "--client-mode"):
                 assert words in line, f"{words!r} not in: {line}"
         finally:
@@ -204,7 +205,7 @@ def test_the_check_keeps_a_reachable_peer_serving_and_an_unreachable_one_in_clie
 def test_health_carries_the_clock_for_the_skew():
     async def body():
         core, server = await serving("clock-peer")
-        channels = Channels()
+        channels = signed_channels()
         try:
             sample = await reach.clock_sample(channels.stub(core.address), 5)
             assert sample is not None and 0 <= sample.rtt_s < 5

@@ -16,15 +16,15 @@ import pytest
 import torch
 
 from peer._proto import peer_pb2 as pb
-from peer._proto import peer_pb2_grpc
 from peer.config import PeerConfig
-from peer.net.client import CHUNK_BYTES, Channels
+from peer.net.client import CHUNK_BYTES
 from peer.net.core import NetCore
 from peer.net.loop import Deadline
 from peer.net.server import Servicer, start_server
 from peer.net.state_ranges import CALLS_PER_DONOR
 from peer.net.state_sync import StateSnapshot, download
 from peer.outer import GlobalState, outer_step
+from tests.fixtures import channels as signed_channels
 from tests.fixtures import named
 
 pytestmark = pytest.mark.timeout(60)
@@ -106,10 +106,7 @@ class _Counting:
 
 
 async def serve(donor: Donor) -> str:
-    server = grpc.aio.server()
-    peer_pb2_grpc.add_PeerServicer_to_server(donor, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    server, port = await start_server(donor.core, "127.0.0.1", 0, donor)
     donor.server = server
     return f"127.0.0.1:{port}"
 
@@ -117,7 +114,7 @@ async def serve(donor: Donor) -> str:
 def run_download(donors: list[Donor], deadline_s: float = 30) -> GlobalState:
     async def body():
         addresses = [await serve(d) for d in donors]
-        channels = Channels()
+        channels = signed_channels()
         try:
             return await download(channels, [(f"donor{i}", a) for i, a in enumerate(addresses)], 0,
                                   "newcomer", NUMEL, "spec", Deadline(deadline_s), range_bytes=RANGE_BYTES)
@@ -273,7 +270,7 @@ def test_server_serves_exactly_the_range_and_rejects_a_bad_one():
         core = NetCore(None, PeerConfig(), named("donor"))
         core.snapshot = snap
         server, port = await start_server(core, "127.0.0.1", 0)
-        channels = Channels()
+        channels = signed_channels()
         stub = channels.stub(f"127.0.0.1:{port}")
 
         async def get(offset: int, length: int) -> list[pb.StateChunk]:

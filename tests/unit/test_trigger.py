@@ -14,7 +14,7 @@ from peer.net import swarm
 from peer.net.core import NetCore
 from peer.net.round import Tally, leader_rank
 from peer.net.server import start_server
-from tests.fixtures import named
+from tests.fixtures import identity, named
 
 TARGET = 150
 
@@ -67,8 +67,9 @@ def test_a_silent_member_no_longer_holds_its_lease():
     assert not stop and held == 60, "after PROGRESS_STALE_S only b's reported steps (0) count"
 
 
-def core_for(name: str, round_: int) -> NetCore:
-    c = NetCore(None, PeerConfig(run_id="trig"), named(name))  # type: ignore[arg-type]  # no DHT: the view is set here
+def core_for(name: str, round_: int, real: bool = False) -> NetCore:
+    """A core without a DHT (the view is set here); `real`: a real key (its calls to other cores are signed)."""
+    c = NetCore(None, PeerConfig(run_id="trig"), identity() if real else named(name))  # type: ignore[arg-type]
     c.spec = RunSpec(target_steps=TARGET)
     c.spec_hash = c.spec.hash()
     c.round, c.training = round_, True
@@ -82,7 +83,7 @@ def record(c: NetCore) -> swarm.PeerRecord:
 
 def test_members_stop_at_what_the_leader_allows_over_grpc():
     async def body():
-        cores = [core_for(n, 4) for n in ("p1", "p2", "p3")]
+        cores = [core_for(n, 4, real=True) for n in ("p1", "p2", "p3")]
         servers = []
         for c in cores:
             server, port = await start_server(c, "127.0.0.1", 0)
@@ -91,7 +92,7 @@ def test_members_stop_at_what_the_leader_allows_over_grpc():
         for c in cores:
             c.view = {o.peer_id: record(o) for o in cores if o is not c}
         leader = min(cores, key=lambda c: leader_rank("trig", 4, c.peer_id))
-        rates = {"p1": 400.0, "p2": 200.0, "p3": 100.0}
+        rates = dict(zip((c.peer_id for c in cores), (400.0, 200.0, 100.0), strict=True))
         tasks = [asyncio.ensure_future(c.progress_forever(4)) for c in cores]
         started = time.monotonic()
         try:

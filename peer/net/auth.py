@@ -1,0 +1,344 @@
+"""Who is calling: every gRPC call carries, in its metadata, the caller's peer id and public key, a
+timestamp, a nonce and a signature (the caller's key) over the method, the timestamp, the nonce and
+the sha256 of the call's first request message (the whole request of a unary call: its round, roster
+hash and every claim in it). In a private run (`--run-secret`) it also carries a proof of the secret:
+an HMAC under it over the same text. The client side is a set of gRPC client interceptors on every
+channel (`client.Channels`); the server side is one server interceptor (`AuthInterceptor`) that checks
+all of it before any handler runs and refuses with UNAUTHENTICATED, naming the cause; a handler learns
+its caller from `caller()`, never from a field the caller filled in.
+
+Refused: no or malformed metadata, a key whose hash is not the claimed id, a bad signature, a
+timestamp further than --max-clock-skew-s from ours, a nonce seen before (a replay), a missing or
+wrong secret proof. Each refusal is logged once per caller and cause at WARNING (then at DEBUG)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import hashlib
+import hmac
+import inspect
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import grpc
+from hivemind.utils import get_dht_time
+
+from peer.identity import Identity, peer_id_of, verify
+
+log = logging.getLogger(__name__)
+
+ID, KEY, TS, NONCE, SIG, PROOF = ("x-diloco-id", "x-diloco-key", "x-diloco-ts", "x-diloco-nonce", "x-diloco-sig",
+                                  "x-diloco-proof")
+MAX_NONCES = 200_000          # replay memory; calls are refused (RESOURCE_EXHAUSTED) rather than forgotten early
+MAX_FIELD = 1024              # bytes of any one auth metadata value (a 2048-bit key in OpenSSH form is ~380)
+SECRET_REFUSED = "the run secret does not match"   # what a peer with the wrong secret is told
+SECRET_MISSING = "this run is private: the call carries no run secret"
+
+
+class AuthRefused(Exception):
+    """A peer refused our calls for the run secret: this peer stops with exit status 3."""
+
+
+@dataclass(frozen=True)
+class Caller:
+    peer_id: str
+    host: str        # the address the call came from, as the transport saw it ("ipv4:1.2.3.4:5678")
+
+
+_CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("diloco_caller", default=None)
+
+
+def caller() -> Caller:
+    """The authenticated caller of the call being handled (set by AuthInterceptor)."""
+    c = _CALLER.get()
+    if c is None:
+        raise RuntimeError("no authenticated caller: the handler runs outside AuthInterceptor")
+    return c
+
+
+def secret_key(secret: str) -> bytes:
+    """The HMAC key derived from a run secret (the secret itself never leaves this process)."""
+    return hashlib.sha256(b"diloco-run-secret\n" + secret.encode()).digest() if secret else b""
+
+
+def signed_text(method: str, ts: str, nonce: str, body_sha256: str) -> bytes:
+    return f"diloco-call\n{method}\n{ts}\n{nonce}\n{body_sha256}".encode()
+
+
+def _method(details) -> str:
+    m = details.method
+    return m.decode() if isinstance(m, bytes) else m
+
+
+class Signer:
+    """Makes the auth metadata of our calls."""
+
+    def __init__(self, identity: Identity, secret: str = "", clock: Callable[[], float] = get_dht_time):
+        self.identity, self.key, self.clock = identity, secret_key(secret), clock
+        self.on_refused: Callable[[str], None] | None = None   # called with the line to print (Node: exit 3)
+
+    def watch(self, call) -> None:
+        """Looks at how `call` ended: a refusal of our run secret goes to `on_refused`."""
+        def done(c) -> None:
+            if self.on_refused is not None and not c.cancelled():
+                asyncio.ensure_future(self._check(c))
+
+        call.add_done_callback(done)
+
+    async def _check(self, call) -> None:
+        try:
+            if await call.code() != grpc.StatusCode.UNAUTHENTICATED:
+                return
+            line = describe_secret_refusal(await call.details() or "")
+        except Exception:   # the call's end is only a hint here
+            return
+        if line and self.on_refused is not None:
+            self.on_refused(line)
+
+    def metadata(self, method: str, first: bytes) -> tuple[tuple[str, str], ...]:
+        ts, nonce = f"{self.clock():.3f}", os.urandom(12).hex()
+        text = signed_text(method, ts, nonce, hashlib.sha256(first).hexdigest())
+        md = ((ID, self.identity.peer_id), (KEY, self.identity.public_key.decode()), (TS, ts), (NONCE, nonce),
+              (SIG, self.identity.sign(text).decode()))
+        if self.key:
+            md += ((PROOF, hmac.new(self.key, text, hashlib.sha256).hexdigest()),)
+        return md
+
+    def details(self, details, first: bytes):
+        md = tuple(details.metadata or ()) + self.metadata(_method(details), first)
+        return details._replace(metadata=grpc.aio.Metadata(*md)) if hasattr(details, "_replace") else \
+            grpc.aio.ClientCallDetails(details.method, details.timeout, grpc.aio.Metadata(*md), details.credentials,
+                                       details.wait_for_ready)
+
+
+def _serialize(message) -> bytes:
+    return message.SerializeToString() if message is not None else b""
+
+
+async def _peek(request_iterator) -> tuple[object, AsyncIterator]:
+    """The first message of a request stream (sync or async) and a stream that yields it again first."""
+    if hasattr(request_iterator, "__aiter__"):
+        it = request_iterator.__aiter__()
+        try:
+            first = await it.__anext__()
+        except StopAsyncIteration:
+            first = None
+    else:
+        it = iter(request_iterator)
+        first = next(it, None)
+
+    async def again():
+        if first is None:
+            return
+        yield first
+        if hasattr(it, "__anext__"):
+            async for m in it:
+                yield m
+        else:
+            for m in it:
+                yield m
+
+    return first, again()
+
+
+class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, signer: Signer):
+        self.signer = signer
+
+    async def intercept_unary_unary(self, continuation, details, request):
+        call = await continuation(self.signer.details(details, _serialize(request)), request)
+        self.signer.watch(call)
+        return call
+
+
+class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, signer: Signer):
+        self.signer = signer
+
+    async def intercept_unary_stream(self, continuation, details, request):
+        call = await continuation(self.signer.details(details, _serialize(request)), request)
+        self.signer.watch(call)
+        return call
+
+
+class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+    def __init__(self, signer: Signer):
+        self.signer = signer
+
+    async def intercept_stream_unary(self, continuation, details, request_iterator):
+        first, stream = await _peek(request_iterator)
+        call = await continuation(self.signer.details(details, _serialize(first)), stream)
+        self.signer.watch(call)
+        return call
+
+
+def client_interceptors(signer: Signer) -> list:
+    return [_UnaryUnary(signer), _UnaryStream(signer), _StreamUnary(signer)]
+
+
+# ---- server side ---------------------------------------------------------------------------------
+class Refusal(Exception):
+    def __init__(self, code: grpc.StatusCode, why: str):
+        super().__init__(why)
+        self.code = code
+
+
+class Verifier:
+    """Checks a call's auth metadata; remembers nonces for twice the skew bound (replays)."""
+
+    def __init__(self, secret: str = "", max_skew_s: float = 30.0, clock: Callable[[], float] = get_dht_time):
+        self.key, self.max_skew_s, self.clock = secret_key(secret), max_skew_s, clock
+        self._nonces: OrderedDict[str, float] = OrderedDict()   # nonce -> when it may be forgotten (monotonic)
+        self._logged: set[tuple[str, str]] = set()
+        self.refused = 0
+
+    def check(self, method: str, metadata, body_sha256: str) -> str:
+        """The caller's peer id, or Refusal."""
+        md = {}
+        for k, v in metadata or ():
+            if k in (ID, KEY, TS, NONCE, SIG, PROOF):
+                if k in md or len(v) > MAX_FIELD:
+                    raise Refusal(grpc.StatusCode.UNAUTHENTICATED, f"malformed auth metadata {k}")
+                md[k] = v if isinstance(v, str) else v.decode("latin-1")
+        missing = [k for k in (ID, KEY, TS, NONCE, SIG) if k not in md]
+        if missing:
+            raise Refusal(grpc.StatusCode.UNAUTHENTICATED, f"unsigned call (no {', '.join(missing)}): "
+                          "every call must be signed by the caller's peer key")
+        text = signed_text(method, md[TS], md[NONCE], body_sha256)
+        if self.key:  # a private run: the secret before anything that costs
+            if PROOF not in md:
+                raise Refusal(grpc.StatusCode.UNAUTHENTICATED, SECRET_MISSING)
+            if not hmac.compare_digest(md[PROOF], hmac.new(self.key, text, hashlib.sha256).hexdigest()):
+                raise Refusal(grpc.StatusCode.UNAUTHENTICATED, SECRET_REFUSED)
+        try:
+            ts = float(md[TS])
+        except ValueError:
+            raise Refusal(grpc.StatusCode.UNAUTHENTICATED, f"malformed timestamp {md[TS][:20]!r}") from None
+        skew = ts - self.clock()
+        if not abs(skew) <= self.max_skew_s:
+            raise Refusal(grpc.StatusCode.UNAUTHENTICATED,
+                          f"the call is stamped {skew:+.1f} s from this peer's clock (the bound is "
+                          f"{self.max_skew_s:g} s): fix the clock (NTP), or it is a replay")
+        try:
+            claimed_by = peer_id_of(md[KEY].encode())
+        except ValueError as e:
+            raise Refusal(grpc.StatusCode.UNAUTHENTICATED, f"bad public key: {e}") from None
+        if claimed_by != md[ID]:
+            raise Refusal(grpc.StatusCode.UNAUTHENTICATED,
+                          f"the key belongs to {claimed_by[-6:]}, not to the claimed peer {md[ID][-6:]}")
+        if not verify(md[KEY].encode(), text, md[SIG].encode()):
+            raise Refusal(grpc.StatusCode.UNAUTHENTICATED, f"bad signature from {md[ID][-6:]}")
+        self._remember(md[NONCE])
+        return md[ID]
+
+    def _remember(self, nonce: str) -> None:
+        now = time.monotonic()
+        while self._nonces and next(iter(self._nonces.values())) < now:
+            self._nonces.popitem(last=False)
+        if nonce in self._nonces:
+            raise Refusal(grpc.StatusCode.UNAUTHENTICATED, "replayed call (its nonce was used before)")
+        if len(self._nonces) >= MAX_NONCES:
+            raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls to remember: try again shortly")
+        self._nonces[nonce] = now + 2 * self.max_skew_s
+
+    def log_refusal(self, who: str, host: str, method: str, why: str) -> None:
+        self.refused += 1
+        key = (host.rsplit(":", 1)[0], why.split(" (")[0][:60])
+        if key in self._logged:
+            log.debug("refused %s from %s (%s): %s", method, who or "?", host, why)
+            return
+        if len(self._logged) < 10_000:
+            self._logged.add(key)
+        log.warning("refused %s from %s at %s: %s (logged once per caller and cause)", method.rsplit("/", 1)[-1],
+                    who[-6:] if who else "an unknown caller", host, why)
+
+
+def _hashing(deserializer):
+    def deserialize(raw: bytes):
+        return deserializer(raw), raw
+
+    return deserialize
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Checks every call (Verifier) before its handler runs; the handler sees plain messages and `caller()`."""
+
+    def __init__(self, verifier: Verifier):
+        self.verifier = verifier
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method, metadata = _method(details), details.invocation_metadata
+
+        async def admit(first_raw: bytes, context) -> None:
+            try:
+                who = self.verifier.check(method, metadata, hashlib.sha256(first_raw).hexdigest())
+            except Refusal as e:
+                claimed = next((v for k, v in metadata or () if k == ID), "")
+                self.verifier.log_refusal(claimed if isinstance(claimed, str) else "", context.peer(), method, str(e))
+                await context.abort(e.code, str(e))
+            _CALLER.set(Caller(who, context.peer()))
+
+        if handler.unary_unary or handler.unary_stream:
+            inner = handler.unary_unary or handler.unary_stream
+            streaming = inspect.isasyncgenfunction(inner)
+
+            if streaming:
+                async def behavior(request, context):
+                    message, raw = request
+                    await admit(raw, context)
+                    async for reply in inner(message, context):
+                        yield reply
+            else:
+                async def behavior(request, context):
+                    message, raw = request
+                    await admit(raw, context)
+                    return await inner(message, context)
+
+            make = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.unary_stream_rpc_method_handler
+            return make(behavior, request_deserializer=_hashing(handler.request_deserializer),
+                        response_serializer=handler.response_serializer)
+
+        inner = handler.stream_unary or handler.stream_stream
+
+        async def stream_behavior(request_iterator, context):
+            it = request_iterator.__aiter__()
+            try:
+                message, raw = await it.__anext__()
+            except StopAsyncIteration:
+                message, raw = None, b""
+            await admit(raw, context)
+
+            async def messages():
+                if message is None:
+                    return
+                yield message
+                async for m, _ in it:
+                    yield m
+
+            return await inner(messages(), context)
+
+        make = grpc.stream_unary_rpc_method_handler if handler.stream_unary else grpc.stream_stream_rpc_method_handler
+        return make(stream_behavior, request_deserializer=_hashing(handler.request_deserializer),
+                    response_serializer=handler.response_serializer)
+
+
+def describe_secret_refusal(details: str) -> str | None:
+    """The one line a peer prints before exit 3 when `details` (a refusal's text) is about the secret."""
+    if SECRET_REFUSED in details:
+        return "the run's peers refuse this peer's --run-secret: it is not the run's secret; use the run's secret"
+    if SECRET_MISSING in details:
+        return "this run is private: its peers refuse calls without the run secret; pass --run-secret-file, " \
+               "DILOCO_RUN_SECRET or --run-secret"
+    return None
+
+
+__all__ = ["AuthInterceptor", "AuthRefused", "Caller", "Signer", "Verifier", "caller", "client_interceptors",
+           "describe_secret_refusal"]
