@@ -108,3 +108,16 @@ def test_an_unprotected_progress_record_is_ignored_by_readers(nodes):
     got, skipped = loop.call(swarm.read_counted(nodes["reader"], key, 5.0), 20)
     assert set(got) == {nodes["victim_id"].peer_id} and skipped == 1
     assert set(loop.call(swarm.read_peers(nodes["reader"], RUN + "-b", 5.0), 20)) == {nodes["victim_id"].peer_id}
+
+
+@pytest.mark.parametrize("digests, trusted", [
+    ({"me": "b"}, "b"),
+    ({"me": "b", "p": "a"}, None),                       # one peer against us: nobody reloads
+    ({"me": "b", "p": "a", "q": "a"}, "a"),              # two of three signers
+    ({"me": "b", "n": "b", "p": "a", "q": "a"}, None),   # an even split
+    ({"me": "b", "p": "a", "q": "a", "r": "c"}, None),   # the most frequent, but no majority
+    ({"me": "b", "p": "a", "q": "a", "r": "a"}, "a"),
+])
+def test_a_digest_is_trusted_with_a_majority_of_its_rounds_signers(digests, trusted):
+    assert swarm.trusted_digest(digests)[0] == trusted
+    assert swarm.quorum(1) == 1 and swarm.quorum(2) == 2 and swarm.quorum(3) == 2 and swarm.quorum(4) == 3
