@@ -15,6 +15,7 @@ from concurrent.futures import TimeoutError as FutureTimeoutError
 
 from peer import argtypes
 from peer.dht import DHTStartError, count_dht_peers, create_dht, join_addresses, parse_maddr
+from peer.identity import Identity
 from peer.logs import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -84,9 +85,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def _serve(args: argparse.Namespace) -> int:
     if args.join_file and os.path.exists(args.join_file):
         os.remove(args.join_file)  # an old node's addresses: peers wait for ours instead
+    # the same record validators as every peer (peer.records), so that it refuses forged records too;
+    # its key signs nothing (the bootstrap writes no record) but names it: --identity-path keeps its id
+    identity = Identity.load_or_create(args.identity_path) if args.identity_path else Identity.generate()
     dht = create_dht(initial_peers=args.initial_peers, host_maddrs=args.host_maddrs,
-                     announce_maddrs=args.announce_maddrs, identity_path=args.identity_path,
-                     startup_timeout_s=args.startup_timeout_s, record_validators=())
+                     announce_maddrs=args.announce_maddrs, identity=identity,
+                     startup_timeout_s=args.startup_timeout_s)
     stop = threading.Event()
 
     def on_signal(signal_number: int, _frame: object) -> None:

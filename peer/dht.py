@@ -25,6 +25,7 @@ import torch.multiprocessing
 from hivemind.dht.validation import RecordValidatorBase
 from hivemind.utils.multiaddr import Multiaddr
 
+from peer import records
 from peer.identity import Identity
 from peer.net.announce import maddr_host, remote_swarm
 
@@ -72,6 +73,8 @@ class ChildSafeDHT(hivemind.DHT):
     The DHT process ignores SIGTERM and SIGINT: a signal to the whole process group (Ctrl-C, systemd's
     stop, `kill -- -PGID`) reaches it with its parent, which still needs it to say goodbye to the swarm;
     the parent stops it with `shutdown` (SIGKILL after a deadline), and it dies with the parent anyway."""
+
+    identity: Identity | None = None   # set by create_dht: the key this node signs its records with
 
     def run(self) -> None:  # runs in the forked DHT process
         # objects inherited from the parent are never collected here: garbage it left (a closed gRPC
@@ -196,39 +199,46 @@ def _describe(error: Exception) -> str:
 
 def create_dht(
     *, initial_peers: list[str], host_maddrs: list[str], announce_maddrs: list[str] | None = None,
-    identity_path: str | None = None, client_mode: bool = False, startup_timeout_s: float = 30.0,
+    client_mode: bool = False, startup_timeout_s: float = 30.0,
     record_validators: Iterable[RecordValidatorBase] = (), identity: Identity | None = None,
 ) -> ChildSafeDHT:
     """Start a DHT node (from the main thread, before any other thread) and wait until it is ready.
 
     Every attempt offers hivemind all initial peers (IPv4 first); a failure to join is retried with
     backoff until startup_timeout_s, and each initial peer is probed to say why (DNS, refused, timeout).
-    With `identity`, the node's peer id is that key's (p2pd reads it from its key file, or from a
-    private temporary copy, removed once the node runs, for a key held in memory).
-    Raises ValueError for a malformed address or identity path, DHTStartError when the node cannot start.
+    The node's peer id is `identity`'s (a fresh key when None): p2pd reads it from its key file, or
+    from a private temporary copy, removed once the node runs, for a key held in memory. The node
+    signs its records with that key and checks everyone's (`peer.records.validators`, plus
+    `record_validators`); `dht.identity` is the key `swarm.store` writes under.
+    Raises ValueError for a malformed address, DHTStartError when the node cannot start.
     """
-    if identity is not None and identity_path is None:
-        if identity.path:
-            return create_dht(initial_peers=initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
-                              identity_path=identity.path, client_mode=client_mode,
-                              startup_timeout_s=startup_timeout_s, record_validators=record_validators)
+    identity = identity or Identity.generate()
+    validators = [*records.validators(identity), *record_validators]
+    if identity.path:
+        dht = _create(initial_peers, host_maddrs, announce_maddrs, identity.path, client_mode, startup_timeout_s,
+                      validators)
+    else:
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="diloco-id-") as folder:
-            return create_dht(initial_peers=initial_peers, host_maddrs=host_maddrs, announce_maddrs=announce_maddrs,
-                              identity_path=identity.write_temp(folder), client_mode=client_mode,
-                              startup_timeout_s=startup_timeout_s, record_validators=record_validators)
+            dht = _create(initial_peers, host_maddrs, announce_maddrs, identity.write_temp(folder), client_mode,
+                          startup_timeout_s, validators)
+    dht.identity = identity
+    return dht
+
+
+def _create(initial_peers: list[str], host_maddrs: list[str], announce_maddrs: list[str] | None,
+            identity_path: str, client_mode: bool, startup_timeout_s: float,
+            record_validators: list[RecordValidatorBase]) -> ChildSafeDHT:
     peers = [str(parse_maddr(p, need_peer_id=True)) for p in initial_peers]
     peers.sort(key=lambda p: not p.startswith("/ip4/"))  # stable: IPv4 first, else the caller's order
     hosts = [str(parse_maddr(m)) for m in host_maddrs]
     announce = [str(parse_maddr(m, need_port=True)) for m in announce_maddrs] if announce_maddrs else None
-    if identity_path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(identity_path))):
-        raise ValueError(f"identity path {identity_path!r}: its directory does not exist")
     for host in hosts:
         _check_port_free(host)
     _start_shm_manager_deaf_to_stop_signals()
     kwargs = dict(initial_peers=peers, host_maddrs=hosts, announce_maddrs=announce, identity_path=identity_path,
-                  client_mode=client_mode, record_validators=list(record_validators))
+                  client_mode=client_mode, record_validators=record_validators)
     deadline = time.monotonic() + startup_timeout_s
     backoff_s, attempt = 0.5, 0
     while True:

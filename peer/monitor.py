@@ -87,7 +87,7 @@ class Monitor:
         """The value of our `{run}.history` record (swarm.parse_history reads it back)."""
         return {"rows": list(self.rows), "drops": list(self.recent_drops), "t": time.time()}
 
-    async def publish_forever(self, dht: hivemind.DHT, run_id: str, peer_id: str) -> None:
+    async def publish_forever(self, dht: hivemind.DHT, run_id: str) -> None:
         """Stores the history record after every round and every HISTORY_REFRESH_S; a slow DHT is
         logged once and tried again at the next turn. Runs until cancelled (Node.stop)."""
         self._changed = asyncio.Event()
@@ -104,7 +104,7 @@ class Monitor:
             if not self.rows:
                 continue
             try:
-                await swarm.store(dht, swarm.history_key(run_id), peer_id, self.history(), 5.0)
+                await swarm.store(dht, swarm.history_key(run_id), self.history(), 5.0)
                 failed = ""
             except TimeoutError as e:
                 if str(e) != failed:

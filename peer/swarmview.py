@@ -31,22 +31,24 @@ async def collect(dht: hivemind.DHT, run_id: str, timeout_s: float = READ_TIMEOU
     skipped, errors}`. A read that fails or times out leaves its part empty and says why in
     `errors` (all three failing: the DHT did not answer). Takes at most about timeout_s."""
     keys = {"spec": swarm.spec_key(run_id), "peers": swarm.peers_key(run_id), "history": swarm.history_key(run_id)}
-    got = await asyncio.gather(*(swarm.read(dht, key, timeout_s) for key in keys.values()), return_exceptions=True)
+    got = await asyncio.gather(*(swarm.read_counted(dht, key, timeout_s) for key in keys.values()),
+                               return_exceptions=True)
     raw: dict[str, dict[str, Any]] = {}
-    errors = []
+    errors, unsigned = [], 0
     for (name, key), value in zip(keys.items(), got, strict=True):
         if isinstance(value, asyncio.CancelledError):
             raise value
         if isinstance(value, BaseException):
             errors.append(f"reading {key} from the DHT: {str(value) or type(value).__name__}")
-            value = {}
-        raw[name] = value
+            value = {}, 0
+        raw[name] = value[0]
+        unsigned += value[1]   # subkeys nobody signed as a peer
     spec, spec_error = spec_summary(raw["spec"])
     history, bad_history = _histories(raw["history"])
     peers, bad_peers = _peers(raw["peers"], history, spec)
     return {"run_id": run_id, "time": time.time(), "spec": spec, "spec_error": spec_error, "peers": peers,
             "history": {p: h["rows"] for p, h in history.items()}, "drops": _drops(history),
-            "summary": _summary(peers, history), "skipped": bad_peers + bad_history, "errors": errors}
+            "summary": _summary(peers, history), "skipped": bad_peers + bad_history + unsigned, "errors": errors}
 
 
 def spec_summary(proposals: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:

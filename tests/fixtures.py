@@ -89,3 +89,39 @@ def channels(who=None, secret: str = ""):
     from peer.net.client import Channels
 
     return Channels(Signer(who or identity(), secret))
+
+
+async def _store_as(_dht, node, identity, key, subkey, value, expiration_time):
+    from hivemind.dht.validation import CompositeValidator
+
+    from peer import records
+
+    # runs in the DHT process: this one store is signed with `identity`'s key (validation does not
+    # depend on the key, so the node's other traffic is checked the same meanwhile)
+    saved = node.protocol.record_validator
+    node.protocol.record_validator = CompositeValidator(records.validators(identity))
+    try:
+        return await node.store(key, value, expiration_time, subkey=subkey)
+    finally:
+        node.protocol.record_validator = saved
+
+
+def store_as_future(dht, identity, key: str, value, subkey: str | None = None):
+    """Stores `value` in `dht` as the peer `identity` would (signed with its key, under its protected
+    subkey, or under `subkey` when given: an unprotected one, or a forged one), through the node's own
+    store path: one DHT node publishes the records of several test peers. An MPFuture of the result."""
+    from functools import partial
+
+    from hivemind.utils import get_dht_time
+
+    from peer.net.swarm import RECORD_TTL_S
+    from peer.records import owner_subkey
+
+    sub = owner_subkey(identity) if subkey is None else subkey
+    return dht.run_coroutine(partial(_store_as, identity=identity, key=key, subkey=sub, value=value,
+                                     expiration_time=get_dht_time() + RECORD_TTL_S), return_future=True)
+
+
+def store_as(dht, identity, key: str, value, subkey: str | None = None, timeout_s: float = 10.0) -> bool:
+    """store_as_future, waited for (from a thread that is not the DHT's)."""
+    return bool(store_as_future(dht, identity, key, value, subkey).result(timeout=timeout_s))

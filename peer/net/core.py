@@ -121,7 +121,7 @@ class NetCore:
         return upload_estimate(self.upload_meter, self.upload.rate_bps)
 
     async def publish(self) -> None:
-        await swarm.store(self.dht, swarm.peers_key(self.run_id), self.peer_id, self.record().to_value(), 5.0)
+        await swarm.store(self.dht, swarm.peers_key(self.run_id), self.record().to_value(), 5.0)
 
     async def refresh(self) -> None:
         """Publishes our record and reads the others'; a slow store does not keep us from reading."""
@@ -131,7 +131,7 @@ class NetCore:
             except TimeoutError as e:
                 log.debug("publishing our progress: %s", e)
         if self.spec_record is not None and time.monotonic() - self.spec_published_at > SPEC_REFRESH_S:
-            await swarm.store(self.dht, swarm.spec_key(self.run_id), self.peer_id, self.spec_record, 5.0)
+            await swarm.store(self.dht, swarm.spec_key(self.run_id), self.spec_record, 5.0)
             self.spec_published_at = time.monotonic()
         view = await swarm.read_peers(self.dht, self.run_id, 5.0)
         seen = {p: 1.0 / r.rate for p, r in view.items() if r.rate > 0}  # shown only while training

@@ -345,11 +345,13 @@ class Keeper:
         return await self.download(min_round, deadline, ahead=ahead)
 
     async def _disputed(self, state: GlobalState) -> str:
-        """Why a state we got is not the one most live peers published ("" when it is, or
-        when fewer than two peers published a digest for its round yet)."""
+        """Why a state we got is not the one a quorum of the live signers published for its
+        round (`swarm.trusted_digest`; "" when it is, or when no digest has a quorum of at
+        least two signers yet)."""
         raw = await swarm.read(self.core.dht, swarm.digest_key(self.core.run_id, state.round), 5.0)
         live = {r.peer_id for r in self.core.live_peers()}
-        best, count = swarm.majority_digest({p: d for p, d in raw.items() if isinstance(d, str) and p in live})
+        signed = {p: d for p, d in raw.items() if isinstance(d, str) and p in live}
+        best, count = swarm.trusted_digest(signed)
         if best is None or count < 2 or best == state.digest():
             return ""
         return (f"the state of round {state.round} has digest {state.digest()[:12]}, "
@@ -359,7 +361,7 @@ class Keeper:
     async def publish_digest(self, state: GlobalState) -> None:
         key = swarm.digest_key(self.core.run_id, state.round)
         try:
-            await swarm.store(self.core.dht, key, self.core.peer_id, state.digest(), 5.0)
+            await swarm.store(self.core.dht, key, state.digest(), 5.0)
         except TimeoutError as e:
             log.warning("round %d: publishing our digest: %s", state.round, e)
 
@@ -383,13 +385,20 @@ class Keeper:
             await asyncio.sleep(0.2)
 
     async def check_digest(self, state: GlobalState, outcome: Outcome) -> GlobalState:
-        """Compares our digest with those every live peer published for the round; a peer in
-        the minority (ties: the smaller digest wins) reloads the majority's state."""
+        """Compares our digest with those every live peer signed for the round (each a distinct
+        identity: its own protected subkey); a peer in the minority reloads the state of a digest
+        that a quorum of the signers (`swarm.quorum`: a strict majority) published. Without one
+        (a tie, e.g. one peer against us) everyone keeps its state."""
         expected = {m.peer_id for m in outcome.roster.members} if outcome.roster is not None else set()
         digests = await self.live_digests(state, expected)
         best, count = swarm.majority_digest(digests)
         mine = state.digest()
         if best is None or best == mine:
+            return state
+        if count < swarm.quorum(len(digests)):   # e.g. one peer against us: no side is trusted
+            log.warning("round %d: our digest %s differs from %s of %d of %d live peers, short of a quorum of %d "
+                        "signers; keeping our state", state.round, mine[:12], best[:12], count, len(digests),
+                        swarm.quorum(len(digests)))
             return state
         self.divergences += 1
         log.warning("round %d: our digest %s differs from the majority's %s (%d of %d live peers); reloading",

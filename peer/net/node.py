@@ -119,7 +119,7 @@ class Node:
             host = split_host_port(self.core.address)[0]
             self.core.dht_address = dht_tcp_address(host, list(self.cfg.dht_announce_maddrs), visible)
         self._refresher = self.net.submit(self.core.refresh_forever())
-        self._historian = self.net.submit(self.monitor.publish_forever(self.dht, self.cfg.run_id, self.peer_id))
+        self._historian = self.net.submit(self.monitor.publish_forever(self.dht, self.cfg.run_id))
         said = "nothing (client mode)" if self.core.client_mode else self.core.address
         log.info("gRPC server listens on %s:%d, announced as %s", self.cfg.host, port, said)
         return self.core.address
@@ -227,7 +227,7 @@ class Node:
             proposals = await swarm.read(self.dht, key, 5.0)
         if not proposals:
             mine = {"spec": wanted.to_record(), "created": get_dht_time(), "origin": self.peer_id}
-            await swarm.store(self.dht, key, self.peer_id, mine, 10.0)
+            await swarm.store(self.dht, key, mine, 10.0)
             if self.cfg.initial_peers:
                 await asyncio.sleep(SPEC_SETTLE_S)
             proposals = await swarm.read(self.dht, key, 10.0) or {self.peer_id: mine}

@@ -54,7 +54,7 @@ async def agree(core: NetCore, mine: tuple[int, str], want: int, deadline: Deadl
     while True:
         value = {"round": mine[0], "digest": mine[1], "t": get_dht_time()}
         try:
-            await swarm.store(core.dht, key, core.peer_id, value, 5.0)
+            await swarm.store(core.dht, key, value, 5.0)
             claims = parse_claims(await swarm.read(core.dht, key, 5.0))
         except TimeoutError as e:
             log.warning("gathering the other peers' checkpoints: %s", e)

@@ -14,6 +14,8 @@ from typing import Any
 import hivemind
 from hivemind.utils import get_dht_time
 
+from peer.records import owner_of, owner_subkey
+
 log = logging.getLogger(__name__)
 
 RECORD_TTL_S = 30.0      # DHT expiry; the thread doing the work refreshes long before
@@ -37,17 +39,35 @@ async def dht_call(fut: Any, timeout_s: float, what: str) -> Any:
         raise TimeoutError(f"DHT {what} did not answer within {timeout_s:.1f} s") from None
 
 
-async def store(dht: hivemind.DHT, key: str, subkey: str, value: Any, timeout_s: float) -> bool:
-    fut = dht.store(key, value, get_dht_time() + RECORD_TTL_S, subkey=subkey, return_future=True)
+async def store(dht: hivemind.DHT, key: str, value: Any, timeout_s: float) -> bool:
+    """Stores `value` under our own protected subkey of `key`, signed with the DHT node's identity
+    (`peer.records`): a peer writes only its own records. False when no node kept it."""
+    identity = getattr(dht, "identity", None)
+    if identity is None:
+        raise TypeError("swarm.store needs a DHT made by peer.dht.create_dht (it signs with the node's identity)")
+    fut = dht.store(key, value, get_dht_time() + RECORD_TTL_S, subkey=owner_subkey(identity), return_future=True)
     return bool(await dht_call(fut, timeout_s, f"store {key}"))
 
 
-async def read(dht: hivemind.DHT, key: str, timeout_s: float) -> dict[str, Any]:
-    """All subkeys of `key` with their values (an empty dict when there is none)."""
+async def read_counted(dht: hivemind.DHT, key: str, timeout_s: float) -> tuple[dict[str, Any], int]:
+    """The values of `key` by the peer id of each protected subkey, and how many subkeys were
+    skipped (unprotected or malformed: nobody signed them as that peer)."""
     found = await dht_call(dht.get(key, latest=True, return_future=True), timeout_s, f"get {key}")
     if found is None or not isinstance(found.value, dict):
-        return {}
-    return {sub: item.value for sub, item in found.value.items() if isinstance(sub, str)}
+        return {}, 0
+    out, skipped = {}, 0
+    for sub, item in found.value.items():
+        peer_id = owner_of(sub)
+        if peer_id is None:
+            skipped += 1
+        else:
+            out[peer_id] = item.value
+    return out, skipped
+
+
+async def read(dht: hivemind.DHT, key: str, timeout_s: float) -> dict[str, Any]:
+    """The values of `key` by signer's peer id (an empty dict when there is none); see read_counted."""
+    return (await read_counted(dht, key, timeout_s))[0]
 
 
 @dataclass(frozen=True)
@@ -132,6 +152,18 @@ async def read_peers(dht: hivemind.DHT, run_id: str, timeout_s: float) -> dict[s
         if rec is not None:
             out[pid] = rec
     return out
+
+
+def quorum(signers: int) -> int:
+    """How many distinct signers a digest needs before a peer trusts it over its own state: a strict
+    majority of those that signed one for the round (so at least 2 as soon as 2 did)."""
+    return signers // 2 + 1
+
+
+def trusted_digest(digests: dict[str, str]) -> tuple[str | None, int]:
+    """majority_digest of {signer: digest}, or (None, its count) when it lacks a quorum of the signers."""
+    best, count = majority_digest(digests)
+    return (best if best is not None and count >= quorum(len(digests)) else None), count
 
 
 def majority_digest(digests: dict[str, str]) -> tuple[str | None, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -10,8 +11,13 @@ import subprocess
 
 import hivemind
 import pytest
+from hivemind.utils import get_dht_time
 
+from peer import records
 from peer.config import read_initial_peers_file
+from peer.dht import ChildSafeDHT, create_dht
+from peer.net import swarm
+from tests.fixtures import identity
 from tests.procs import (
     assert_no_orphans,
     descendants,
@@ -156,3 +162,29 @@ def test_unreachable_initial_peer_exits_1_naming_address_and_cause(tmp_path):
     assert result.returncode == 1, result.stderr
     assert dead_peer in result.stderr and "connection refused" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.timeout(90)
+def test_the_bootstrap_refuses_a_record_forged_under_a_peers_subkey(bootstrap):
+    """A victim peer and a forger without validators store under the victim's subkey through
+    the bootstrap, then both leave: only the bootstrap holds the record, and a reader (a client:
+    it keeps nothing itself) gets the victim's signed value from it."""
+    _, join_address, _ = bootstrap()
+    victim_id = identity()
+    victim = create_dht(initial_peers=[join_address], host_maddrs=["/ip4/127.0.0.1/tcp/0"], identity=victim_id)
+    forger = ChildSafeDHT(initial_peers=[join_address], host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    reader = create_dht(initial_peers=[join_address], host_maddrs=["/ip4/127.0.0.1/tcp/0"], client_mode=True)
+    key = swarm.peers_key("boot-run")
+    try:
+        honest = swarm.PeerRecord("x", "127.0.0.1:7001", 3, 1, 4, 0.0, False, False, 3, "abcd", get_dht_time(),
+                                  swarm.WAIT).to_value()
+        assert asyncio.run(swarm.store(victim, key, honest, 5.0))
+        forged = {**honest, "addr": "203.0.113.66:1", "round": 99}
+        forger.store(key, forged, get_dht_time() + swarm.RECORD_TTL_S + 5, subkey=records.owner_subkey(victim_id))
+        victim.shutdown()
+        forger.shutdown()
+        got = asyncio.run(swarm.read_peers(reader, "boot-run", 5.0))
+        assert {p: r.round for p, r in got.items()} == {victim_id.peer_id: 3}
+    finally:
+        for dht in (reader, forger, victim):
+            dht.shutdown()

@@ -24,7 +24,7 @@ from peer.net.loop import Deadline, NetLoop
 from peer.net.server import start_server
 from peer.net.state_sync import StateSnapshot
 from peer.outer import GlobalState
-from tests.fixtures import identity, named
+from tests.fixtures import identity, named, store_as_future
 
 NUMEL = 200_000
 SPEC = RunSpec(model="tiny", codec="fp32")
@@ -88,7 +88,8 @@ def test_a_download_survives_the_dht_timing_out(net):
     try:
         g = torch.Generator().manual_seed(5)
         held = GlobalState(torch.randn(NUMEL, generator=g), torch.zeros(NUMEL), 3, 77)
-        donor = NetCore(dht, PeerConfig(run_id="dl"), named("donor"))
+        donor_identity = identity()   # its record is signed with its own key, through our node (store_as)
+        donor = NetCore(dht, PeerConfig(run_id="dl"), donor_identity)
         donor.spec, donor.spec_hash, donor.numel = SPEC, SPEC.hash(), NUMEL
         donor.snapshot = StateSnapshot.of(held, SPEC.hash())
         server, port = net.call(start_server(donor, "127.0.0.1", 0), 10)
@@ -100,7 +101,8 @@ def test_a_download_survives_the_dht_timing_out(net):
             while True:
                 value = rec("donor", 3, swarm.WAIT, addr=f"127.0.0.1:{port}").to_value() | {"t": get_dht_time()}
                 try:
-                    await swarm.store(dht, swarm.peers_key("dl"), "donor", value, 1.0)
+                    await swarm.dht_call(store_as_future(dht, donor_identity, swarm.peers_key("dl"), value), 1.0,
+                                         "store")
                 except TimeoutError:
                     pass
                 await asyncio.sleep(0.5)

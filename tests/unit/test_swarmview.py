@@ -29,10 +29,12 @@ from peer.status import format_view, table
 from peer.swarmview import add_routes, collect
 from peer.web import WebServer
 from tests import chromium
+from tests.fixtures import identity, store_as
 
 RUN = "sv-run"
-A, B, C = "12D3KooWAaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaAAAAA", "12D3KooWBbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbBBBBB", \
-    "12D3KooWCcccccccccccccccccccccccccccccccccccccccccCCCCC"
+# the test's peers: real keys (records are signed), all published through one DHT node (store_as)
+KEYS = {name: identity() for name in ("A", "B", "C", "stale", "bad", "evil", "junk", "huge")}
+A, B, C = KEYS["A"].peer_id, KEYS["B"].peer_id, KEYS["C"].peer_id
 EVIL = '<img src=x onerror="document.title=1">'
 SPEC = RunSpec(model="tiny", codec="fp32", target_steps=40)
 
@@ -63,39 +65,45 @@ def dht_loop():
         dht.shutdown()
 
 
-def store_all(dht, loop, key: str, values: dict) -> None:
-    async def go():
-        for sub, value in values.items():
-            assert await swarm.store(dht, key, sub, value, 5.0)
-    loop.call(go(), 30)
+def store_all(dht, key: str, values: dict) -> None:
+    """Each value signed by the test peer KEYS[name]; a name that is not in KEYS is stored as an
+    unprotected subkey (no owner: readers skip it)."""
+    for name, value in values.items():
+        if name in KEYS:
+            assert store_as(dht, KEYS[name], key, value)
+        else:
+            assert store_as(dht, KEYS["A"], key, value, subkey=name)
 
 
 @pytest.fixture
 def swarm_in_dht(dht_loop):
     """Run RUN in the DHT: A trains (serving), B is a client, C left, a stale peer, a malformed
-    record and a hostile one; histories of A and B (written by Monitor), two malformed ones.
-    Stored again for every test: records expire RECORD_TTL_S after they are stored."""
+    record, a hostile one and an unsigned one (an earlier spec too: nobody signed it); histories
+    of A and B (written by Monitor), two malformed ones. Stored again for every test: records
+    expire RECORD_TTL_S after they are stored."""
     dht, loop = dht_loop
     now = get_dht_time()
-    store_all(dht, loop, swarm.spec_key(RUN), {
-        A: {"spec": SPEC.to_record(), "created": now - 50, "origin": A},
-        B: {"spec": RunSpec(model="small").to_record(), "created": now - 10, "origin": B},  # later: loses
+    store_all(dht, swarm.spec_key(RUN), {
+        "A": {"spec": SPEC.to_record(), "created": now - 50, "origin": A},
+        "B": {"spec": RunSpec(model="small").to_record(), "created": now - 10, "origin": B},  # later: loses
+        A: {"spec": RunSpec(model="small").to_record(), "created": now - 90, "origin": A},  # earlier, unsigned
     })
-    store_all(dht, loop, swarm.peers_key(RUN), {
-        A: record("127.0.0.1:7001", 4, swarm.TRAIN), B: record("", 4, swarm.WAIT, client=True),
-        C: record("", 3, swarm.WAIT), "stale-peer": record("127.0.0.1:7009", 1, swarm.TRAIN, t=now - 20),
-        "bad-peer": {**record("127.0.0.1:1", 1, swarm.TRAIN), "phase": "dancing"},
-        EVIL: record("<script>document.title='pwned'</script>", 4, swarm.TRAIN, spec="0000000000000000"),
+    store_all(dht, swarm.peers_key(RUN), {
+        "A": record("127.0.0.1:7001", 4, swarm.TRAIN), "B": record("", 4, swarm.WAIT, client=True),
+        "C": record("", 3, swarm.WAIT), "stale": record("127.0.0.1:7009", 1, swarm.TRAIN, t=now - 20),
+        "bad": {**record("127.0.0.1:1", 1, swarm.TRAIN), "phase": "dancing"},
+        "evil": record(EVIL + "<script>document.title='pwned'</script>", 4, swarm.TRAIN, spec="0000000000000000"),
+        "unsigned-peer": record("127.0.0.1:7002", 4, swarm.TRAIN),
     })
     histories = {}
-    for pid, drops, slope in ((A, {C: "sent nothing within 12 s"}, 0.5), (B, None, 0.25)):
+    for name, drops, slope in (("A", {C: "sent nothing within 12 s"}, 0.5), ("B", None, 0.25)):
         m = Monitor()
         for r in range(5):
             m.observe(metrics_row(r, 5.0 - slope * r, dropped=[C] if r == 3 else (), reasons=drops if r == 3 else None))
-        histories[pid] = m.history()
-    store_all(dht, loop, swarm.history_key(RUN), {
+        histories[name] = m.history()
+    store_all(dht, swarm.history_key(RUN), {
         **histories, "junk": {"rows": [["one", "applied"]], "drops": [], "t": 1.0},
-        "huge": {**histories[A], "rows": histories[A]["rows"] * 13},
+        "huge": {**histories["A"], "rows": histories["A"]["rows"] * 13},
     })
     return dht, loop
 
@@ -107,15 +115,16 @@ def test_collect_joins_records_and_skips_malformed_ones(swarm_in_dht):
     assert view["spec"]["model"] == "tiny" and view["spec"]["hash"] == SPEC.hash() and view["spec"]["origin"] == A
     assert "model_config" not in view["spec"]
     peers = {p["peer_id"]: p for p in view["peers"]}
-    assert set(peers) == {A, B, C, "stale-peer", EVIL}, "the record with an unknown phase is skipped"
-    assert [p["peer_id"] for p in view["peers"]][:3] == sorted([A, B, EVIL]), "live peers first, by id"
+    stale, evil = KEYS["stale"].peer_id, KEYS["evil"].peer_id
+    assert set(peers) == {A, B, C, stale, evil}, "the record with an unknown phase and the unsigned one are skipped"
+    assert [p["peer_id"] for p in view["peers"]][:3] == sorted([A, B, evil]), "live peers first, by id"
     assert peers[A]["live"] and peers[A]["steps_per_s"] == 3.5 and peers[A]["samples_per_s"] == 52.5
     assert peers[A]["weight"] == 13.0 and peers[A]["last_round"] == 4 and peers[A]["loss"] == 3.0
     assert peers[B]["live"] and peers[B]["client"] and peers[B]["addr"] == ""
     assert peers[C]["left"] and not peers[C]["live"]
-    assert not peers["stale-peer"]["live"] and peers["stale-peer"]["age_s"] > 15
-    assert peers[EVIL]["live"] and not peers[EVIL]["spec_ok"]
-    assert view["skipped"] == 3, "one peer record, two history records"
+    assert not peers[stale]["live"] and peers[stale]["age_s"] > 15
+    assert peers[evil]["live"] and not peers[evil]["spec_ok"]
+    assert view["skipped"] == 5, "two peer records (malformed, unsigned), two history records, one unsigned spec"
     assert set(view["history"]) == {A, B} and [r["round"] for r in view["history"][A]] == [0, 1, 2, 3, 4]
     assert view["history"][B][2] == {"round": 2, "outcome": "applied", "loss": 4.5, "eval_loss": 4.6, "weight": 13.0,
                                      "samples_per_s": 52.5, "group_size": 3, "global_samples": 480, "time": 1002.0}
@@ -224,7 +233,7 @@ def test_format_view_lists_peers_rounds_and_drops(swarm_in_dht):
     lines = text.splitlines()
     assert lines[0].startswith(f"run {RUN}: model tiny, codec fp32, 40 target steps") and SPEC.hash() in lines[0]
     assert "2 live peers (1 serving, 2 gone), swarm round 4, 800 global samples" in lines[1]
-    assert "(3 malformed records in the DHT ignored)" in text
+    assert "(5 malformed records in the DHT ignored)" in text
     header = next(line for line in lines if line.startswith("PEER"))
     row_a = next(line for line in lines if line.startswith(A[-6:]))
     assert re.split(r"\s{2,}", row_a)[:7] == [A[-6:], "train", "4", "4", "3.5", "52.5", "13"]
@@ -282,7 +291,7 @@ def test_the_page_shows_the_peers_and_escapes_strangers_strings(page, swarm_in_d
     assert "&lt;img src=x onerror=" in dom and "&lt;script&gt;document.title='pwned'" in dom
     assert "<title>sv-run · diloco-p2p swarm</title>" in dom
     assert set(chromium.line_colors(dom)) == {A, B}, "one loss line per peer with a history"
-    assert "sent nothing within 12 s" in dom and "3 malformed record(s) in the DHT were ignored" in dom
+    assert "sent nothing within 12 s" in dom and "5 malformed record(s) in the DHT were ignored" in dom
     empty = chromium.dump_dom(page + "/?run=nobody-here")
     assert "Nobody is in run \"nobody-here\"" in empty or "Nobody is in run &quot;nobody-here&quot;" in empty
 
