@@ -41,6 +41,10 @@ class DHTStartError(RuntimeError):
     """The DHT node did not start or could not join the swarm; the message says through what and why."""
 
 
+class DuplicateIdentity(DHTStartError):
+    """Another running peer has our peer id (a key file used twice): exit status 3."""
+
+
 def _die_with_parent(expected_parent_pid: int) -> None:
     """Ask Linux to SIGKILL this process when the thread that forked it exits (no-op elsewhere)."""
     if _PRCTL is not None and _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
@@ -214,22 +218,22 @@ def create_dht(
     """
     identity = identity or Identity.generate()
     validators = [*records.validators(identity), *record_validators]
-    if identity.path:
+    if identity.path:  # p2pd first checks that no running peer has this id (a copied key file: DuplicateIdentity)
         dht = _create(initial_peers, host_maddrs, announce_maddrs, identity.path, client_mode, startup_timeout_s,
-                      validators)
+                      validators, check_free=True)
     else:
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="diloco-id-") as folder:
             dht = _create(initial_peers, host_maddrs, announce_maddrs, identity.write_temp(folder), client_mode,
-                          startup_timeout_s, validators)
+                          startup_timeout_s, validators, check_free=False)   # a new key is nobody's yet
     dht.identity = identity
     return dht
 
 
 def _create(initial_peers: list[str], host_maddrs: list[str], announce_maddrs: list[str] | None,
             identity_path: str, client_mode: bool, startup_timeout_s: float,
-            record_validators: list[RecordValidatorBase]) -> ChildSafeDHT:
+            record_validators: list[RecordValidatorBase], check_free: bool) -> ChildSafeDHT:
     peers = [str(parse_maddr(p, need_peer_id=True)) for p in initial_peers]
     peers.sort(key=lambda p: not p.startswith("/ip4/"))  # stable: IPv4 first, else the caller's order
     hosts = [str(parse_maddr(m)) for m in host_maddrs]
@@ -238,7 +242,7 @@ def _create(initial_peers: list[str], host_maddrs: list[str], announce_maddrs: l
         _check_port_free(host)
     _start_shm_manager_deaf_to_stop_signals()
     kwargs = dict(initial_peers=peers, host_maddrs=hosts, announce_maddrs=announce, identity_path=identity_path,
-                  client_mode=client_mode, record_validators=record_validators)
+                  client_mode=client_mode, record_validators=record_validators, check_if_identity_free=check_free)
     deadline = time.monotonic() + startup_timeout_s
     backoff_s, attempt = 0.5, 0
     while True:
@@ -247,6 +251,10 @@ def _create(initial_peers: list[str], host_maddrs: list[str], announce_maddrs: l
             return _start_once(max(deadline - time.monotonic(), 0.1), **kwargs)
         except Exception as e:
             error = _describe(e)
+        if "is already taken by another peer" in error:
+            raise DuplicateIdentity(f"another running peer has this peer's id (its key file {identity_path} was "
+                                    "copied or is used twice): each peer needs its own --identity-file (or "
+                                    "--checkpoint-dir); stop the other one or give this one another file")
         if not peers or not re.search(r"bootstrap|initial_peers|not ready within", error):
             raise DHTStartError(f"could not start the DHT node on {', '.join(hosts)}: {error}")
         probe_timeout_s = min(_PROBE_TIMEOUT_S, max(deadline - time.monotonic(), 0.1))

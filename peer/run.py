@@ -198,7 +198,7 @@ def load_identity(cfg: PeerConfig) -> Identity:
 
 
 def _start_and_train(cfg: PeerConfig, explicit: set[str], parts: _Parts) -> int:
-    from peer.dht import DHTStartError, create_dht, join_addresses
+    from peer.dht import DHTStartError, DuplicateIdentity, create_dht, join_addresses
 
     log.info("%s", versions())
     if cfg.initial_peers_file:
@@ -219,6 +219,9 @@ def _start_and_train(cfg: PeerConfig, explicit: set[str], parts: _Parts) -> int:
     except ValueError as e:
         log.error("bad address: %s", e)
         return EXIT_CONFIG
+    except DuplicateIdentity as e:
+        log.error("%s", e)
+        return EXIT_AUTH
     except DHTStartError as e:
         log.error("%s", e)
         return EXIT_CRASH
