@@ -103,7 +103,7 @@ class OwnedShard:
     task: asyncio.Future | None = None      # the reduction, referenced so it cannot be collected
     served: set[str] = field(default_factory=set)  # members that fetched the result
     absent: str = ""   # a backup reduction expects no contribution from the dead owner
-    aggregate: Aggregator = weighted_mean   # the run's spec.aggregator (owner.aggregator_of)
+    aggregate: Aggregator | None = None   # the run's spec.aggregator (owner.aggregator_of); None: the mean
 
     def pending_fetches(self) -> set[str]:
         """Members that have not fetched the result yet (empty when reducing failed)."""
@@ -152,7 +152,7 @@ class OwnedShard:
                        ) -> tuple[bytes, ResidualUpdate]:
         """The aggregate (the mean, or a robust one) plus the owner's residual on this shard's slice, encoded once."""
         start, numel = self.bounds[0], self.roster.numel
-        mean = self.aggregate(items)
+        mean = (self.aggregate or weighted_mean)(items)
         target = mean if self.codec.EXACT else ef.compensate(start, mean, numel)
         payload = self.codec.encode(target)
         decoded = target if self.codec.EXACT else self.codec.decode(payload, target.numel())
