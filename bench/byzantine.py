@@ -5,7 +5,7 @@ mean. Prints the eval loss at the start and after the last round, and the rounds
 are equal (--weighting equal): a robust aggregator drops or clips by weight share, so a liar could
 otherwise claim more weight (see ARCHITECTURE.md section 8). Not a test.
 
-    .venv/bin/python bench/byzantine.py [--rounds 5] [--target-steps 40] [--attacks scale flip]
+    .venv/bin/python bench/byzantine.py [--rounds 10] [--target-steps 40] [--attacks scale flip]
         [--aggregators mean trimmed-mean centered-clip] [--honest-all]
 
 The liar is the last peer, p4; p0 (honest) is the one whose eval loss is read (the global state is
@@ -57,7 +57,9 @@ def run(root: Path, name: str, aggregator: str, attack: str, args: argparse.Name
             "--target-steps", str(args.target_steps), "--min-peers", str(args.peers),
             "--max-rounds", str(args.rounds), "--batch-size", str(args.batch_size),
             "--eval-batches", str(args.eval_batches), "--join-window-s", "3", "--model-seed", "0",
-            "--run-id", slug(name)]
+            "--run-id", slug(name),   # one round of warmup (the default's 20k samples would hide any update)
+            "--warmup-samples", str(args.target_steps * args.batch_size),
+            "--total-samples", str(max(1, args.rounds) * args.target_steps * args.batch_size)]
     liar_env = {"DILOCO_FAULTS": json.dumps(ATTACKS[attack][1])} if attack else {}
     t0, note = time.monotonic(), ""
     with LocalSwarm(root) as swarm:
@@ -85,7 +87,7 @@ def main() -> None:
     ap.add_argument("--model", default="tiny", choices=["tiny", "small"])
     ap.add_argument("--codec", default="int8")
     ap.add_argument("--peers", type=int, default=5, help="peers in the swarm, the last of which lies")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--target-steps", type=int, default=40, help="inner steps summed over the swarm per round")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--eval-batches", type=int, default=8)

@@ -3,10 +3,19 @@ reduce to the mean where they should, and give the same bytes on every call and 
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+from peer._proto import peer_pb2 as pb
 from peer.aggregate import aggregator, centered_clip, weighted_mean, weighted_median, weighted_trimmed_mean
+from peer.codecs import ErrorFeedback, Fp32Codec
+from peer.config import RunSpec
+from peer.net import allreduce as ar
+from peer.net.owner import aggregator_of
+from peer.net.round import SHARD_ALIGN, make_roster
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -98,3 +107,30 @@ def test_aggregator_names_and_bad_parameters() -> None:
         centered_clip([(1.0, torch.ones(3))] * 3, clip_tau=0.0)
     with pytest.raises(ValueError, match="contribution 1: .* shape"):
         weighted_trimmed_mean([(1.0, torch.ones(3)), (1.0, torch.ones(4)), (1.0, torch.ones(3))], 0.2)
+
+
+@pytest.mark.parametrize("name", ["mean", "trimmed-mean", "centered-clip"])
+def test_an_owner_reduces_with_the_runs_aggregator(name: str) -> None:
+    """The real OwnedShard of a run whose spec names `name` serves that aggregate's bytes (fp32)."""
+    numel = 4 * SHARD_ALIGN
+    ids = ["a", "b", "c", "d", "e"]
+    members = [pb.Member(peer_id=p, address=f"127.0.0.1:{i + 1}", weight=1.0, samples=1) for i, p in enumerate(ids)]
+    roster = make_roster(0, "a", members, "fp32", numel)
+    contribs = honest(num_peers=5, numel=numel)
+    contribs[3] = (1.0, -100 * contribs[3][1])
+    spec = RunSpec(aggregator=name, codec="fp32")
+    reduce = aggregator_of(SimpleNamespace(spec=spec))  # type: ignore[arg-type]  # the spec is all it reads
+
+    async def reduce_shard(j: int) -> bytes:
+        shard = ar.OwnedShard(roster, j, Fp32Codec(), aggregate=reduce)
+        a, b = roster.shard_bounds[j], roster.shard_bounds[j + 1]
+        for p, (_, x) in zip(ids, contribs, strict=True):
+            shard.add(p, x[a:b].clone())
+        await shard.reduce_at(5.0, ErrorFeedback())
+        return shard.result.result()[1]
+
+    served = b"".join(asyncio.run(reduce_shard(j)) for j in range(len(roster.owners)))
+    expected = aggregator(name, spec.trim_fraction, spec.clip_tau, spec.clip_iters)
+    bounds = roster.shard_bounds
+    assert served == b"".join(Fp32Codec().encode(expected([(w, x[bounds[j]:bounds[j + 1]]) for w, x in contribs]))
+                              for j in range(len(roster.owners)))
