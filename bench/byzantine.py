@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--target-steps", type=int, default=40, help="inner steps summed over the swarm per round")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--eval-batches", type=int, default=8)
-    ap.add_argument("--attacks", nargs="+", default=["scale", "flip"], choices=sorted(ATTACKS))
+    ap.add_argument("--attacks", nargs="*", default=["scale", "flip"], choices=sorted(ATTACKS))
     ap.add_argument("--aggregators", nargs="+", default=list(AGGREGATORS), choices=AGGREGATORS)
     ap.add_argument("--honest-all", action="store_true", help="an honest run under every aggregator, not just "
                     "the mean (what robustness costs without a liar)")
@@ -108,10 +108,10 @@ def main() -> None:
                                                                           else ["mean"])]
     runs += [(f"{attack}, {a}", a, attack) for attack in args.attacks for a in args.aggregators]
     log_root = Path(args.log_dir or tempfile.mkdtemp(prefix="byzantine-"))
-    print(f"{args.peers} peers ({args.peers - 1} honest), model {args.model}, codec {args.codec}, {args.rounds} "
-          f"rounds of {args.target_steps} inner steps x batch {args.batch_size}, --weighting equal, loopback; "
-          f"liar p{args.peers - 1}: " + "; ".join(f"{k} {ATTACKS[k][0]}" for k in args.attacks)
-          + f". Logs in {log_root}", flush=True)
+    liar = "; ".join(f"{k} {ATTACKS[k][0]}" for k in args.attacks) or "none (honest runs only)"
+    print(f"{args.peers} peers, model {args.model}, codec {args.codec}, {args.rounds} rounds of "
+          f"{args.target_steps} inner steps x batch {args.batch_size}, --weighting equal, loopback; "
+          f"liar p{args.peers - 1}: {liar}. Logs in {log_root}", flush=True)
     results = []
     for name, aggregator, attack in runs:
         root = log_root / slug(name)
