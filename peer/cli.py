@@ -93,6 +93,11 @@ FLAGS: list[tuple[str, Any, str]] = [
     ("sparse-chunk", int, "run spec: sparse codec: values per chunk (4096)"),
     ("sparse-density", float, "run spec: sparse codec: share of each chunk sent (1/64 = 0.015625)"),
     ("weighting", str, "run spec: weight of a contribution: steps, samples or equal"),
+    ("aggregator", str, "run spec: how owners reduce shards: mean, or robust to peers that send bad updates: "
+                        "trimmed-mean (drops each value's extremes) or centered-clip (clips far updates)"),
+    ("trim-fraction", float, "run spec: trimmed-mean: share of the total weight dropped at each end (0.2)"),
+    ("clip-tau", float, "run spec: centered-clip: clipping radius in median distances to the median (1.0)"),
+    ("clip-iters", int, "run spec: centered-clip: clipping steps (3)"),
     ("stale-work", str, "run spec: work of a missed round is dropped or carried into the next (drop, carry)"),
     ("target-steps", int, "run spec: inner steps summed over the swarm that close a round"),
     ("max-round-seconds", float, "run spec: a round closes after this much training anyway"),

@@ -17,6 +17,7 @@ PROTOCOL_VERSION = 1
 CODECS = ("fp32", "fp16", "bf16", "int8", "int4", "sparse")
 WEIGHTINGS = ("steps", "samples", "equal")
 STALE_WORK = ("drop", "carry")
+AGGREGATORS = ("mean", "trimmed-mean", "centered-clip")   # peer/aggregate.py
 MODELS = ("tiny", "small", "base")  # built-in GPT presets; "hf" is a transformers causal LM from a config
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PROGRESS = ("auto", "on", "off")   # --progress: auto = a bar when stderr is a terminal
@@ -54,6 +55,10 @@ class RunSpec:
     sparse_chunk: int = 4096        # sparse codec: values per chunk of the flat shard
     sparse_density: float = 1 / 64  # sparse codec: share of each chunk sent (top-k by magnitude)
     weighting: str = "steps"        # what a peer's weight counts: inner steps, samples, or 1
+    aggregator: str = "mean"        # how an owner reduces a shard: weighted mean, or robust to lying peers
+    trim_fraction: float = 0.2      # trimmed-mean: share of the total weight dropped at each end, per value
+    clip_tau: float = 1.0           # centered-clip: the clipping radius, in median distances to the median
+    clip_iters: int = 3             # centered-clip: clipping steps from the median
     stale_work: str = "drop"        # work of a round a peer missed: dropped, or carried into its next one
     target_steps: int = 200         # inner steps summed over the swarm that close a round
     max_round_seconds: float = 300.0  # a round closes after this much training regardless
@@ -172,6 +177,14 @@ def validate_spec(s: RunSpec) -> None:
            and round(s.sparse_chunk * s.sparse_density) >= 1, "sparse_density", s.sparse_density,
            "a number in (0, 1] that keeps at least one value per --sparse-chunk")
     _check(s.stale_work in STALE_WORK, "stale_work", s.stale_work, f"one of {', '.join(STALE_WORK)}")
+    _check(s.aggregator in AGGREGATORS, "aggregator", s.aggregator,
+           f"one of {', '.join(AGGREGATORS)} (see README: robust aggregation)")
+    _check(isinstance(s.trim_fraction, (int, float)) and 0 <= s.trim_fraction <= 0.45, "trim_fraction",
+           s.trim_fraction, "a number in [0, 0.45] (0.2 drops the lowest and the highest of 5 equal weights)")
+    _check(isinstance(s.clip_tau, (int, float)) and 0 < s.clip_tau <= 1000, "clip_tau", s.clip_tau,
+           "a number in (0, 1000] (1 = the median distance of a contribution to the median)")
+    _check(isinstance(s.clip_iters, int) and 1 <= s.clip_iters <= 100, "clip_iters", s.clip_iters,
+           "an integer from 1 to 100")
     _check(s.weighting in WEIGHTINGS, "weighting", s.weighting, f"one of {', '.join(WEIGHTINGS)}")
     for name in ("inner_lr", "outer_lr", "max_round_seconds"):
         v = getattr(s, name)

@@ -10,18 +10,23 @@ import signal
 import time
 from dataclasses import dataclass
 
+import torch
+
 log = logging.getLogger(__name__)
 POINTS = ("inner_step", "before_average", "overlap_step", "after_round", "checkpoint_write",  # trainer thread
+          "pseudo_gradient",   # "scale" only: a Byzantine peer sends factor x its delta (-1: sign-flipped)
           "after_join", "after_send", "serving_shard", "served_shard", "leader_commit", "serving_state")  # network loop: kill only
 
 
 @dataclass(frozen=True)
 class Fault:
     point: str
-    action: str            # "sleep" (seconds), "kill" (SIGKILL to itself) or "sigterm" (SIGTERM to itself)
+    action: str            # "sleep" (seconds), "kill" (SIGKILL to itself), "sigterm" (SIGTERM to itself),
+                           # "scale" (the delta sent, at pseudo_gradient only, times factor)
     round: int | None = None   # None = every round
     seconds: float = 0.0
     skip: int = 0              # let this many hits pass before acting
+    factor: float = 1.0        # "scale": e.g. 100 (a huge update) or -1 (sign-flipped)
 
 
 class FaultPlan:
@@ -37,11 +42,29 @@ class FaultPlan:
         faults = []
         for item in json.loads(raw):
             fault = Fault(**item)
-            if fault.point not in POINTS or fault.action not in ("sleep", "kill", "sigterm"):
+            if (fault.point not in POINTS or fault.action not in ("sleep", "kill", "sigterm", "scale")
+                    or (fault.action == "scale") != (fault.point == "pseudo_gradient")):
                 raise ValueError(f"DILOCO_FAULTS: bad fault {item}")
             faults.append(fault)
         log.warning("test fault plan active: %s", faults)
         return cls(faults)
+
+    def _due(self, point: str, round_: int) -> list[Fault]:
+        due = []
+        for i, f in enumerate(self.faults):
+            if f.point == point and (f.round is None or f.round == round_):
+                self.hits[i] += 1
+                if self.hits[i] > f.skip:
+                    due.append(f)
+        return due
+
+    def sent_delta(self, round_: int, delta: torch.Tensor) -> torch.Tensor:
+        """The pseudo-gradient this peer sends: `delta` itself, or (a "scale" fault: a peer that
+        lies) a scaled copy; the peer keeps using its true delta for carry and adoption."""
+        for f in self._due("pseudo_gradient", round_):
+            log.warning("fault plan: sending %g x the pseudo-gradient of round %d", f.factor, round_)
+            delta = delta * f.factor
+        return delta
 
     def hit(self, point: str, round_: int) -> None:
         for i, f in enumerate(self.faults):

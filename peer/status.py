@@ -85,7 +85,9 @@ def format_view(view: dict[str, Any]) -> str:
         model = f"hf {spec['model_hash']}" if spec["model"] == "hf" else spec["model"]
         lines.append(f"run {run}: model {_clean(model)}, codec {_clean(spec['codec'])}, "
                      f"{spec['target_steps']} target steps, max round {spec['max_round_seconds']:g} s, weighting "
-                     f"{_clean(spec['weighting'])} (spec {spec['hash']}, started by {_clean(spec['origin'])[-6:]})")
+                     f"{_clean(spec['weighting'])}"
+                     + (f", aggregator {_clean(spec['aggregator'])}" if spec.get("aggregator", "mean") != "mean" else "")
+                     + f" (spec {spec['hash']}, started by {_clean(spec['origin'])[-6:]})")
     else:
         lines.append(f"run {run}: {_clean(view.get('spec_error') or 'no spec in the DHT')}")
     for error in view.get("errors") or []:

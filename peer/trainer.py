@@ -321,7 +321,8 @@ class Trainer:
             t_avg = time.monotonic()
             if self.bar is not None:
                 self.bar.averaging()
-            pending = self.node.submit_round(r, delta, weight, stats.samples, carried)   # read, never written
+            sent = self.faults.sent_delta(r, delta)   # delta itself, unless a test makes this peer lie
+            pending = self.node.submit_round(r, sent, weight, stats.samples, carried)   # read, never written
             if self.cfg.overlap and weight > 0:
                 anchor, self.ahead = self.train_while_averaging(pending, r, state, stats.steps)
             result = pending.result()

@@ -14,7 +14,7 @@ import grpc
 import torch
 
 from peer._proto import peer_pb2 as pb
-from peer.aggregate import weighted_mean
+from peer.aggregate import Aggregator, weighted_mean
 from peer.codecs import Codec, ErrorFeedback, ResidualUpdate
 from peer.net.client import CHUNK_BYTES
 
@@ -103,6 +103,7 @@ class OwnedShard:
     task: asyncio.Future | None = None      # the reduction, referenced so it cannot be collected
     served: set[str] = field(default_factory=set)  # members that fetched the result
     absent: str = ""   # a backup reduction expects no contribution from the dead owner
+    aggregate: Aggregator | None = None   # the run's spec.aggregator (owner.aggregator_of); None: the mean
 
     def pending_fetches(self) -> set[str]:
         """Members that have not fetched the result yet (empty when reducing failed)."""
@@ -149,9 +150,9 @@ class OwnedShard:
 
     def _reduce_encode(self, items: list[tuple[float, torch.Tensor]], ef: ErrorFeedback
                        ) -> tuple[bytes, ResidualUpdate]:
-        """The mean plus the owner's residual on this shard's slice, encoded once."""
+        """The aggregate (the mean, or a robust one) plus the owner's residual on this shard's slice, encoded once."""
         start, numel = self.bounds[0], self.roster.numel
-        mean = weighted_mean(items)
+        mean = (self.aggregate or weighted_mean)(items)
         target = mean if self.codec.EXACT else ef.compensate(start, mean, numel)
         payload = self.codec.encode(target)
         decoded = target if self.codec.EXACT else self.codec.decode(payload, target.numel())

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from peer._proto import peer_pb2 as pb
+from peer.aggregate import Aggregator, aggregator, weighted_mean
 from peer.codecs import ErrorFeedback, get_codec
 from peer.net import allreduce as ar
 from peer.net.client import Reject
@@ -18,12 +19,19 @@ if TYPE_CHECKING:
     from peer.net.core import NetCore, RoundCtx
 
 
+def aggregator_of(core: NetCore) -> Aggregator:
+    """The reduction the run's spec names; every member's spec hash is ours, so every owner of the
+    round reduces alike (the mean before a spec is adopted: no round runs then)."""
+    s = core.spec
+    return weighted_mean if s is None else aggregator(s.aggregator, s.trim_fraction, s.clip_tau, s.clip_iters)
+
+
 def own_shards(core: NetCore, ctx: RoundCtx, roster: pb.Roster) -> None:
     """Starts the reduction of every shard this peer owns in the round."""
     codec = get_codec(roster.codec)
     for j, owner in enumerate(roster.owners):
         if owner == core.peer_id and j not in ctx.owned:
-            shard = ar.OwnedShard(roster, j, codec)
+            shard = ar.OwnedShard(roster, j, codec, aggregate=aggregator_of(core))
             ctx.owned[j] = shard
             shard.task = asyncio.ensure_future(shard.reduce_at(core.transfer_timeout_s(), core.owner_ef))
 
@@ -32,7 +40,7 @@ def backup_shard(core: NetCore, ctx: RoundCtx, roster: pb.Roster, j: int) -> ar.
     """The reduction of shard j again, here as its backup owner, without its dead owner. Its
     error-feedback residual is not kept: this peer does not own these values next round."""
     if j not in ctx.backups:
-        shard = ar.OwnedShard(roster, j, get_codec(roster.codec), absent=roster.owners[j])
+        shard = ar.OwnedShard(roster, j, get_codec(roster.codec), absent=roster.owners[j], aggregate=aggregator_of(core))
         ctx.backups[j] = shard
         shard.task = asyncio.ensure_future(shard.reduce_at(core.transfer_timeout_s(), ErrorFeedback()))
     return ctx.backups[j]

@@ -15,6 +15,11 @@ from peer.config import ConfigError, RunSpec, read_initial_peers_file, spec_conf
     (["--codec", "int2"], "--codec: 'int2' is not valid; expected one of fp32, fp16, bf16, int8, int4, sparse"),
     (["--codec", "sparse", "--sparse-density", "0.0001"], "--sparse-density: 0.0001 is not valid"),
     (["--weighting", "speed"], "--weighting: 'speed' is not valid"),
+    (["--aggregator", "median"], "--aggregator: 'median' is not valid; expected one of mean, trimmed-mean, "
+                                 "centered-clip"),
+    (["--trim-fraction", "0.5"], "--trim-fraction: 0.5 is not valid; expected a number in [0, 0.45]"),
+    (["--clip-tau", "0"], "--clip-tau: 0.0 is not valid"),
+    (["--clip-iters", "0"], "--clip-iters: 0 is not valid; expected an integer from 1 to 100"),
     (["--device", "tpu"], "--device: 'tpu' is not valid; expected auto, cpu, cuda or cuda:N"),
     (["--port", "70000"], "--port: 70000 is not valid"),
     (["--target-steps", "0"], "--target-steps: 0 is not valid"),
@@ -58,6 +63,13 @@ def test_spec_conflicts_name_the_runs_value():
     lines = spec_conflicts(run, wanted, {"codec", "outer_lr"})
     assert lines == ["--codec 'fp32' conflicts with the run's value 'int8'; drop the flag to adopt the run's value"]
     assert RunSpec().hash() != RunSpec(codec="fp32").hash()
+    assert RunSpec().hash() != RunSpec(aggregator="trimmed-mean").hash()   # every peer reduces alike
+
+
+def test_aggregator_flags_reach_the_spec():
+    cfg, explicit = parse_config(["--aggregator", "centered-clip", "--clip-tau", "2", "--clip-iters", "5"])
+    assert (cfg.spec.aggregator, cfg.spec.clip_tau, cfg.spec.clip_iters) == ("centered-clip", 2.0, 5)
+    assert explicit == {"aggregator", "clip_tau", "clip_iters"} and RunSpec().aggregator == "mean"
 
 
 @pytest.mark.timeout(60)

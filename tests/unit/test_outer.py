@@ -104,11 +104,11 @@ def test_global_state_clone_is_independent() -> None:
     assert state.clone().digest() == state.digest() == digest(state.theta, state.momentum, 3, 99)
 
 
-# Encode, average and step on ~1e6 values; print the CPU path torch used and a hash of all bytes made.
+# Encode, average (mean, trimmed mean, centered clip) and step on ~1e6 values; print the CPU path torch used and a hash of all bytes made.
 # Inputs come from numpy so that only our code runs under the capability being tested.
 BYTES_SCRIPT = """
 import hashlib, numpy as np, torch
-from peer.aggregate import weighted_mean
+from peer.aggregate import centered_clip, weighted_mean, weighted_trimmed_mean
 from peer.codecs import get_codec
 from peer.outer import digest, outer_step
 numel, rng, codec, h = 1_000_003, np.random.default_rng(1234), get_codec("int8"), hashlib.sha256()
@@ -125,6 +125,10 @@ theta, momentum = normal(1.0), torch.zeros(numel)
 for grad in (avg, decoded[0], decoded[2]):
     theta, momentum = outer_step(theta, momentum, grad, lr=0.7, momentum_coef=0.9)
     h.update(digest(theta, momentum, 0, 0).encode())
+liar = (2.0, normal(1.0))   # the robust reductions, one outlier among four
+robust = list(zip([3.0, 1.0, 7.5], decoded)) + [liar]
+h.update(weighted_trimmed_mean(robust, 0.2).numpy().tobytes())
+h.update(centered_clip(robust).numpy().tobytes())
 print(torch.backends.cpu.get_cpu_capability(), h.hexdigest())
 """
 
