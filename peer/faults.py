@@ -15,6 +15,8 @@ import torch
 log = logging.getLogger(__name__)
 POINTS = ("inner_step", "before_average", "overlap_step", "after_round", "checkpoint_write",  # trainer thread
           "pseudo_gradient",   # "scale" only: a Byzantine peer sends factor x its delta (-1: sign-flipped)
+          "claim",   # "scale" only: a Byzantine peer claims factor x its weight and samples, and publishes
+                     # factor x its steps and samples in its DHT record (forged progress backing the claim)
           "after_join", "after_send", "serving_shard", "served_shard", "leader_commit", "serving_state")  # network loop: kill only
 
 
@@ -43,7 +45,7 @@ class FaultPlan:
         for item in json.loads(raw):
             fault = Fault(**item)
             if (fault.point not in POINTS or fault.action not in ("sleep", "kill", "sigterm", "scale")
-                    or (fault.action == "scale") != (fault.point == "pseudo_gradient")):
+                    or (fault.action == "scale") != (fault.point in ("pseudo_gradient", "claim"))):
                 raise ValueError(f"DILOCO_FAULTS: bad fault {item}")
             faults.append(fault)
         log.warning("test fault plan active: %s", faults)
@@ -65,6 +67,14 @@ class FaultPlan:
             log.warning("fault plan: sending %g x the pseudo-gradient of round %d", f.factor, round_)
             delta = delta * f.factor
         return delta
+
+    def claim_factor(self, round_: int) -> float:
+        """What this peer multiplies its claims and its published progress by (1: it does not lie)."""
+        factor = 1.0
+        for f in self.faults:
+            if f.point == "claim" and (f.round is None or f.round == round_):
+                factor *= f.factor
+        return factor
 
     def hit(self, point: str, round_: int) -> None:
         for i, f in enumerate(self.faults):

@@ -322,7 +322,9 @@ class Trainer:
             if self.bar is not None:
                 self.bar.averaging()
             sent = self.faults.sent_delta(r, delta)   # delta itself, unless a test makes this peer lie
-            pending = self.node.submit_round(r, sent, weight, stats.samples, carried)   # read, never written
+            lie = self.faults.claim_factor(r)   # 1 unless a test makes this peer forge its claim
+            pending = self.node.submit_round(r, sent, weight * lie, int(stats.samples * lie),
+                                             (carried[0] * lie, carried[1]))   # read, never written
             if self.cfg.overlap and weight > 0:
                 anchor, self.ahead = self.train_while_averaging(pending, r, state, stats.steps)
             result = pending.result()

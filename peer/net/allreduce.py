@@ -103,6 +103,7 @@ class OwnedShard:
     task: asyncio.Future | None = None      # the reduction, referenced so it cannot be collected
     served: set[str] = field(default_factory=set)  # members that fetched the result
     absent: str = ""   # a backup reduction expects no contribution from the dead owner
+    refused: dict[str, str] = field(default_factory=dict)   # sender -> why its contribution was dropped
     aggregate: Aggregator | None = None   # the run's spec.aggregator (owner.aggregator_of); None: the mean
 
     def pending_fetches(self) -> set[str]:
@@ -118,7 +119,15 @@ class OwnedShard:
 
     def add(self, sender: str, values: torch.Tensor) -> None:
         self.received[sender] = values
-        if {m.peer_id for m in self.roster.members} - {self.absent} <= set(self.received):
+        self._check_all_in()
+
+    def refuse(self, sender: str, why: str) -> None:
+        """Drops `sender`'s contribution for good (validation refused it): the shard waits no longer for it."""
+        self.refused[sender] = why
+        self._check_all_in()
+
+    def _check_all_in(self) -> None:
+        if {m.peer_id for m in self.roster.members} - {self.absent} - set(self.refused) <= set(self.received):
             self.all_in.set()
 
     async def reduce_at(self, timeout_s: float, ef: ErrorFeedback, loop_executor=None) -> None:

@@ -22,14 +22,14 @@ from peer.config import PeerConfig, RunSpec, wire_codec
 from peer.faults import FaultPlan
 from peer.identity import Identity
 from peer.net import allreduce as ar
-from peer.net import swarm
+from peer.net import swarm, validate
 from peer.net.auth import Signer, Verifier
 from peer.net.client import Channels, Reject, describe_rpc_error
 from peer.net.deadlines import Deadlines
 from peer.net.loop import Deadline
 from peer.net.reach import DialBackService, Reachability
 from peer.net.replay import KEEP_ROUNDS, UpdateLog
-from peer.net.round import ClosedElsewhere, LeaderGroup, Tally, check_member, leader_rank
+from peer.net.round import ClosedElsewhere, LeaderGroup, Tally, check_member, leader_rank, roster_hash
 from peer.net.state_sync import StateSnapshot
 from peer.net.upload import RateMeter, UploadCap, cap_bps, upload_estimate
 
@@ -111,8 +111,10 @@ class NetCore:
     # ---- progress, view and trigger -------------------------------------------------------
     def record(self) -> swarm.PeerRecord:
         state_round = self.snapshot.header.round if self.snapshot else -1
+        lie = self.faults.claim_factor(self.round)   # 1 unless a test makes this peer forge its progress
         return swarm.PeerRecord(self.peer_id, "" if self.client_mode else self.address, self.round,
-                                self.steps, self.samples, self.rate if self.training else 0.0, self.training,
+                                int(self.steps * lie), int(self.samples * lie), self.rate if self.training else 0.0,
+                                self.training,
                                 self.client_mode, state_round, self.spec_hash, get_dht_time(), self.phase,
                                 self.upload_bps())
 
@@ -358,7 +360,7 @@ class NetCore:
         if best and best[0][0] != self.peer_id:
             return pb.JoinReply(status=pb.JoinReply.REDIRECT, redirect_peer_id=best[0][0],
                                 redirect_address=best[0][1], current_round=self.round)
-        why = check_member(req.member, r)
+        why = check_member(req.member, r) or self.check_claim(req.member, r)
         if why:
             log.warning("round %d: rejected Join of %s: %s", r, req.member.peer_id[-6:], why)
             return pb.JoinReply(status=pb.JoinReply.REJECTED, reason=why, current_round=self.round)
@@ -413,6 +415,17 @@ class NetCore:
             return pb.JoinReply(status=pb.JoinReply.CLOSED, current_round=self.round, reason="round closed")
         return pb.JoinReply(status=pb.JoinReply.OK, roster=roster)
 
+    def check_claim(self, m: pb.Member, r: int) -> str:
+        """Why a joiner's claimed work is not backed by what it published (validate.join_claim)."""
+        if m.peer_id == self.peer_id:
+            return ""
+        record = self.view.get(m.peer_id)
+        ctx = self.rounds.get(r)
+        tally = ctx.tally if ctx is not None else None
+        return validate.join_claim(m, r, record if record is not None and record.fresh() else None,
+                                   tally.reports.get(m.peer_id) if tally else None,
+                                   tally.allowed.get(m.peer_id) if tally else None, self.spec.weighting)
+
     async def join_round(self, r: int, member: pb.Member, deadline: Deadline) -> pb.Roster | None:
         """Asks the round's leader to admit us; None when the round closed without us."""
         skip: set[str] = set()
@@ -444,7 +457,15 @@ class NetCore:
                 skip.add(target[0])
                 continue
             if reply.status == pb.JoinReply.OK:
-                return reply.roster
+                roster = reply.roster
+                why = ("its hash is not its content's" if roster.hash != roster_hash(roster) or roster.round != r
+                       else validate.roster(roster, self.numel, wire_codec(self.spec), self.peer_id))
+                if not why:
+                    return roster
+                log.warning("round %d: leader %s sent a roster we cannot use (%s); passing it over", r,
+                            target[0][-6:], why)
+                skip.add(target[0])
+                continue
             if reply.status == pb.JoinReply.REDIRECT and reply.redirect_peer_id not in skip:
                 redirect = (reply.redirect_peer_id, reply.redirect_address)
             elif reply.status == pb.JoinReply.CLOSED or reply.current_round > r:
@@ -465,6 +486,8 @@ class NetCore:
         group = ctx.group
         if group.roster.result().hash != req.roster_hash:
             raise Reject(grpc.StatusCode.FAILED_PRECONDITION, f"round {req.round}: unknown roster")
+        if req.peer_id not in {m.peer_id for m in group.roster.result().members}:
+            raise Reject(grpc.StatusCode.PERMISSION_DENIED, f"round {req.round}: {req.peer_id[-6:]} is not a member")
         group.add_report(req)
         self.faults.hit("leader_commit", req.round)
         deadline = Deadline(self.transfer_timeout_s() + 10)

@@ -14,7 +14,7 @@ from peer._proto import peer_pb2 as pb
 from peer.codecs import get_codec
 from peer.net import allreduce as ar
 from peer.net import owner as owner_side
-from peer.net import swarm
+from peer.net import swarm, validate
 from peer.net.client import describe_rpc_error
 from peer.net.core import NetCore
 from peer.net.loop import Deadline
@@ -176,8 +176,11 @@ async def fetch_shard(core: NetCore, ctx, roster: pb.Roster, j: int, mine: bytes
             except RuntimeError as e:
                 header, payload = await reduce_again(core, ctx, roster, j, mine, deadline, str(e))
         ctx.bytes_received += len(payload)
-    ctx.fetched[j] = (header, payload)
     values = await asyncio.get_running_loop().run_in_executor(None, codec.decode, payload, header.numel, into)
+    why = validate.contribution(values)
+    if why:   # an owner's lie (or a broken one): never averaged in, nor served to others as the shard
+        raise RuntimeError(f"round {roster.round}: the reduced shard {j} (owner {owner[-6:]}) holds {why}")
+    ctx.fetched[j] = (header, payload)
     return ar.ShardResult(header, payload, values)
 
 

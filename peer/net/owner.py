@@ -5,6 +5,7 @@ and serve the result, also again from a member that pulled it when its owner die
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING
 
 import grpc
@@ -13,7 +14,10 @@ from peer._proto import peer_pb2 as pb
 from peer.aggregate import Aggregator, aggregator, weighted_mean
 from peer.codecs import ErrorFeedback, get_codec
 from peer.net import allreduce as ar
+from peer.net import validate
 from peer.net.client import Reject
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from peer.net.core import NetCore, RoundCtx
@@ -80,10 +84,17 @@ async def handle_contribute(core: NetCore, stream) -> pb.ContributeReply:
             why = f"the owner of shard {h.shard} cannot contribute to its backup"
     if why:
         raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"round {h.round}: {why}")
+    shard = backup_shard(core, ctx, roster, h.shard) if h.backup else ctx.owned[h.shard]
+    if h.sender in shard.received or h.sender in shard.refused:
+        raise Reject(grpc.StatusCode.ALREADY_EXISTS, f"round {h.round}: shard {h.shard} has {h.sender[-6:]}'s part already")
     payload = await ar.read_payload(first, stream, h.num_bytes)
     values = await asyncio.get_running_loop().run_in_executor(None, codec.decode, payload, h.numel)
     ctx.bytes_received += len(payload)
-    shard = backup_shard(core, ctx, roster, h.shard) if h.backup else ctx.owned[h.shard]
+    why = validate.contribution(values)
+    if why:   # dropped for this round: the shard is reduced without it, at once if everyone else is in
+        log.warning("round %d: dropped %s's part of shard %d: %s", h.round, h.sender[-6:], h.shard, why)
+        shard.refuse(h.sender, why)
+        return pb.ContributeReply(accepted=False, reason=why)
     shard.add(h.sender, values)
     return pb.ContributeReply(accepted=True)
 

@@ -11,11 +11,13 @@ import json
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 
 from peer._proto import peer_pb2 as pb
+from peer.net import validate
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +81,8 @@ def roster_hash(r: pb.Roster) -> str:
 
 def make_roster(round_: int, leader: str, members: list[pb.Member], codec: str, numel: int) -> pb.Roster:
     """Members sorted by peer id; owners and bounds from the serving members' upload rates."""
-    members = sorted(members, key=lambda m: m.peer_id)
+    members = validate.cap_claims([pb.Member.FromString(m.SerializeToString()) for m in
+                                   sorted(members, key=lambda m: m.peer_id)])   # copies: the joiners' claims stay
     serving = [m for m in members if not m.client_mode]
     owners, bounds = shard_plan(numel, [m.peer_id for m in serving], [m.upload_bps for m in serving])
     r = pb.Roster(round=round_, leader=leader, members=members, owners=owners, codec=codec, numel=numel,
@@ -192,7 +195,11 @@ class LeaderGroup:
             return self.decision.done()
         roster = self.roster.result()
         waiting = {m.peer_id for m in roster.members} - set(self.reports)
-        waiting -= {p for r in self.reports.values() for p in r.unreachable}  # dead: no report will come
+        # dead: no report will come. A member's report speaks only for itself: another member is given up on
+        # when the leader's own report names it, or two reports do
+        named = Counter(p for r in self.reports.values() for p in set(r.unreachable))
+        mine = self.reports.get(self.leader)
+        waiting -= {p for p, n in named.items() if n >= 2 or (mine is not None and p in mine.unreachable)}
         if waiting and time.monotonic() - self.first_report_at < window_s:
             return False
         self.decision.set_result(decide(roster, self.reports))
@@ -287,6 +294,7 @@ class Tally:
     def __init__(self, target_steps: int):
         self.target = target_steps
         self.reports: dict[str, tuple[int, float, float]] = {}   # peer -> (steps, steps/s, when)
+        # a report counts at most validate.UNGRANTED_STEPS beyond the steps allowed (no peer outbids the round)
         self.allowed: dict[str, int] = {}   # steps in all each member may do: held until it reports
 
     def _held(self, peer: str, now: float) -> int:
@@ -298,6 +306,7 @@ class Tally:
                unreported_rate: float = 0.0) -> tuple[int, bool, int]:
         """Records a member's report; returns (steps it may do in all, stop now, the swarm's
         steps held). `unreported`: steps (and their rate) of peers seen training only in the DHT."""
+        steps = min(steps, self.allowed.get(peer, 0) + validate.UNGRANTED_STEPS)
         self.reports[peer] = (steps, rate, now)
         others = sum(self._held(p, now) for p in self.reports if p != peer) + unreported
         pool = self.target - steps - others

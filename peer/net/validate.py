@@ -7,8 +7,10 @@ Runs on the network loop."""
 from __future__ import annotations
 
 import grpc
+import torch
 
 from peer._proto import peer_pb2 as pb
+from peer.codecs import all_finite
 from peer.net.client import Reject
 
 # The field of each request that names its sender; it must be the signed caller.
@@ -34,3 +36,100 @@ def sender(request, caller_id: str) -> None:
         raise Reject(grpc.StatusCode.PERMISSION_DENIED,
                      f"the call is signed by {caller_id[-6:]} but claims to come from {claimed[-6:] or '(nobody)'!r}: "
                      "a peer speaks only for itself")
+
+
+# ---- claims: what a member says it did ----------------------------------------------------------
+# A member's weight and samples count at most CLAIM_CAP times the group's lower median (the smaller
+# middle value: with two members, the smaller one), so no one claim outweighs the group; and at Join
+# a member's fresh work may exceed what it published it did (its signed DHT record, its Progress
+# reports to the leader, the steps the leader allowed it) only by CLAIM_SLACK and a few steps.
+CLAIM_CAP = 4.0
+CLAIM_SLACK = 1.25
+CLAIM_STEPS = 4          # steps a claim may be ahead of the evidence (a record is up to a refresh old)
+UNGRANTED_STEPS = 64     # a Progress report counts at most this many steps beyond what the leader allowed
+
+
+def lower_median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2] if ordered else 0.0
+
+
+def cap_claims(members: list[pb.Member]) -> list[pb.Member]:
+    """Each member's weight, carried weight and samples capped at CLAIM_CAP times the group's lower
+    median (carried weight scaled with its weight), in place; deterministic (the roster carries it)."""
+    if len(members) < 2:
+        return members
+    w_cap = CLAIM_CAP * lower_median([m.weight for m in members])
+    s_cap = int(CLAIM_CAP * lower_median([float(m.samples) for m in members]))
+    for m in members:
+        if m.weight > w_cap:
+            m.carried_weight *= w_cap / m.weight
+            m.weight = w_cap
+        m.samples = min(m.samples, max(s_cap, 0))
+    return members
+
+
+def capped(members) -> bool:
+    """True when no member's claim exceeds the caps (what a member checks of a roster it got)."""
+    members = list(members)
+    if len(members) < 2:
+        return True
+    w_cap = CLAIM_CAP * lower_median([m.weight for m in members])
+    s_cap = int(CLAIM_CAP * lower_median([float(m.samples) for m in members]))
+    return all(m.weight <= w_cap * (1 + 1e-12) and m.samples <= max(s_cap, 0) for m in members)
+
+
+def join_claim(m: pb.Member, r: int, record, reported: tuple[int, float, float] | None, allowed: int | None,
+               weighting: str) -> str:
+    """Why a joiner's fresh work is not backed by what it published ("" when it is). `record`: its
+    fresh, signed PeerRecord from the view (None: it has none); `reported`/`allowed`: the leader's
+    tally of its Progress reports for round r."""
+    if record is None:
+        return "no fresh signed progress record of it in the DHT (only peers that publish one may join)"
+    if record.spec and record.addr and m.address and not m.client_mode and record.addr != m.address:
+        return f"its address {m.address} is not the one its record gives ({record.addr})"
+    steps = [float(allowed or 0), float(reported[0]) if reported else 0.0]
+    if record.round == r:
+        steps.append(record.steps_now())
+    evidence = max(steps)
+    limit_steps = CLAIM_SLACK * evidence + CLAIM_STEPS
+    per_step = record.samples / record.steps if record.round == r and record.steps > 0 else None
+    fresh = m.weight - m.carried_weight
+    if weighting == "steps" and fresh > limit_steps:
+        return f"claims {fresh:g} steps, but published {evidence:g}"
+    if weighting == "equal" and fresh > 1.0 + 1e-9:
+        return f"claims a fresh weight of {fresh:g}, but every contribution weighs 1 (--weighting equal)"
+    if per_step is not None:
+        limit_samples = CLAIM_SLACK * per_step * limit_steps + 1
+        if m.samples > limit_samples or (weighting == "samples" and fresh > limit_samples):
+            return f"claims {max(m.samples, fresh if weighting == 'samples' else 0):g} samples, but published " \
+                   f"{per_step:g} a step over about {evidence:g} steps"
+    return ""
+
+
+def roster(r: pb.Roster, numel: int, codec: str, me: str) -> str:
+    """Why a roster our leader sent cannot be used ("" when it can): members sorted and unique, we
+    among them, owners among the serving members, shard bounds covering [0, numel), the run's codec,
+    every claim within the caps."""
+    ids = [m.peer_id for m in r.members]
+    if ids != sorted(set(ids)):
+        return "members are not sorted and unique"
+    if me not in ids:
+        return "we are not among its members"
+    serving = {m.peer_id for m in r.members if not m.client_mode}
+    if not r.owners or set(r.owners) - serving or len(r.owners) != len(set(r.owners)):
+        return "owners are not distinct serving members"
+    b = list(r.shard_bounds)
+    if len(b) != len(r.owners) + 1 or b[0] != 0 or b[-1] != numel or any(x >= y for x, y in zip(b, b[1:], strict=False)):
+        return f"shard bounds {b[:4]}... do not cover {numel} values"
+    if r.codec != codec or r.numel != numel:
+        return f"codec {r.codec!r} / numel {r.numel} are not the run's ({codec!r}, {numel})"
+    if not capped(r.members):
+        return "a member's weight or samples exceed the caps"
+    return ""
+
+
+# ---- values ------------------------------------------------------------------------------------
+def contribution(values: torch.Tensor) -> str:
+    """Why decoded shard values cannot be averaged ("" when they can): NaN or infinity."""
+    return "" if all_finite(values) else "NaN or infinite values"

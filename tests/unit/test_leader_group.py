@@ -54,15 +54,25 @@ def test_decision_applies_only_with_equal_hashes_from_ok_reports():
 
 def test_decision_does_not_wait_for_a_member_the_others_could_not_reach():
     async def body():
-        g = LeaderGroup(1, "a", "int8", 10)
-        for p in "abc":
-            g.add(member(p))
-        assert g.maybe_close({"a", "b", "c"}, 5.0)
+        def group(leader_names_c: bool) -> LeaderGroup:
+            g = LeaderGroup(1, "a", "int8", 10)
+            for p in "abcd":
+                g.add(member(p))
+            assert g.maybe_close({"a", "b", "c", "d"}, 5.0)
+            g.add_report(pb.CommitRequest(peer_id="a", unreachable=["c"] if leader_names_c else [], **report))
+            return g
+
         report = dict(round=1, ok=True, shard_sha256=["x", "y", "z"])
-        g.add_report(pb.CommitRequest(peer_id="a", **report))
-        assert not g.maybe_decide(60.0), "decided before b and c reported"
-        g.add_report(pb.CommitRequest(peer_id="b", unreachable=["c"], **report))
-        assert g.maybe_decide(60.0), "waited for c, which b could not reach"
+        g = group(leader_names_c=False)
+        g.add_report(pb.CommitRequest(peer_id="b", unreachable=["c", "d"], **report))
+        assert not g.maybe_decide(60.0), "one member's report speaks only for itself: c and d are still waited for"
+        g.add_report(pb.CommitRequest(peer_id="d", unreachable=["c"], **report))
+        assert g.maybe_decide(60.0), "two reports name c: it is not waited for"
         d = g.decision.result()
-        assert d.apply and list(d.committed) == ["a", "b"] and list(d.shard_sha256) == ["x", "y", "z"]
+        assert d.apply and list(d.committed) == ["a", "b", "d"] and list(d.shard_sha256) == ["x", "y", "z"]
+
+        g = group(leader_names_c=True)   # the leader's own report is enough
+        g.add_report(pb.CommitRequest(peer_id="b", **report))
+        g.add_report(pb.CommitRequest(peer_id="d", **report))
+        assert g.maybe_decide(60.0) and list(g.decision.result().committed) == ["a", "b", "d"]
     asyncio.run(body())

@@ -1,0 +1,70 @@
+"""Validation of claims: caps on a member's weight and samples against the group's lower median,
+a joiner's claimed work against what it published, the leader's count of Progress reports, and
+the checks a member makes of a roster before it uses it."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from peer._proto import peer_pb2 as pb
+from peer.net import validate
+from peer.net.round import Tally, make_roster
+from peer.net.validate import CLAIM_CAP, UNGRANTED_STEPS, cap_claims, join_claim
+
+
+def m(pid: str, weight: float, samples: int, carried: float = 0.0) -> pb.Member:
+    return pb.Member(peer_id=pid, address=f"{pid}:1", weight=weight, samples=samples, carried_weight=carried,
+                     carried_round=0 if carried else -1)
+
+
+def test_one_claim_counts_at_most_cap_times_the_lower_median():
+    group = cap_claims([m("a", 10, 40), m("b", 12, 48), m("liar", 1e9, 10**15, carried=5e8)])
+    liar = group[2]
+    assert liar.weight == CLAIM_CAP * 12 and liar.samples == CLAIM_CAP * 48
+    assert liar.carried_weight == pytest.approx(liar.weight / 2), "the carried part keeps its share"
+    assert [g.weight for g in group[:2]] == [10, 12], "honest claims untouched"
+    two = cap_claims([m("a", 10, 40), m("liar", 1e9, 10**15)])
+    assert two[1].weight == CLAIM_CAP * 10, "with two members the smaller claim is the median"
+    assert cap_claims([m("solo", 1e9, 10)])[0].weight == 1e9, "alone, nothing to compare with"
+    assert validate.capped(group) and not validate.capped([m("a", 10, 40), m("b", 1e9, 40)])
+
+
+def test_the_roster_carries_capped_claims_and_members_refuse_an_uncapped_one():
+    members = [m("a", 10, 40), m("b", 12, 48), m("liar", 1e9, 10**15)]
+    roster = make_roster(3, "a", members, "int8", 100)
+    assert max(x.weight for x in roster.members) == CLAIM_CAP * 12
+    assert members[2].weight == 1e9, "the joiner's own message is not changed"
+    assert validate.roster(roster, 100, "int8", "a") == ""
+    bad = pb.Roster.FromString(roster.SerializeToString())
+    bad.members[2].weight = 1e9
+    assert "exceed the caps" in validate.roster(bad, 100, "int8", "a")
+    assert "not among its members" in validate.roster(roster, 100, "int8", "z")
+    assert "do not cover" in validate.roster(roster, 101, "int8", "a")
+    assert "not the run's" in validate.roster(roster, 100, "fp32", "a")
+
+
+def record(round_: int, steps: int, samples: int, rate: float = 0.0, addr: str = "j:1"):
+    return SimpleNamespace(round=round_, steps=steps, samples=samples, addr=addr, spec="s",
+                           steps_now=lambda: steps + rate)
+
+
+def test_a_joiners_claim_must_be_backed_by_what_it_published():
+    join = m("j", 20, 80)
+    assert "no fresh signed progress record" in join_claim(join, 5, None, None, None, "steps")
+    assert join_claim(join, 5, record(5, 20, 80), None, None, "steps") == ""
+    assert join_claim(join, 5, record(5, 2, 8), (19, 50.0, 0.0), 24, "steps") == "", "the leader's tally backs it"
+    assert "claims 20 steps, but published 2" in join_claim(join, 5, record(5, 2, 8), None, None, "steps")
+    assert "published" in join_claim(m("j", 20, 10**15), 5, record(5, 20, 80), None, None, "steps")
+    assert "every contribution weighs 1" in join_claim(m("j", 5, 80), 5, record(5, 20, 80), None, None, "equal")
+    assert "is not the one its record gives" in join_claim(join, 5, record(5, 20, 80, addr="k:1"), None, None, "steps")
+
+
+def test_a_progress_report_counts_at_most_a_little_beyond_what_was_allowed():
+    t = Tally(100)
+    t.report("honest", 0, 100.0, 0.0)
+    t.report("liar", 10**9, 100.0, 0.0)
+    assert t.reports["liar"][0] <= UNGRANTED_STEPS, "no member outbids the round by a report"
+    allowed, stop, _ = t.report("honest", 10, 100.0, 0.1)
+    assert not stop and allowed > 10, "the honest member still gets steps"
