@@ -56,7 +56,7 @@ def serve(host: str, numel: int) -> None:
         handle_get_state = NetCore.handle_get_state
 
         def __init__(self, snapshot):
-            self.snapshot, self.faults, self.verifier = snapshot, FaultPlan([]), Verifier()
+            self.snapshot, self.faults, self.verifier, self.limits = snapshot, FaultPlan([]), Verifier(), None
 
     setup_logging("WARNING")
     snapshot = StateSnapshot.of(make_state(numel), SPEC_HASH)

@@ -14,6 +14,7 @@ wrong secret proof. Each refusal is logged once per caller and cause at WARNING 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import hashlib
 import hmac
@@ -29,6 +30,7 @@ import grpc
 from hivemind.utils import get_dht_time
 
 from peer.identity import Identity, peer_id_of, verify
+from peer.net.limits import CallerLimits, host_of
 
 log = logging.getLogger(__name__)
 
@@ -266,68 +268,92 @@ def _hashing(deserializer):
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Checks every call (Verifier) before its handler runs; the handler sees plain messages and `caller()`."""
+    """Checks every call before its handler runs: the caller host's limits (peer.net.limits), then
+    its signature (Verifier), then the signed peer's limits; the handler sees plain messages and
+    `caller()`. Refusals end the call with UNAUTHENTICATED or RESOURCE_EXHAUSTED, naming the cause."""
 
-    def __init__(self, verifier: Verifier):
-        self.verifier = verifier
+    def __init__(self, verifier: Verifier, limits: CallerLimits | None = None):
+        self.verifier, self.limits = verifier, limits or CallerLimits()
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         if handler is None:
             return None
         method, metadata = _method(details), details.invocation_metadata
+        limits, verifier = self.limits, self.verifier
 
-        async def admit(first_raw: bytes, context) -> None:
+        async def refuse(context, code, why: str) -> None:
+            claimed = next((v for k, v in metadata or () if k == ID), "")
+            verifier.log_refusal(claimed if isinstance(claimed, str) else "", context.peer(), method, why)
+            await context.abort(code, why)
+
+        @contextlib.asynccontextmanager
+        async def host_admitted(context):
+            host = host_of(context.peer())
+            why = limits.enter_host(host)
+            if why:
+                await refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, why)
             try:
-                who = self.verifier.check(method, metadata, hashlib.sha256(first_raw).hexdigest())
+                yield
+            finally:
+                limits.leave_host(host)
+
+        @contextlib.asynccontextmanager
+        async def peer_admitted(first_raw: bytes, context):
+            try:
+                who = verifier.check(method, metadata, hashlib.sha256(first_raw).hexdigest())
             except Refusal as e:
-                claimed = next((v for k, v in metadata or () if k == ID), "")
-                self.verifier.log_refusal(claimed if isinstance(claimed, str) else "", context.peer(), method, str(e))
-                await context.abort(e.code, str(e))
+                await refuse(context, e.code, str(e))
+            why = limits.enter_peer(who)
+            if why:
+                await refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, why)
             _CALLER.set(Caller(who, context.peer()))
+            try:
+                yield
+            finally:
+                limits.leave_peer(who)
 
         if handler.unary_unary or handler.unary_stream:
             inner = handler.unary_unary or handler.unary_stream
-            streaming = inspect.isasyncgenfunction(inner)
 
-            if streaming:
+            if inspect.isasyncgenfunction(inner):
                 async def behavior(request, context):
                     message, raw = request
-                    await admit(raw, context)
-                    async for reply in inner(message, context):
-                        yield reply
+                    async with host_admitted(context), peer_admitted(raw, context):
+                        async for reply in inner(message, context):
+                            yield reply
             else:
                 async def behavior(request, context):
                     message, raw = request
-                    await admit(raw, context)
-                    return await inner(message, context)
+                    async with host_admitted(context), peer_admitted(raw, context):
+                        return await inner(message, context)
 
             make = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.unary_stream_rpc_method_handler
             return make(behavior, request_deserializer=_hashing(handler.request_deserializer),
                         response_serializer=handler.response_serializer)
-
-        inner = handler.stream_unary or handler.stream_stream
+        if handler.stream_stream:
+            raise TypeError("no stream-stream method is checked: add it to AuthInterceptor")
+        inner = handler.stream_unary
 
         async def stream_behavior(request_iterator, context):
-            it = request_iterator.__aiter__()
-            try:
-                message, raw = await it.__anext__()
-            except StopAsyncIteration:
-                message, raw = None, b""
-            await admit(raw, context)
+            async with host_admitted(context):
+                it = request_iterator.__aiter__()
+                try:
+                    message, raw = await it.__anext__()
+                except StopAsyncIteration:
+                    message, raw = None, b""
+                async with peer_admitted(raw, context):
+                    async def messages():
+                        if message is None:
+                            return
+                        yield message
+                        async for m, _ in it:
+                            yield m
 
-            async def messages():
-                if message is None:
-                    return
-                yield message
-                async for m, _ in it:
-                    yield m
+                    return await inner(messages(), context)
 
-            return await inner(messages(), context)
-
-        make = grpc.stream_unary_rpc_method_handler if handler.stream_unary else grpc.stream_stream_rpc_method_handler
-        return make(stream_behavior, request_deserializer=_hashing(handler.request_deserializer),
-                    response_serializer=handler.response_serializer)
+        return grpc.stream_unary_rpc_method_handler(stream_behavior, request_deserializer=_hashing(
+            handler.request_deserializer), response_serializer=handler.response_serializer)
 
 
 def describe_secret_refusal(details: str) -> str | None:

@@ -26,6 +26,7 @@ from peer.net import swarm, validate
 from peer.net.auth import Signer, Verifier
 from peer.net.client import Channels, Reject, describe_rpc_error
 from peer.net.deadlines import Deadlines
+from peer.net.limits import CallerLimits
 from peer.net.loop import Deadline
 from peer.net.reach import DialBackService, Reachability
 from peer.net.replay import KEEP_ROUNDS, UpdateLog
@@ -74,6 +75,7 @@ class NetCore:
         self.reach = Reachability()
         self.signer = Signer(identity, cfg.run_secret)   # signs every call we make (peer.net.auth)
         self.verifier = Verifier(cfg.run_secret, cfg.max_clock_skew_s)   # checks every call we answer
+        self.limits = CallerLimits()   # per caller host and peer: calls/s and calls at once (limits.py)
         self.dialer = DialBackService(self.signer)
         self.spec: RunSpec | None = None
         self.spec_hash = ""

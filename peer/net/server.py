@@ -109,7 +109,7 @@ async def start_server(core: NetCore, host: str, port: int, servicer: Servicer |
     # The same options as our channels (client.py explains each): message sizes bounded to
     # one chunk, BDP-probed flow-control windows, and the keepalive pings our channels send accepted.
     # Every call is checked (peer.net.auth) before its handler runs.
-    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[AuthInterceptor(core.verifier)])
+    server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[AuthInterceptor(core.verifier, core.limits)])
     peer_pb2_grpc.add_PeerServicer_to_server(servicer or Servicer(core), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
