@@ -73,9 +73,6 @@ FLAGS: list[tuple[str, Any, str]] = [
     ("run-secret", str, "a private run: only peers with this secret take part (visible to local users in the "
                         "process list until it starts: prefer DILOCO_RUN_SECRET or --run-secret-file)"),
     ("run-secret-file", str, "read the run secret from the first line of this file"),
-    ("tls-cert", str, "PEM certificate of this peer's gRPC server; with --tls-key and --tls-ca every call is TLS"),
-    ("tls-key", str, "PEM private key of --tls-cert"),
-    ("tls-ca", str, "PEM CA bundle that signed the other peers' certificates"),
     ("max-clock-skew-s", float, "calls stamped further than this from this peer's clock are refused (30)"),
     # run spec: the starting peer's values become the run's; joiners adopt them
     ("model", str, "run spec: a built-in GPT preset (tiny, small, base) or a local folder with a transformers "

@@ -137,9 +137,6 @@ class PeerConfig:
     identity_file: str = ""          # the peer's key file (its id); empty = <checkpoint-dir>/identity.key, else a new key each start
     run_secret: str = field(default="", repr=False)  # a private run: only peers with this secret take part
     run_secret_file: str = ""        # the secret's first line is read from this file (instead of --run-secret)
-    tls_cert: str = ""               # PEM certificate of this peer's gRPC server (with --tls-key): calls are TLS
-    tls_key: str = ""
-    tls_ca: str = ""                 # PEM CA bundle that signed the other peers' certificates
     max_clock_skew_s: float = 30.0   # calls stamped further than this from our clock are refused (replays)
     spec: RunSpec = field(default_factory=RunSpec)
 
@@ -247,12 +244,6 @@ def validate_peer(c: PeerConfig) -> None:
            "a file that exists, holding the secret on its first line")
     _check(c.run_secret == "" or len(c.run_secret) >= 8, "run_secret", "(hidden)",
            "at least 8 characters (a long random string: python3 -c 'import secrets; print(secrets.token_hex(16))')")
-    _check(bool(c.tls_cert) == bool(c.tls_key), "tls_key", c.tls_key, "given together with --tls-cert")
-    _check(not c.tls_cert or bool(c.tls_ca), "tls_ca", c.tls_ca,
-           "the CA bundle that signed the peers' certificates (with --tls-cert every call is TLS)")
-    for name in ("tls_cert", "tls_key", "tls_ca"):
-        _check(getattr(c, name) == "" or os.path.isfile(getattr(c, name)), name, getattr(c, name),
-               "a PEM file that exists")
     _check(5 <= c.max_clock_skew_s <= 600, "max_clock_skew_s", c.max_clock_skew_s, "seconds in [5, 600]")
     validate_spec(c.spec)
 
