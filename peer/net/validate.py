@@ -39,8 +39,9 @@ def sender(request, caller_id: str) -> None:
 
 
 # ---- claims: what a member says it did ----------------------------------------------------------
-# A member's weight and samples count at most CLAIM_CAP times the group's lower median (the smaller
-# middle value: with two members, the smaller one), so no one claim outweighs the group; and at Join
+# A member's weight and samples count at most CLAIM_CAP times the group's median (the upper middle
+# value of an even group, so a fast half is never capped by a slow half; with two members the smaller
+# claim), so no one claim outweighs the group; and at Join
 # a member's fresh work may exceed what it published it did (its signed DHT record, its Progress
 # reports to the leader, the steps the leader allowed it) only by CLAIM_SLACK and a few steps.
 CLAIM_CAP = 4.0
@@ -50,8 +51,11 @@ UNGRANTED_STEPS = 64     # a Progress report counts at most this many steps beyo
 
 
 def lower_median(values: list[float]) -> float:
+    """The group's median claim for the caps: the smaller of two, else the upper middle value."""
     ordered = sorted(values)
-    return ordered[(len(ordered) - 1) // 2] if ordered else 0.0
+    if not ordered:
+        return 0.0
+    return ordered[0] if len(ordered) == 2 else ordered[len(ordered) // 2]
 
 
 def cap_claims(members: list[pb.Member]) -> list[pb.Member]:

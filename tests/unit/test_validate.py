@@ -29,6 +29,8 @@ def test_one_claim_counts_at_most_cap_times_the_lower_median():
     assert two[1].weight == CLAIM_CAP * 10, "with two members the smaller claim is the median"
     assert cap_claims([m("solo", 1e9, 10)])[0].weight == 1e9, "alone, nothing to compare with"
     assert validate.capped(group) and not validate.capped([m("a", 10, 40), m("b", 1e9, 40)])
+    mixed = cap_claims([m("s1", 5, 20), m("s2", 5, 20), m("f1", 40, 160), m("f2", 40, 160)])
+    assert [x.weight for x in mixed] == [5, 5, 40, 40], "a fast half is not capped by a slow half"
 
 
 def test_the_roster_carries_capped_claims_and_members_refuse_an_uncapped_one():
