@@ -64,7 +64,7 @@ def test_peer_joins_and_sigterm_exits_cleanly(bootstrap):
     children = descendants(proc.pid)
     dht = hivemind.DHT(initial_peers=[join_address], host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
     try:
-        wait_for_line(proc, r"\b([1-9]\d*) other DHT peers in the routing table", timeout_s=20)
+        wait_for_line(proc, r"\b([1-9]\d*) other DHT peers in the routing table", timeout_s=40)
     finally:
         dht.shutdown()
 
