@@ -1,16 +1,16 @@
 """Eval loss with a lying peer: 5 peers of the built-in task on 127.0.0.1 (bench/local_swarm.py), one
 of which sends a scaled (x100) or sign-flipped pseudo-gradient every round (the test-only fault
-plan's `scale` fault at `pseudo_gradient`), under each --aggregator, beside an honest run with the
-mean. Prints the eval loss at the start and after the last round, and the rounds applied. Weights
+plan's `scale` fault at `pseudo_gradient`), or lies as an owner (serves 100 x every shard it
+reduces: `scale` at `reduced_shard`), under each --aggregator, beside an honest run with the
+mean. A robust aggregator turns --verify-shards on (auto), which is what catches the lying owner. Prints the eval loss at the start and after the last round, and the rounds applied. Weights
 are equal (--weighting equal): a robust aggregator drops or clips by weight share, so a liar could
 otherwise claim more weight (see ARCHITECTURE.md section 8). Not a test.
 
-    .venv/bin/python bench/byzantine.py [--rounds 6] [--target-steps 40] [--attacks scale flip]
+    .venv/bin/python bench/byzantine.py [--rounds 6] [--target-steps 40] [--attacks scale flip owner]
         [--aggregators mean trimmed-mean centered-clip] [--honest-all] [--skip-honest]
 
 The liar is the last peer, p4; p0 (honest) is the one whose eval loss is read (the global state is
-the same bytes on every peer). A "lying owner" (an owner that serves a wrong reduction) is another
-entry of ATTACKS, to come.
+the same bytes on every peer).
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from local_swarm import LocalSwarm  # noqa: E402
 
 START_EVAL = re.compile(r"eval loss at the start: ([0-9.]+)")
-# attack -> (what the liar does, its fault plan); an owner that lies is a later entry with its own point
+# attack -> (what the liar does, its fault plan)
 ATTACKS = {
     "scale": ("sends 100 x its delta", [{"point": "pseudo_gradient", "action": "scale", "factor": 100.0}]),
     "flip": ("sends -1 x its delta", [{"point": "pseudo_gradient", "action": "scale", "factor": -1.0}]),
+    "owner": ("serves 100 x the shards it owns", [{"point": "reduced_shard", "action": "scale", "factor": 100.0}]),
 }
 AGGREGATORS = ("mean", "trimmed-mean", "centered-clip")
 
@@ -44,6 +45,7 @@ class Result:
     start: float
     final: float          # nan when p0 wrote no finite eval loss
     rounds: int           # rounds applied by p0
+    aborted: int          # attempts p0 saw aborted (a lying owner caught by --verify-shards)
     wall_s: float
     note: str = ""
 
@@ -79,7 +81,8 @@ def run(root: Path, name: str, aggregator: str, attack: str, args: argparse.Name
     evals = [float(r["eval_loss"]) for r in rows if isinstance(r["eval_loss"], (int, float))]
     final = evals[-1] if evals and math.isfinite(evals[-1]) else float("nan")
     return Result(name, float(m.group(1)) if m else float("nan"), final,
-                  sum(r["outcome"] == "applied" for r in rows), time.monotonic() - t0, note)
+                  sum(r["outcome"] == "applied" for r in rows), sum(r["outcome"] == "aborted" for r in rows),
+                  time.monotonic() - t0, note)
 
 
 def main() -> None:
@@ -92,7 +95,7 @@ def main() -> None:
     ap.add_argument("--target-steps", type=int, default=40, help="inner steps summed over the swarm per round")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--eval-batches", type=int, default=8)
-    ap.add_argument("--attacks", nargs="*", default=["scale", "flip"], choices=sorted(ATTACKS))
+    ap.add_argument("--attacks", nargs="*", default=["scale", "flip", "owner"], choices=sorted(ATTACKS))
     ap.add_argument("--aggregators", nargs="+", default=list(AGGREGATORS), choices=AGGREGATORS)
     ap.add_argument("--honest-all", action="store_true", help="an honest run under every aggregator, not just "
                     "the mean (what robustness costs without a liar)")
@@ -119,9 +122,10 @@ def main() -> None:
         results.append(run(root, name, aggregator, attack, args))
         r = results[-1]
         print(f"  {name}: eval {r.final:.4f} after {r.rounds} rounds ({r.wall_s:.0f} s) {r.note}", flush=True)
-    print(f"\n{'run (attack, aggregator)':28} {'start':>7} {'eval loss':>9} {'rounds':>6} {'wall s':>7}  note")
+    print(f"\n{'run (attack, aggregator)':28} {'start':>7} {'eval loss':>9} {'rounds':>6} {'aborted':>7} "
+          f"{'wall s':>7}  note")
     for r in results:
-        print(f"{r.name:28} {r.start:7.4f} {r.final:9.4f} {r.rounds:6d} {r.wall_s:7.1f}  {r.note}")
+        print(f"{r.name:28} {r.start:7.4f} {r.final:9.4f} {r.rounds:6d} {r.aborted:7d} {r.wall_s:7.1f}  {r.note}")
 
 
 if __name__ == "__main__":

@@ -95,6 +95,11 @@ FLAGS: list[tuple[str, Any, str]] = [
     ("trim-fraction", float, "run spec: trimmed-mean: share of the total weight dropped at each end (0.2)"),
     ("clip-tau", float, "run spec: centered-clip: clipping radius in median distances to the median (1.0)"),
     ("clip-iters", int, "run spec: centered-clip: clipping steps (3)"),
+    ("verify-shards", str, "run spec: each shard is reduced by its owner and its backup and members apply it "
+                           "only when both hashes match (a lying owner): auto (on with a robust --aggregator "
+                           "and no --trusted-owners), on, off; costs each member a second upload of its delta"),
+    ("trusted-owners", str, "run spec: comma-separated peer ids that alone own shards (their keys are trusted "
+                            "not to lie as owners); other peers only contribute"),
     ("stale-work", str, "run spec: work of a missed round is dropped or carried into the next (drop, carry)"),
     ("target-steps", int, "run spec: inner steps summed over the swarm that close a round"),
     ("max-round-seconds", float, "run spec: a round closes after this much training anyway"),

@@ -18,6 +18,8 @@ CODECS = ("fp32", "fp16", "bf16", "int8", "int4", "sparse")
 WEIGHTINGS = ("steps", "samples", "equal")
 STALE_WORK = ("drop", "carry")
 AGGREGATORS = ("mean", "trimmed-mean", "centered-clip")   # peer/aggregate.py
+VERIFY_SHARDS = ("auto", "on", "off")   # auto: on with a robust aggregator and no trusted owners
+PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{32,64}")   # a base58 libp2p peer id (peer/identity.py)
 MODELS = ("tiny", "small", "base")  # built-in GPT presets; "hf" is a transformers causal LM from a config
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PROGRESS = ("auto", "on", "off")   # --progress: auto = a bar when stderr is a terminal
@@ -59,6 +61,8 @@ class RunSpec:
     trim_fraction: float = 0.2      # trimmed-mean: share of the total weight dropped at each end, per value
     clip_tau: float = 1.0           # centered-clip: the clipping radius, in median distances to the median
     clip_iters: int = 3             # centered-clip: clipping steps from the median
+    verify_shards: str = "auto"     # each shard reduced by its owner and its backup, hashes compared (lying owners)
+    trusted_owners: str = ""        # comma-separated peer ids: only these own shards ("" = any serving member)
     stale_work: str = "drop"        # work of a round a peer missed: dropped, or carried into its next one
     target_steps: int = 200         # inner steps summed over the swarm that close a round
     max_round_seconds: float = 300.0  # a round closes after this much training regardless
@@ -182,6 +186,13 @@ def validate_spec(s: RunSpec) -> None:
            "a number in (0, 1000] (1 = the median distance of a contribution to the median)")
     _check(isinstance(s.clip_iters, int) and 1 <= s.clip_iters <= 100, "clip_iters", s.clip_iters,
            "an integer from 1 to 100")
+    _check(s.verify_shards in VERIFY_SHARDS, "verify_shards", s.verify_shards,
+           f"one of {', '.join(VERIFY_SHARDS)} (auto: on with a robust --aggregator and no --trusted-owners)")
+    ids = trusted_owners(s)
+    bad = [i for i in ids if PEER_ID.fullmatch(i) is None]
+    _check(not bad and len(ids) == len(set(ids)) and s.trusted_owners == ",".join(ids), "trusted_owners",
+           s.trusted_owners[:80], "distinct peer ids separated by commas, no spaces (each peer logs its id at start: "
+           "'peer id Qm...')")
     _check(s.weighting in WEIGHTINGS, "weighting", s.weighting, f"one of {', '.join(WEIGHTINGS)}")
     for name in ("inner_lr", "outer_lr", "max_round_seconds"):
         v = getattr(s, name)
@@ -193,6 +204,16 @@ def validate_spec(s: RunSpec) -> None:
     _check(0 <= s.warmup_samples <= s.total_samples, "warmup_samples", s.warmup_samples,
            f"an integer between 0 and --total-samples ({s.total_samples})")
     _check(s.total_samples >= 1, "total_samples", s.total_samples, "an integer >= 1")
+
+
+def trusted_owners(s: RunSpec) -> list[str]:
+    """The peer ids that alone may own shards (empty: any serving member)."""
+    return s.trusted_owners.split(",") if s.trusted_owners else []
+
+
+def verifies_shards(s: RunSpec) -> bool:
+    """Whether each shard is reduced twice (owner and backup) and members compare the hashes."""
+    return s.verify_shards == "on" or (s.verify_shards == "auto" and s.aggregator != "mean" and not s.trusted_owners)
 
 
 def validate_peer(c: PeerConfig) -> None:

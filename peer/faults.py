@@ -17,7 +17,11 @@ POINTS = ("inner_step", "before_average", "overlap_step", "after_round", "checkp
           "pseudo_gradient",   # "scale" only: a Byzantine peer sends factor x its delta (-1: sign-flipped)
           "claim",   # "scale" only: a Byzantine peer claims factor x its weight and samples, and publishes
                      # factor x its steps and samples in its DHT record (forged progress backing the claim)
+          "reduced_shard",   # "scale" only: a lying owner serves factor x the shards it reduces as their owner
           "after_join", "after_send", "serving_shard", "served_shard", "leader_commit", "serving_state")  # network loop: kill only
+
+
+SCALED = ("pseudo_gradient", "claim", "reduced_shard")   # the points whose action is "scale"
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,7 @@ class FaultPlan:
         for item in json.loads(raw):
             fault = Fault(**item)
             if (fault.point not in POINTS or fault.action not in ("sleep", "kill", "sigterm", "scale")
-                    or (fault.action == "scale") != (fault.point in ("pseudo_gradient", "claim"))):
+                    or (fault.action == "scale") != (fault.point in SCALED)):
                 raise ValueError(f"DILOCO_FAULTS: bad fault {item}")
             faults.append(fault)
         log.warning("test fault plan active: %s", faults)
@@ -70,9 +74,16 @@ class FaultPlan:
 
     def claim_factor(self, round_: int) -> float:
         """What this peer multiplies its claims and its published progress by (1: it does not lie)."""
+        return self._factor("claim", round_)
+
+    def owner_factor(self, round_: int) -> float:
+        """What this peer multiplies the shards it reduces as their owner by (1: it does not lie)."""
+        return self._factor("reduced_shard", round_)
+
+    def _factor(self, point: str, round_: int) -> float:
         factor = 1.0
         for f in self.faults:
-            if f.point == "claim" and (f.round is None or f.round == round_):
+            if f.point == point and (f.round is None or f.round == round_):
                 factor *= f.factor
         return factor
 

@@ -98,7 +98,7 @@ class ShardChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[ShardHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ShardHeader(_message.Message):
-    __slots__ = ("round", "roster_hash", "sender", "shard", "codec", "numel", "num_bytes", "sha256", "contributors", "weights", "total_weight", "backup")
+    __slots__ = ("round", "roster_hash", "sender", "shard", "codec", "numel", "num_bytes", "sha256", "contributors", "weights", "total_weight", "backup", "parts_sha256")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ROSTER_HASH_FIELD_NUMBER: _ClassVar[int]
     SENDER_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +111,7 @@ class ShardHeader(_message.Message):
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     BACKUP_FIELD_NUMBER: _ClassVar[int]
+    PARTS_SHA256_FIELD_NUMBER: _ClassVar[int]
     round: int
     roster_hash: str
     sender: str
@@ -123,7 +124,8 @@ class ShardHeader(_message.Message):
     weights: _containers.RepeatedScalarFieldContainer[float]
     total_weight: float
     backup: bool
-    def __init__(self, round: _Optional[int] = ..., roster_hash: _Optional[str] = ..., sender: _Optional[str] = ..., shard: _Optional[int] = ..., codec: _Optional[str] = ..., numel: _Optional[int] = ..., num_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., contributors: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ..., total_weight: _Optional[float] = ..., backup: _Optional[bool] = ...) -> None: ...
+    parts_sha256: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, round: _Optional[int] = ..., roster_hash: _Optional[str] = ..., sender: _Optional[str] = ..., shard: _Optional[int] = ..., codec: _Optional[str] = ..., numel: _Optional[int] = ..., num_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., contributors: _Optional[_Iterable[str]] = ..., weights: _Optional[_Iterable[float]] = ..., total_weight: _Optional[float] = ..., backup: _Optional[bool] = ..., parts_sha256: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ContributeReply(_message.Message):
     __slots__ = ("accepted", "reason")
@@ -134,20 +136,22 @@ class ContributeReply(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ShardRequest(_message.Message):
-    __slots__ = ("round", "roster_hash", "shard", "requester", "wait_s", "backup")
+    __slots__ = ("round", "roster_hash", "shard", "requester", "wait_s", "backup", "header_only")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ROSTER_HASH_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     REQUESTER_FIELD_NUMBER: _ClassVar[int]
     WAIT_S_FIELD_NUMBER: _ClassVar[int]
     BACKUP_FIELD_NUMBER: _ClassVar[int]
+    HEADER_ONLY_FIELD_NUMBER: _ClassVar[int]
     round: int
     roster_hash: str
     shard: int
     requester: str
     wait_s: float
     backup: bool
-    def __init__(self, round: _Optional[int] = ..., roster_hash: _Optional[str] = ..., shard: _Optional[int] = ..., requester: _Optional[str] = ..., wait_s: _Optional[float] = ..., backup: _Optional[bool] = ...) -> None: ...
+    header_only: bool
+    def __init__(self, round: _Optional[int] = ..., roster_hash: _Optional[str] = ..., shard: _Optional[int] = ..., requester: _Optional[str] = ..., wait_s: _Optional[float] = ..., backup: _Optional[bool] = ..., header_only: _Optional[bool] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
     __slots__ = ("round", "roster_hash", "peer_id", "ok", "shard_sha256", "reason", "unreachable")

@@ -97,6 +97,7 @@ class OwnedShard:
     index: int
     codec: Codec
     received: dict[str, torch.Tensor] = field(default_factory=dict)
+    parts: dict[str, str] = field(default_factory=dict)   # sender -> sha256 of its part's payload
     result: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     all_in: asyncio.Event = field(default_factory=asyncio.Event)
     pending_residual: ResidualUpdate | None = None   # applied if the round commits
@@ -105,20 +106,23 @@ class OwnedShard:
     absent: str = ""   # a backup reduction expects no contribution from the dead owner
     refused: dict[str, str] = field(default_factory=dict)   # sender -> why its contribution was dropped
     aggregate: Aggregator | None = None   # the run's spec.aggregator (owner.aggregator_of); None: the mean
+    lie: float = 1.0   # a test fault plan's lying owner serves lie x the result (faults.owner_factor)
 
-    def pending_fetches(self) -> set[str]:
-        """Members that have not fetched the result yet (empty when reducing failed)."""
+    def pending_fetches(self, reducer: str = "") -> set[str]:
+        """Members that have not fetched the result yet (empty when reducing failed); `reducer`: who
+        reduced it, when not the shard's owner (a backup's reduction is fetched by the owner too)."""
         if self.result.done() and self.result.exception() is not None:
             return set()
         members = {m.peer_id for m in self.roster.members}
-        return members - self.served - {self.roster.owners[self.index]}
+        return members - self.served - {reducer or self.roster.owners[self.index]}
 
     @property
     def bounds(self) -> tuple[int, int]:
         return self.roster.shard_bounds[self.index], self.roster.shard_bounds[self.index + 1]
 
-    def add(self, sender: str, values: torch.Tensor) -> None:
+    def add(self, sender: str, values: torch.Tensor, sha: str = "") -> None:
         self.received[sender] = values
+        self.parts[sender] = sha
         self._check_all_in()
 
     def refuse(self, sender: str, why: str) -> None:
@@ -153,7 +157,7 @@ class OwnedShard:
                                 codec=self.codec.name, numel=self.bounds[1] - self.bounds[0],
                                 num_bytes=len(payload), sha256=sha256(payload), contributors=contributors,
                                 weights=[w for w, _ in items], total_weight=sum(w for w, _ in items),
-                                backup=bool(self.absent))
+                                backup=bool(self.absent), parts_sha256=[self.parts[p] for p in contributors])
         self.received.clear()
         self.result.set_result((header, payload))
 
@@ -162,6 +166,8 @@ class OwnedShard:
         """The aggregate (the mean, or a robust one) plus the owner's residual on this shard's slice, encoded once."""
         start, numel = self.bounds[0], self.roster.numel
         mean = (self.aggregate or weighted_mean)(items)
+        if self.lie != 1.0:
+            mean = mean * self.lie
         target = mean if self.codec.EXACT else ef.compensate(start, mean, numel)
         payload = self.codec.encode(target)
         decoded = target if self.codec.EXACT else self.codec.decode(payload, target.numel())

@@ -18,7 +18,7 @@ from hivemind.utils import get_dht_time
 
 from peer._proto import peer_pb2 as pb
 from peer.codecs import ErrorFeedback, get_codec
-from peer.config import PeerConfig, RunSpec, wire_codec
+from peer.config import PeerConfig, RunSpec, trusted_owners, verifies_shards, wire_codec
 from peer.faults import FaultPlan
 from peer.identity import Identity
 from peer.net import allreduce as ar
@@ -33,6 +33,7 @@ from peer.net.replay import KEEP_ROUNDS, UpdateLog
 from peer.net.round import ClosedElsewhere, LeaderGroup, Tally, check_member, leader_rank, roster_hash
 from peer.net.state_sync import StateSnapshot
 from peer.net.upload import RateMeter, UploadCap, cap_bps, upload_estimate
+from peer.net.verify import OwnerRule, Suspects
 
 log = logging.getLogger(__name__)
 REFRESH_S = 0.5
@@ -61,6 +62,7 @@ class RoundCtx:
     bytes_sent: int = 0
     bytes_received: int = 0
     send_rates: list[float] = field(default_factory=list)   # bytes/s of each shard stream we sent
+    accepted: set[tuple[int, bool]] = field(default_factory=set)   # (shard, to its backup) that took our part
 
 
 class NetCore:
@@ -109,6 +111,7 @@ class NetCore:
         self._viewed = asyncio.Event()       # set (and replaced) after every view refresh
         self._progress_task: asyncio.Task | None = None
         self.gone: dict[str, float] = {}     # peers whose process is gone (refused us): until when to skip them
+        self.suspects = Suspects()           # peers a --verify-shards mismatch pointed at (verify.py)
 
     # ---- progress, view and trigger -------------------------------------------------------
     def record(self) -> swarm.PeerRecord:
@@ -362,7 +365,7 @@ class NetCore:
         if best and best[0][0] != self.peer_id:
             return pb.JoinReply(status=pb.JoinReply.REDIRECT, redirect_peer_id=best[0][0],
                                 redirect_address=best[0][1], current_round=self.round)
-        why = check_member(req.member, r) or self.check_claim(req.member, r)
+        why = check_member(req.member, r) or self.check_claim(req.member, r) or self.check_suspect(req.member, r)
         if why:
             log.warning("round %d: rejected Join of %s: %s", r, req.member.peer_id[-6:], why)
             return pb.JoinReply(status=pb.JoinReply.REJECTED, reason=why, current_round=self.round)
@@ -373,7 +376,8 @@ class NetCore:
             return pb.JoinReply(status=pb.JoinReply.CLOSED, current_round=self.round,
                                 reason=f"round {r} closed (led by {ctx.roster.result().leader[-6:]})")
         if ctx.group is None:
-            ctx.group = LeaderGroup(r, self.peer_id, wire_codec(self.spec), self.numel)
+            ctx.group = LeaderGroup(r, self.peer_id, wire_codec(self.spec), self.numel,
+                                    owners=OwnerRule.of(self.spec, self.suspects.reducers(r)))
         group = ctx.group
         if group.closed:
             return pb.JoinReply(status=pb.JoinReply.CLOSED, current_round=self.round, reason="round closed")
@@ -428,6 +432,14 @@ class NetCore:
                                    tally.reports.get(m.peer_id) if tally else None,
                                    tally.allowed.get(m.peer_id) if tally else None, self.spec.weighting)
 
+    def check_suspect(self, m: pb.Member, r: int) -> str:
+        """Why a joiner is kept out of round r ("" when it is not): it sent the two reducers of a shard
+        different parts in a recent round (--verify-shards; peer.net.verify)."""
+        if m.peer_id in self.suspects.contributors(r):
+            return (f"it sent the two reducers of a shard different parts; kept out until round "
+                    f"{self.suspects.until[m.peer_id]}")
+        return ""
+
     async def join_round(self, r: int, member: pb.Member, deadline: Deadline) -> pb.Roster | None:
         """Asks the round's leader to admit us; None when the round closed without us."""
         skip: set[str] = set()
@@ -461,7 +473,8 @@ class NetCore:
             if reply.status == pb.JoinReply.OK:
                 roster = reply.roster
                 why = ("its hash is not its content's" if roster.hash != roster_hash(roster) or roster.round != r
-                       else validate.roster(roster, self.numel, wire_codec(self.spec), self.peer_id))
+                       else validate.roster(roster, self.numel, wire_codec(self.spec), self.peer_id,
+                                            trusted_owners(self.spec)))
                 if not why:
                     return roster
                 log.warning("round %d: leader %s sent a roster we cannot use (%s); passing it over", r,
@@ -539,7 +552,9 @@ class NetCore:
         said = False
         ctx = self.rounds.get(self.round)  # rounds before it committed: every member fetched them
         while ctx is not None and not deadline.expired():
-            waiting = {j: shard.pending_fetches() for j, shard in ctx.owned.items()}
+            waiting = {str(j): shard.pending_fetches() for j, shard in ctx.owned.items()}
+            if self.spec is not None and verifies_shards(self.spec):   # the owners' checks read our headers
+                waiting |= {f"{j} (backup)": shard.pending_fetches(self.peer_id) for j, shard in ctx.backups.items()}
             waiting = {j: v for j, v in waiting.items() if v}
             deciding = ctx.group is not None and ctx.group.closed and not ctx.group.decision.done()
             if not waiting and not deciding:

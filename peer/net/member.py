@@ -14,7 +14,7 @@ from peer._proto import peer_pb2 as pb
 from peer.codecs import get_codec
 from peer.net import allreduce as ar
 from peer.net import owner as owner_side
-from peer.net import swarm, validate
+from peer.net import swarm, validate, verify
 from peer.net.client import describe_rpc_error
 from peer.net.core import NetCore
 from peer.net.loop import Deadline
@@ -69,8 +69,8 @@ async def run_round(core: NetCore, r: int, delta: torch.Tensor, weight: float, s
         return out
     mine = [(j, s) for j, s in enumerate(shards) if core.peer_id in s.header.contributors]
     out.residuals = [encoded[j][1] for j, _ in mine]   # applied with the new state (keeper.py)
-    out.owner_residuals = [shard.pending_residual for shard in ctx.owned.values()
-                           if shard.pending_residual is not None]
+    out.owner_residuals = [] if owner_side.verifying(core) else [  # verified: reduced without (own_shards)
+        shard.pending_residual for shard in ctx.owned.values() if shard.pending_residual is not None]
     members = {m.peer_id: m for m in roster.members}
     out.kind, out.reason = "applied", decision.reason
     out.avg = avg   # every shard decoded into it (an applied round has all of them)
@@ -110,7 +110,7 @@ async def send_and_fetch(core: NetCore, ctx, roster: pb.Roster, delta: torch.Ten
     try:
         for j in [(first + i) % n for i in range(n)]:
             encoded[j] = await loop.run_in_executor(None, ar.encode_shard, delta, roster, codec, core.ef, j)
-            sends[j] = asyncio.ensure_future(send_shard(core, ctx, roster, j, encoded[j][0], deadline))
+            sends[j] = asyncio.ensure_future(send_parts(core, ctx, roster, j, encoded[j][0], deadline))
             fetches[j] = asyncio.ensure_future(fetch_after_send(j))
         await asyncio.gather(*sends)
         # our uplink: the streams ran at once, so their rates add up; a stream slowed by its
@@ -126,16 +126,28 @@ async def send_and_fetch(core: NetCore, ctx, roster: pb.Roster, delta: torch.Ten
     return encoded, list(results)
 
 
+async def send_parts(core: NetCore, ctx, roster: pb.Roster, j: int, payload: bytes, deadline: Deadline) -> None:
+    """Our part of shard j to its owner, and with --verify-shards to its backup owner as well
+    (at once: the two streams share our uplink)."""
+    if owner_side.verifying(core) and ar.backup_owner(roster, j):
+        await asyncio.gather(send_shard(core, ctx, roster, j, payload, deadline),
+                             send_shard(core, ctx, roster, j, payload, deadline, backup=True))
+    else:
+        await send_shard(core, ctx, roster, j, payload, deadline)
+
+
 async def send_shard(core: NetCore, ctx, roster: pb.Roster, j: int, payload: bytes, deadline: Deadline,
                      backup: bool = False) -> None:
     """Streams one shard to its owner (or its backup owner); a failure is logged and leaves
-    the shard without us."""
+    the shard without us (ctx.accepted records where it was taken)."""
     owner = ar.backup_owner(roster, j) if backup else roster.owners[j]
     header = ar.contribution_header(roster, core.peer_id, j, get_codec(roster.codec), payload, backup)
     if owner == core.peer_id:
         values = await asyncio.get_running_loop().run_in_executor(
             None, get_codec(roster.codec).decode, payload, header.numel)
-        (owner_side.backup_shard(core, ctx, roster, j) if backup else ctx.owned[j]).add(core.peer_id, values)
+        (owner_side.backup_shard(core, ctx, roster, j) if backup else ctx.owned[j]).add(core.peer_id, values,
+                                                                                         header.sha256)
+        ctx.accepted.add((j, backup))
         return
     address = next(m.address for m in roster.members if m.peer_id == owner)
     try:
@@ -149,6 +161,8 @@ async def send_shard(core: NetCore, ctx, roster: pb.Roster, j: int, payload: byt
             ctx.send_rates.append(len(payload) / took)
         if not reply.accepted:
             log.warning("round %d: owner %s refused shard %d: %s", roster.round, owner[-6:], j, reply.reason)
+        else:
+            ctx.accepted.add((j, backup))
     except grpc.aio.AioRpcError as e:
         ctx.unreachable.add(owner)
         core.suspect(owner, e)
@@ -164,6 +178,30 @@ async def fetch_shard(core: NetCore, ctx, roster: pb.Roster, j: int, mine: bytes
     owner = roster.owners[j]
     codec = get_codec(roster.codec)
     wait_s = min(deadline.left(0.1), 2 * core.transfer_timeout_s())
+    check = None
+    if owner_side.verifying(core) and ar.backup_owner(roster, j):   # the backup's header, meanwhile
+        check = asyncio.ensure_future(backup_header(core, ctx, roster, j, wait_s))
+    try:
+        header, payload = await reduced_shard(core, ctx, roster, j, mine, deadline, wait_s, verified=check is not None)
+        if check is not None:
+            await verified(core, ctx, roster, j, header, await check, mine)
+    finally:
+        if check is not None and not check.done():
+            check.cancel()
+    values = await asyncio.get_running_loop().run_in_executor(None, codec.decode, payload, header.numel, into)
+    why = validate.contribution(values)
+    if why:   # an owner's lie (or a broken one): never averaged in, nor served to others as the shard
+        raise RuntimeError(f"round {roster.round}: the reduced shard {j} (owner {owner[-6:]}) holds {why}")
+    ctx.fetched[j] = (header, payload)
+    return ar.ShardResult(header, payload, values)
+
+
+async def reduced_shard(core: NetCore, ctx, roster: pb.Roster, j: int, mine: bytes, deadline: Deadline,
+                        wait_s: float, verified: bool) -> tuple[pb.ShardHeader, bytes]:
+    """Shard j's reduced header and bytes: ours, the owner's, a member's copy, or (not verified) the
+    backup owner's reduction again without the owner. A verified shard is never taken from its
+    backup alone: its reduction is the check, not a second source."""
+    owner = roster.owners[j]
     if owner == core.peer_id:
         header, payload = await asyncio.wait_for(asyncio.shield(ctx.owned[j].result), wait_s)
     else:
@@ -174,22 +212,47 @@ async def fetch_shard(core: NetCore, ctx, roster: pb.Roster, j: int, mine: bytes
             try:
                 header, payload = await pull_from_members(core, roster, j, deadline, str(e))
             except RuntimeError as e:
+                if verified:
+                    raise
                 header, payload = await reduce_again(core, ctx, roster, j, mine, deadline, str(e))
         ctx.bytes_received += len(payload)
-    values = await asyncio.get_running_loop().run_in_executor(None, codec.decode, payload, header.numel, into)
-    why = validate.contribution(values)
-    if why:   # an owner's lie (or a broken one): never averaged in, nor served to others as the shard
-        raise RuntimeError(f"round {roster.round}: the reduced shard {j} (owner {owner[-6:]}) holds {why}")
-    ctx.fetched[j] = (header, payload)
-    return ar.ShardResult(header, payload, values)
+    return header, payload
 
 
-async def pull_shard(core: NetCore, roster: pb.Roster, j: int, source: str, wait_s: float, backup: bool = False
-                     ) -> tuple[pb.ShardHeader, bytearray]:
-    """One GetShard call to `source` (the owner, a member holding the result, or the backup owner)."""
+async def backup_header(core: NetCore, ctx, roster: pb.Roster, j: int, wait_s: float) -> pb.ShardHeader:
+    """The header of the backup owner's reduction of shard j (--verify-shards)."""
+    backup = ar.backup_owner(roster, j)
+    try:
+        if backup == core.peer_id:
+            header, _ = await asyncio.wait_for(asyncio.shield(ctx.backups[j].result), wait_s)
+            return header
+        header, _ = await pull_shard(core, roster, j, backup, wait_s, backup=True, header_only=True)
+        return header
+    except (RuntimeError, asyncio.TimeoutError) as e:
+        raise RuntimeError(f"cannot be verified: its backup owner {backup[-6:]} gave no result "
+                           f"({e or 'none in time'})") from None
+
+
+async def verified(core: NetCore, ctx, roster: pb.Roster, j: int, header: pb.ShardHeader, other: pb.ShardHeader,
+                   mine: bytes) -> None:
+    """Raises unless the owner's and the backup's reductions of shard j agree (peer.net.verify);
+    a disagreement makes this peer suspect whom it points at."""
+    owner, backup = roster.owners[j], ar.backup_owner(roster, j)
+    both = {(j, False), (j, True)} <= ctx.accepted
+    mismatch = verify.compare(owner, header, backup, other, core.peer_id, ar.sha256(mine) if both else "")
+    if mismatch is not None:
+        core.suspects.add(roster.round, j, mismatch)
+        raise RuntimeError(f"owner {owner[-6:]} and backup owner {backup[-6:]} reduced it differently: "
+                           f"{mismatch.reason}; not applied")
+
+
+async def pull_shard(core: NetCore, roster: pb.Roster, j: int, source: str, wait_s: float, backup: bool = False,
+                     header_only: bool = False) -> tuple[pb.ShardHeader, bytearray]:
+    """One GetShard call to `source` (the owner, a member holding the result, or the backup owner);
+    `header_only`: just the reduced header (its bytes are not read)."""
     address = next(m.address for m in roster.members if m.peer_id == source)
     req = pb.ShardRequest(round=roster.round, roster_hash=roster.hash, shard=j, requester=core.peer_id,
-                          wait_s=wait_s, backup=backup)
+                          wait_s=wait_s, backup=backup, header_only=header_only)
     try:
         call = core.channels.stub(address).GetShard(req, timeout=wait_s + 5)
         first = await call.read()
@@ -198,6 +261,8 @@ async def pull_shard(core: NetCore, roster: pb.Roster, j: int, source: str, wait
         why = ar.check_header(first.header, roster, get_codec(roster.codec), reduced=True)
         if why:
             raise RuntimeError(f"{source[-6:]}: {why}")
+        if header_only:
+            return first.header, bytearray()
         started = time.monotonic()  # the owner may hold the call until the shard is reduced: time the bytes
         payload = await ar.read_payload(first, ar.rest_of(call), first.header.num_bytes)
         core.deadlines.observe(len(payload) - len(first.data), time.monotonic() - started)

@@ -13,6 +13,7 @@ import grpc
 from peer._proto import peer_pb2 as pb
 from peer.aggregate import Aggregator, aggregator, weighted_mean
 from peer.codecs import ErrorFeedback, get_codec
+from peer.config import verifies_shards
 from peer.net import allreduce as ar
 from peer.net import validate
 from peer.net.client import Reject
@@ -30,21 +31,35 @@ def aggregator_of(core: NetCore) -> Aggregator:
     return weighted_mean if s is None else aggregator(s.aggregator, s.trim_fraction, s.clip_tau, s.clip_iters)
 
 
+def verifying(core: NetCore) -> bool:
+    """--verify-shards in force: every shard is reduced by its owner and its backup (peer.net.verify)."""
+    return core.spec is not None and verifies_shards(core.spec)
+
+
 def own_shards(core: NetCore, ctx: RoundCtx, roster: pb.Roster) -> None:
-    """Starts the reduction of every shard this peer owns in the round."""
+    """Starts the reduction of every shard this peer owns in the round, and with --verify-shards of
+    every shard it backs up. Verified shards are reduced without owner error feedback: the owner
+    and its backup then give the same bytes (the residual of re-encoding is not carried)."""
     codec = get_codec(roster.codec)
+    verify = verifying(core)
     for j, owner in enumerate(roster.owners):
         if owner == core.peer_id and j not in ctx.owned:
-            shard = ar.OwnedShard(roster, j, codec, aggregate=aggregator_of(core))
+            shard = ar.OwnedShard(roster, j, codec, aggregate=aggregator_of(core),
+                                  lie=core.faults.owner_factor(roster.round))
             ctx.owned[j] = shard
-            shard.task = asyncio.ensure_future(shard.reduce_at(core.transfer_timeout_s(), core.owner_ef))
+            shard.task = asyncio.ensure_future(shard.reduce_at(core.transfer_timeout_s(),
+                                                               ErrorFeedback() if verify else core.owner_ef))
+        if verify and ar.backup_owner(roster, j) == core.peer_id:
+            backup_shard(core, ctx, roster, j)
 
 
 def backup_shard(core: NetCore, ctx: RoundCtx, roster: pb.Roster, j: int) -> ar.OwnedShard:
-    """The reduction of shard j again, here as its backup owner, without its dead owner. Its
+    """The reduction of shard j again, here as its backup owner: without its dead owner, or (with
+    --verify-shards) from every member, the owner included, as the owner's check. Its
     error-feedback residual is not kept: this peer does not own these values next round."""
     if j not in ctx.backups:
-        shard = ar.OwnedShard(roster, j, get_codec(roster.codec), absent=roster.owners[j], aggregate=aggregator_of(core))
+        shard = ar.OwnedShard(roster, j, get_codec(roster.codec), absent="" if verifying(core) else roster.owners[j],
+                              aggregate=aggregator_of(core))
         ctx.backups[j] = shard
         shard.task = asyncio.ensure_future(shard.reduce_at(core.transfer_timeout_s(), ErrorFeedback()))
     return ctx.backups[j]
@@ -80,7 +95,7 @@ async def handle_contribute(core: NetCore, stream) -> pb.ContributeReply:
         owner = roster.owners[h.shard]
         if (ar.backup_owner(roster, h.shard) if h.backup else owner) != core.peer_id:
             why = f"shard {h.shard} is {'backed up' if h.backup else 'owned'} by another peer, not here"
-        elif h.backup and h.sender == owner:
+        elif h.backup and h.sender == owner and not verifying(core):
             why = f"the owner of shard {h.shard} cannot contribute to its backup"
     if why:
         raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"round {h.round}: {why}")
@@ -95,7 +110,7 @@ async def handle_contribute(core: NetCore, stream) -> pb.ContributeReply:
         log.warning("round %d: dropped %s's part of shard %d: %s", h.round, h.sender[-6:], h.shard, why)
         shard.refuse(h.sender, why)
         return pb.ContributeReply(accepted=False, reason=why)
-    shard.add(h.sender, values)
+    shard.add(h.sender, values, h.sha256)
     return pb.ContributeReply(accepted=True)
 
 
@@ -115,6 +130,9 @@ async def handle_get_shard(core: NetCore, req: pb.ShardRequest) -> list[pb.Shard
         raise Reject(grpc.StatusCode.DEADLINE_EXCEEDED, f"round {req.round}: shard {req.shard} not ready") from None
     except RuntimeError as e:
         raise Reject(grpc.StatusCode.ABORTED, f"round {req.round}: {e}") from None
+    if req.header_only:   # a member checking the result's hash (--verify-shards)
+        shard.served.add(req.requester)
+        return [pb.ShardChunk(header=header)]
     core.faults.hit("serving_shard", req.round)
     shard.served.add(req.requester)
     ctx.bytes_sent += len(payload)

@@ -18,6 +18,9 @@ import torch
 
 from peer._proto import peer_pb2 as pb
 from peer.net import validate
+from peer.net.verify import OwnerRule
+
+ANY_OWNER = OwnerRule()   # every serving member may own a shard
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +82,15 @@ def roster_hash(r: pb.Roster) -> str:
     return hashlib.sha256(json.dumps(body, separators=(",", ":")).encode()).hexdigest()
 
 
-def make_roster(round_: int, leader: str, members: list[pb.Member], codec: str, numel: int) -> pb.Roster:
-    """Members sorted by peer id; owners and bounds from the serving members' upload rates."""
+def make_roster(round_: int, leader: str, members: list[pb.Member], codec: str, numel: int,
+                owners: OwnerRule = ANY_OWNER) -> pb.Roster:
+    """Members sorted by peer id; owners and bounds from the upload rates of the serving members
+    `owners` allows (peer.net.verify)."""
     members = validate.cap_claims([pb.Member.FromString(m.SerializeToString()) for m in
                                    sorted(members, key=lambda m: m.peer_id)])   # copies: the joiners' claims stay
-    serving = [m for m in members if not m.client_mode]
+    serving = owners.eligible([m for m in members if not m.client_mode])
+    if not serving:
+        raise ValueError("no serving member may own a shard (--trusted-owners: none of them joined)")
     owners, bounds = shard_plan(numel, [m.peer_id for m in serving], [m.upload_bps for m in serving])
     r = pb.Roster(round=round_, leader=leader, members=members, owners=owners, codec=codec, numel=numel,
                   shard_bounds=bounds)
@@ -98,8 +105,9 @@ class ClosedElsewhere(Exception):
 class LeaderGroup:
     """The leader's view of one round: who joined, the roster once closed, the commit."""
 
-    def __init__(self, round_: int, leader: str, codec: str, numel: int):
+    def __init__(self, round_: int, leader: str, codec: str, numel: int, owners: OwnerRule = ANY_OWNER):
         self.round, self.leader, self.codec, self.numel = round_, leader, codec, numel
+        self.owners = owners   # who may own shards (trusted, not suspected)
         self.members: dict[str, pb.Member] = {}
         self.roster: asyncio.Future[pb.Roster] = asyncio.get_running_loop().create_future()
         self.first_join_at: float | None = None
@@ -168,8 +176,19 @@ class LeaderGroup:
         if missing:
             log.info("round %d: closing the group without %s (no Join within %.1f s)",
                      self.round, ", ".join(sorted(p[-6:] for p in missing)), window_s)
-        roster = make_roster(self.round, self.leader, list(self.members.values()), self.codec, self.numel)
-        slow = sorted(m.peer_id[-6:] for m in roster.members if not m.client_mode and m.peer_id not in roster.owners)
+        if not self.owners.eligible([m for m in self.members.values() if not m.client_mode]):
+            self.fail(RuntimeError("no trusted owner joined (--trusted-owners): nobody may reduce a shard"))
+            return True
+        roster = make_roster(self.round, self.leader, list(self.members.values()), self.codec, self.numel,
+                             self.owners)
+        serving = [m for m in roster.members if not m.client_mode]
+        eligible = {m.peer_id for m in self.owners.eligible(serving)}
+        barred = sorted(m.peer_id[-6:] for m in serving if m.peer_id not in eligible)
+        slow = sorted(p[-6:] for p in eligible - set(roster.owners))
+        if barred:
+            log.info("round %d: %s own no shard (%s)", self.round, ", ".join(barred),
+                     "not among the run's --trusted-owners" if self.owners.trusted else
+                     "suspected of lying as reducers: peer.net.verify")
         if slow:
             log.info("round %d: %s own no shard (upload rate under 1/%d of the median)",
                      self.round, ", ".join(slow), SLOW_FRACTION)

@@ -111,10 +111,10 @@ def join_claim(m: pb.Member, r: int, record, reported: tuple[int, float, float] 
     return ""
 
 
-def roster(r: pb.Roster, numel: int, codec: str, me: str) -> str:
+def roster(r: pb.Roster, numel: int, codec: str, me: str, trusted: list[str] | None = None) -> str:
     """Why a roster our leader sent cannot be used ("" when it can): members sorted and unique, we
-    among them, owners among the serving members, shard bounds covering [0, numel), the run's codec,
-    every claim within the caps."""
+    among them, owners among the serving members (and the run's trusted owners, when it names
+    some), shard bounds covering [0, numel), the run's codec, every claim within the caps."""
     ids = [m.peer_id for m in r.members]
     if ids != sorted(set(ids)):
         return "members are not sorted and unique"
@@ -123,6 +123,8 @@ def roster(r: pb.Roster, numel: int, codec: str, me: str) -> str:
     serving = {m.peer_id for m in r.members if not m.client_mode}
     if not r.owners or set(r.owners) - serving or len(r.owners) != len(set(r.owners)):
         return "owners are not distinct serving members"
+    if trusted and set(r.owners) - set(trusted):
+        return f"owners {sorted(o[-6:] for o in set(r.owners) - set(trusted))} are not among the run's --trusted-owners"
     b = list(r.shard_bounds)
     if len(b) != len(r.owners) + 1 or b[0] != 0 or b[-1] != numel or any(x >= y for x, y in zip(b, b[1:], strict=False)):
         return f"shard bounds {b[:4]}... do not cover {numel} values"

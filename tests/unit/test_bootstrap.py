@@ -58,7 +58,7 @@ def _closed_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 def test_peer_joins_and_sigterm_exits_cleanly(bootstrap):
     proc, join_address, _ = bootstrap()
     children = descendants(proc.pid)
