@@ -23,15 +23,8 @@ pytestmark = pytest.mark.timeout(300)
 def test_a_forged_weight_and_sample_count_are_capped(tmp_path):
     s = Swarm(tmp_path, RUN)
     names = ["a", "b", "forger"]
-    try:
-        s.start_bootstrap()
-        for name in names:
-            s.start_peer(name, ["--seed", str(len(name))], FORGER if name == "forger" else None)
-        for name in names:
-            assert s.wait_exit(name, 240) == 0, s.log(name)[-3000:]
-        s.assert_one_digest_per_round()
-    finally:
-        s.stop_all()
+    s.run_to_end({name: (["--seed", str(len(name))], FORGER if name == "forger" else None) for name in names},
+                 240)
     a, b = s.by_round("a"), s.by_round("b")
     applied = [r for r in sorted(a) if a[r]["outcome"] == "applied" and a[r]["group_size"] == 3]
     assert applied, a

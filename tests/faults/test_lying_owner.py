@@ -32,15 +32,8 @@ def peer_id(log: str) -> str:
 def test_a_lying_owner_is_caught_by_its_backup_and_never_applied(tmp_path):
     s = Swarm(tmp_path, RUN)
     names = ["a", "b", "c", "liar"]
-    try:
-        s.start_bootstrap()
-        for name in names:
-            s.start_peer(name, ["--seed", str(len(name))], LIAR if name == "liar" else None)
-        for name in names:
-            assert s.wait_exit(name, 270) == 0, s.log(name)[-3000:]
-        s.assert_one_digest_per_round()
-    finally:
-        s.stop_all()
+    s.run_to_end({name: (["--seed", str(len(name))], LIAR if name == "liar" else None) for name in names},
+                 270)
     liar = peer_id(s.log("liar"))[-6:]
     a = s.log("a")
     assert "reduced it differently" in a, a[-3000:]
@@ -58,16 +51,8 @@ def test_with_trusted_owners_a_liar_owns_nothing_and_every_round_applies(tmp_pat
     ids = {name: Identity.load_or_create(str(path)).peer_id for name, path in keys.items()}
     trusted = ",".join(sorted((ids["a"], ids["b"])))
     s = Swarm(tmp_path, [*RUN[:-1], "lying-owner-trusted", "--max-rounds", "3", "--trusted-owners", trusted])
-    try:
-        s.start_bootstrap()
-        for name in keys:
-            s.start_peer(name, ["--seed", str(len(name)), "--identity-file", str(keys[name])],
-                         LIAR if name == "liar" else None)
-        for name in keys:
-            assert s.wait_exit(name, 240) == 0, s.log(name)[-3000:]
-        s.assert_one_digest_per_round()
-    finally:
-        s.stop_all()
+    s.run_to_end({name: (["--seed", str(len(name)), "--identity-file", str(keys[name])],
+                         LIAR if name == "liar" else None) for name in keys}, 240)
     assert "reduced it differently" not in s.log("a"), "no second reduction runs with trusted owners"
     rows = s.metrics("a")
     assert [r["outcome"] for r in rows] == ["applied"] * 3 and all(r["group_size"] == 4 for r in rows), rows

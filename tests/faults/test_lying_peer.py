@@ -24,15 +24,8 @@ pytestmark = pytest.mark.timeout(300)
 def test_trimmed_mean_outvotes_a_peer_that_sends_garbage(tmp_path):
     s = Swarm(tmp_path, RUN)
     names = ["a", "b", "c", "liar"]
-    try:
-        s.start_bootstrap()
-        for name in names:
-            s.start_peer(name, ["--seed", str(len(name))], LIAR if name == "liar" else None)
-        for name in names:
-            assert s.wait_exit(name, 240) == 0, s.log(name)[-3000:]
-        s.assert_one_digest_per_round()
-    finally:
-        s.stop_all()
+    s.run_to_end({name: (["--seed", str(len(name))], LIAR if name == "liar" else None) for name in names},
+                 240)
     assert "fault plan: sending -1000 x the pseudo-gradient" in s.log("liar")
     rows = s.metrics("a")
     assert [r["outcome"] for r in rows] == ["applied"] * 3 and all(r["group_size"] == 4 for r in rows), rows

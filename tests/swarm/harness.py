@@ -97,6 +97,19 @@ class Swarm:
         split = self.split_states([n for n in self.procs if n not in ("bootstrap", *self.lost)])
         assert not split, f"state rounds with two digests across the swarm: {split}"
 
+    def run_to_end(self, peers: dict[str, tuple[list[str], dict | None]], timeout_s: float) -> None:
+        """Starts the bootstrap and every peer (name -> (extra args, env)), waits for each to exit 0
+        and checks one digest per round; every process is stopped whatever happens."""
+        try:
+            self.start_bootstrap()
+            for name, (extra, env) in peers.items():
+                self.start_peer(name, extra, env)
+            for name in peers:
+                assert self.wait_exit(name, timeout_s) == 0, self.log(name)[-3000:]
+            self.assert_one_digest_per_round()
+        finally:
+            self.stop_all()
+
     def forget(self, name: str) -> None:
         """Leaves `name` out of the one-digest check: states it held died with it before anyone
         else got them (it trained alone while the others were frozen), or it resumed alone from
