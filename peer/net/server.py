@@ -29,10 +29,14 @@ class Servicer(peer_pb2_grpc.PeerServicer):
 
     async def _guard(self, context: grpc.aio.ServicerContext, what: str, coro, request=None):
         """Runs a handler's coroutine, mapping its failures to status codes; `request` is checked
-        first (peer.net.validate: it speaks only for its signed caller)."""
+        first (peer.net.validate: its numbers in range, and it speaks only for its signed caller)."""
         try:
             if request is not None:
-                validate.sender(request, auth.caller().peer_id)
+                try:
+                    validate.request(request, auth.caller().peer_id)
+                except Reject:
+                    coro.close()   # the handler never runs (no "coroutine was never awaited" warning)
+                    raise
             return await coro
         except Reject as e:
             log.debug("%s rejected: %s", what, e)
@@ -93,11 +97,14 @@ class Servicer(peer_pb2_grpc.PeerServicer):
 
 
 async def _signed_stream(chunks, caller_id: str):
-    """A contribution stream whose header (its first chunk) must name the signed caller as its sender."""
+    """A contribution stream whose header (its first chunk) must be there, with its numbers in range,
+    and name the signed caller as its sender."""
     first = True
     async for chunk in chunks:
-        if first and chunk.HasField("header"):
-            validate.sender(chunk.header, caller_id)
+        if first:
+            if not chunk.HasField("header"):
+                raise Reject(grpc.StatusCode.INVALID_ARGUMENT, "the first chunk of a Contribute stream carries no header")
+            validate.request(chunk.header, caller_id)
         first = False
         yield chunk
 
