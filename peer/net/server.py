@@ -39,12 +39,12 @@ class Servicer(peer_pb2_grpc.PeerServicer):
                     raise
             return await coro
         except Reject as e:
-            log.debug("%s rejected: %s", what, e)
-            await context.abort(e.code, str(e))
+            log.debug("%s rejected: %s", what, _short(str(e)))
+            await context.abort(e.code, _short(str(e)))
         except TimeoutError as e:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{what}: {e}")
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, _short(f"{what}: {e}"))
         except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: {e}")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _short(f"{what}: {e}"))
 
     async def Join(self, request: pb.JoinRequest, context):
         return await self._guard(context, "Join", self.core.handle_join(request), request)
@@ -94,6 +94,14 @@ class Servicer(peer_pb2_grpc.PeerServicer):
 
     async def LinkTest(self, request_iterator, context):
         return await self._guard(context, "LinkTest", self.link_tests.handle(request_iterator))
+
+
+MAX_DETAILS = 1000   # characters of a refusal's text: gRPC drops a status whose metadata passes 16 KiB
+
+
+def _short(details: str) -> str:
+    """A refusal's text, cut to MAX_DETAILS (it may quote what the caller sent)."""
+    return details if len(details) <= MAX_DETAILS else f"{details[:MAX_DETAILS]}... ({len(details)} characters)"
 
 
 async def _signed_stream(chunks, caller_id: str):

@@ -33,6 +33,7 @@ def request(message, caller_id: str) -> None:
     """Refuses a request whose numbers are out of range (INVALID_ARGUMENT) or that speaks for
     another peer than its signer (PERMISSION_DENIED): what every handler's request passes first."""
     numbers(message)
+    texts(message)
     sender(message, caller_id)
 
 
@@ -82,6 +83,22 @@ def numbers(message) -> None:
         if not (math.isfinite(value) and low <= value <= high):   # NaN fails every comparison
             raise Reject(grpc.StatusCode.INVALID_ARGUMENT,
                          f"{type(message).__name__}.{name} is {value!r}: expected a finite number in [{low:g}, {high:g}]")
+
+
+MAX_TEXT = 512   # characters of a string field (ids, hashes, addresses, codec names); free-text `reason`s aside
+
+
+def texts(message) -> None:
+    """Refuses (INVALID_ARGUMENT) a string field longer than MAX_TEXT, in the request or a message in it:
+    a refusal or a log line that quotes it stays short."""
+    for f, value in message.ListFields():
+        if f.type == f.TYPE_MESSAGE and not f.is_repeated:
+            texts(value)
+        elif f.type == f.TYPE_STRING and f.name != "reason":
+            longest = max((len(v) for v in value), default=0) if f.is_repeated else len(value)
+            if longest > MAX_TEXT:
+                raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"{type(message).__name__}.{f.name} has a string of "
+                                                               f"{longest} characters: at most {MAX_TEXT}")
 
 
 def sender(request, caller_id: str) -> None:

@@ -150,3 +150,17 @@ def test_over_grpc_a_nan_wait_and_a_headless_contribution_are_refused_before_any
             await server.stop(None)
 
     asyncio.run(main())
+
+
+def test_a_string_field_longer_than_max_text_is_refused_naming_it():
+    import grpc
+
+    from peer.net.client import Reject
+
+    for message, field in ((pb.JoinRequest(run_id="r" * (validate.MAX_TEXT + 1)), "JoinRequest.run_id"),
+                           (pb.JoinRequest(member=pb.Member(address="a" * 10**5)), "Member.address"),
+                           (pb.CommitRequest(unreachable=["p", "q" * 600]), "CommitRequest.unreachable")):
+        with pytest.raises(Reject) as e:
+            validate.texts(message)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and str(e.value).startswith(field), str(e.value)
+    validate.texts(pb.CommitRequest(reason="why " * 10_000, peer_id="p" * validate.MAX_TEXT))
