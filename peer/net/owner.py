@@ -12,7 +12,7 @@ import grpc
 
 from peer._proto import peer_pb2 as pb
 from peer.aggregate import Aggregator, aggregator, weighted_mean
-from peer.codecs import ErrorFeedback, get_codec
+from peer.codecs import CodecError, ErrorFeedback, get_codec
 from peer.config import verifies_shards
 from peer.net import allreduce as ar
 from peer.net import validate
@@ -103,9 +103,12 @@ async def handle_contribute(core: NetCore, stream) -> pb.ContributeReply:
     if h.sender in shard.received or h.sender in shard.refused:
         raise Reject(grpc.StatusCode.ALREADY_EXISTS, f"round {h.round}: shard {h.shard} has {h.sender[-6:]}'s part already")
     payload = await ar.read_payload(first, stream, h.num_bytes)
-    values = await asyncio.get_running_loop().run_in_executor(None, codec.decode, payload, h.numel)
     ctx.bytes_received += len(payload)
-    why = validate.contribution(values)
+    try:   # a codec refuses what does not decode to finite values (fp32: NaN or infinity), like validation
+        values = await asyncio.get_running_loop().run_in_executor(None, codec.decode, payload, h.numel)
+        why = validate.contribution(values)
+    except CodecError as e:
+        why = str(e)
     if why:   # dropped for this round: the shard is reduced without it, at once if everyone else is in
         log.warning("round %d: dropped %s's part of shard %d: %s", h.round, h.sender[-6:], h.shard, why)
         shard.refuse(h.sender, why)
