@@ -100,8 +100,11 @@ async def handle_contribute(core: NetCore, stream) -> pb.ContributeReply:
     if why:
         raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"round {h.round}: {why}")
     shard = backup_shard(core, ctx, roster, h.shard) if h.backup else ctx.owned[h.shard]
-    if h.sender in shard.received or h.sender in shard.refused:
+    if h.sender in shard.parts or h.sender in shard.refused:   # parts: every part taken, kept after the reduction
         raise Reject(grpc.StatusCode.ALREADY_EXISTS, f"round {h.round}: shard {h.shard} has {h.sender[-6:]}'s part already")
+    if shard.closed:
+        raise Reject(grpc.StatusCode.FAILED_PRECONDITION,
+                     f"round {h.round}: shard {h.shard} is reduced already; {h.sender[-6:]}'s part came too late")
     payload = await ar.read_payload(first, stream, h.num_bytes)
     ctx.bytes_received += len(payload)
     try:   # a codec refuses what does not decode to finite values (fp32: NaN or infinity), like validation
@@ -113,6 +116,9 @@ async def handle_contribute(core: NetCore, stream) -> pb.ContributeReply:
         log.warning("round %d: dropped %s's part of shard %d: %s", h.round, h.sender[-6:], h.shard, why)
         shard.refuse(h.sender, why)
         return pb.ContributeReply(accepted=False, reason=why)
+    if shard.closed or h.sender in shard.parts:   # reduced, or another stream of the sender's taken, meanwhile
+        return pb.ContributeReply(accepted=False, reason=f"shard {h.shard} was reduced, or had this part, before it "
+                                                         "arrived whole")
     shard.add(h.sender, values, h.sha256)
     return pb.ContributeReply(accepted=True)
 
