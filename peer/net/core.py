@@ -413,6 +413,9 @@ class NetCore:
         except ClosedElsewhere as e:
             return pb.JoinReply(status=pb.JoinReply.CLOSED, current_round=self.round,
                                 reason=f"round {r} closed elsewhere ({e})")
+        except RuntimeError as e:   # LeaderGroup.maybe_close failed it: no serving or no trusted owner joined
+            return pb.JoinReply(status=pb.JoinReply.CLOSED, current_round=self.round,
+                                reason=f"round {r} closed without a roster ({e})")
         if req.member.peer_id not in {m.peer_id for m in roster.members}:
             return pb.JoinReply(status=pb.JoinReply.CLOSED, current_round=self.round, reason="round closed")
         return pb.JoinReply(status=pb.JoinReply.OK, roster=roster)
