@@ -67,6 +67,8 @@ def backup_shard(core: NetCore, ctx: RoundCtx, roster: pb.Roster, j: int) -> ar.
 
 async def roster_of(core: NetCore, round_: int, roster_hash: str) -> tuple[RoundCtx, pb.Roster]:
     """The round's context and roster, when the caller's roster hash is ours."""
+    if round_ > core.round:   # a peer joins a round's group only once it is at that round (begin_round)
+        raise Reject(grpc.StatusCode.FAILED_PRECONDITION, f"round {round_} is ahead of this peer (at {core.round})")
     ctx = core.ctx(round_)
     if ctx is None:
         raise Reject(grpc.StatusCode.FAILED_PRECONDITION, f"round {round_} is over here (at {core.round})")
@@ -88,6 +90,18 @@ async def handle_contribute(core: NetCore, stream) -> pb.ContributeReply:
     except StopAsyncIteration:
         raise Reject(grpc.StatusCode.INVALID_ARGUMENT, "empty Contribute stream") from None
     h = first.header
+    try:
+        return await _take_part(core, h, first, stream)
+    except (Reject, ValueError) as e:   # named with its sender: a hostile member is seen in the owner's log
+        claimed = "" if h.round == core.round else f" (its header names round {h.round})"
+        log.warning("round %d: refused %s's part of shard %d%s: %s", core.round, h.sender[-6:], h.shard, claimed,
+                    str(e).removeprefix(f"round {h.round}: ")[:300])
+        raise
+
+
+async def _take_part(core: NetCore, h: pb.ShardHeader, first: pb.ShardChunk, stream) -> pb.ContributeReply:
+    """Checks a part (its header against the roster, its bytes against the header, its values) and
+    adds it to the shard, or drops it (accepted=False); raises Reject or ValueError to refuse it."""
     ctx, roster = await roster_of(core, h.round, h.roster_hash)
     codec = get_codec(roster.codec)
     why = ar.check_header(h, roster, codec, reduced=False)
