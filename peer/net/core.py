@@ -323,7 +323,7 @@ class NetCore:
         rates = [p.rate if p in training else 1.0 / self.step_s[p.peer_id] for p in unseen
                  if p in training or self.step_s.get(p.peer_id, 0) > 0]
         allowed, close, total = ctx.tally.report(req.peer_id, req.steps, req.rate, time.monotonic(),
-                                                 sum(p.steps_now() for p in training), sum(rates))
+                                                 [p.steps_now() for p in training], sum(rates))
         return pb.ProgressReply(leader=True, allowed_steps=allowed, close=close, total_steps=total,
                                 current_round=self.round)
 

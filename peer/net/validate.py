@@ -148,6 +148,18 @@ def cap_claims(members: list[pb.Member]) -> list[pb.Member]:
     return members
 
 
+def cap_steps(unreported: list[float], reported: list[float]) -> list[float]:
+    """The steps of each peer the leader sees training only in the DHT view (`unreported`: its record's
+    steps, extrapolated), each at most CLAIM_CAP times the lower median of every training peer's steps
+    (these and the Progress reports, `reported`) plus CLAIM_STEPS: a record that publishes huge steps
+    cannot close a round early. With a single peer in all, nothing is capped."""
+    everyone = unreported + reported
+    if len(everyone) < 2:
+        return unreported
+    cap = CLAIM_CAP * lower_median(everyone) + CLAIM_STEPS
+    return [min(s, cap) for s in unreported]
+
+
 def capped(members) -> bool:
     """True when no member's claim exceeds the caps (what a member checks of a roster it got)."""
     members = list(members)
