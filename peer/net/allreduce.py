@@ -107,6 +107,7 @@ class OwnedShard:
     refused: dict[str, str] = field(default_factory=dict)   # sender -> why its contribution was dropped
     aggregate: Aggregator | None = None   # the run's spec.aggregator (owner.aggregator_of); None: the mean
     lie: float = 1.0   # a test fault plan's lying owner serves lie x the result (faults.owner_factor)
+    closed: bool = False   # the reduction began: no part is taken any more (received is cleared after it)
 
     def pending_fetches(self, reducer: str = "") -> set[str]:
         """Members that have not fetched the result yet (empty when reducing failed); `reducer`: who
@@ -140,6 +141,7 @@ class OwnedShard:
             await asyncio.wait_for(self.all_in.wait(), timeout_s)
         except asyncio.TimeoutError:
             pass
+        self.closed = True
         weights = {m.peer_id: m.weight for m in self.roster.members}
         contributors = sorted(self.received)
         missing = sorted(set(weights) - set(contributors) - {self.absent})

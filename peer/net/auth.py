@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 from hivemind.utils import get_dht_time
 
 from peer.identity import Identity, peer_id_of, verify
@@ -260,11 +261,24 @@ class Verifier:
                     who[-6:] if who else "an unknown caller", host, why)
 
 
+UNDECODABLE = object()   # a request message that is not a valid protobuf of its method's type
+
+
 def _hashing(deserializer):
+    """The message and its bytes (the signature covers them); UNDECODABLE for bytes that do not parse,
+    which the interceptor refuses with INVALID_ARGUMENT (gRPC would answer UNKNOWN with a traceback)."""
     def deserialize(raw: bytes):
-        return deserializer(raw), raw
+        try:
+            return deserializer(raw), raw
+        except DecodeError:
+            return UNDECODABLE, raw
 
     return deserialize
+
+
+async def _refuse_undecodable(context, method: str) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"the request is not a valid {method.rsplit('/', 1)[-1]} message (it does not parse)")
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -320,12 +334,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 async def behavior(request, context):
                     message, raw = request
                     async with host_admitted(context), peer_admitted(raw, context):
+                        if message is UNDECODABLE:
+                            await _refuse_undecodable(context, method)
                         async for reply in inner(message, context):
                             yield reply
             else:
                 async def behavior(request, context):
                     message, raw = request
                     async with host_admitted(context), peer_admitted(raw, context):
+                        if message is UNDECODABLE:
+                            await _refuse_undecodable(context, method)
                         return await inner(message, context)
 
             make = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.unary_stream_rpc_method_handler
@@ -348,7 +366,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                             return
                         yield message
                         async for m, _ in it:
+                            if m is UNDECODABLE:
+                                await _refuse_undecodable(context, method)
                             yield m
+
+                    if message is UNDECODABLE:
+                        await _refuse_undecodable(context, method)
 
                     return await inner(messages(), context)
 

@@ -150,6 +150,7 @@ async def send_shard(core: NetCore, ctx, roster: pb.Roster, j: int, payload: byt
         ctx.accepted.add((j, backup))
         return
     address = next(m.address for m in roster.members if m.peer_id == owner)
+    header, payload = core.faults.sent_part(roster.round, header, payload)   # a test's hostile member only
     try:
         started = time.monotonic()
         reply = await core.channels.stub(address).Contribute(

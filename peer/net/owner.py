@@ -12,7 +12,7 @@ import grpc
 
 from peer._proto import peer_pb2 as pb
 from peer.aggregate import Aggregator, aggregator, weighted_mean
-from peer.codecs import ErrorFeedback, get_codec
+from peer.codecs import CodecError, ErrorFeedback, get_codec
 from peer.config import verifies_shards
 from peer.net import allreduce as ar
 from peer.net import validate
@@ -67,6 +67,8 @@ def backup_shard(core: NetCore, ctx: RoundCtx, roster: pb.Roster, j: int) -> ar.
 
 async def roster_of(core: NetCore, round_: int, roster_hash: str) -> tuple[RoundCtx, pb.Roster]:
     """The round's context and roster, when the caller's roster hash is ours."""
+    if round_ > core.round:   # a peer joins a round's group only once it is at that round (begin_round)
+        raise Reject(grpc.StatusCode.FAILED_PRECONDITION, f"round {round_} is ahead of this peer (at {core.round})")
     ctx = core.ctx(round_)
     if ctx is None:
         raise Reject(grpc.StatusCode.FAILED_PRECONDITION, f"round {round_} is over here (at {core.round})")
@@ -88,6 +90,18 @@ async def handle_contribute(core: NetCore, stream) -> pb.ContributeReply:
     except StopAsyncIteration:
         raise Reject(grpc.StatusCode.INVALID_ARGUMENT, "empty Contribute stream") from None
     h = first.header
+    try:
+        return await _take_part(core, h, first, stream)
+    except (Reject, ValueError) as e:   # named with its sender: a hostile member is seen in the owner's log
+        claimed = "" if h.round == core.round else f" (its header names round {h.round})"
+        log.warning("round %d: refused %s's part of shard %d%s: %s", core.round, h.sender[-6:], h.shard, claimed,
+                    str(e).removeprefix(f"round {h.round}: ")[:300])
+        raise
+
+
+async def _take_part(core: NetCore, h: pb.ShardHeader, first: pb.ShardChunk, stream) -> pb.ContributeReply:
+    """Checks a part (its header against the roster, its bytes against the header, its values) and
+    adds it to the shard, or drops it (accepted=False); raises Reject or ValueError to refuse it."""
     ctx, roster = await roster_of(core, h.round, h.roster_hash)
     codec = get_codec(roster.codec)
     why = ar.check_header(h, roster, codec, reduced=False)
@@ -100,16 +114,25 @@ async def handle_contribute(core: NetCore, stream) -> pb.ContributeReply:
     if why:
         raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"round {h.round}: {why}")
     shard = backup_shard(core, ctx, roster, h.shard) if h.backup else ctx.owned[h.shard]
-    if h.sender in shard.received or h.sender in shard.refused:
+    if h.sender in shard.parts or h.sender in shard.refused:   # parts: every part taken, kept after the reduction
         raise Reject(grpc.StatusCode.ALREADY_EXISTS, f"round {h.round}: shard {h.shard} has {h.sender[-6:]}'s part already")
+    if shard.closed:
+        raise Reject(grpc.StatusCode.FAILED_PRECONDITION,
+                     f"round {h.round}: shard {h.shard} is reduced already; {h.sender[-6:]}'s part came too late")
     payload = await ar.read_payload(first, stream, h.num_bytes)
-    values = await asyncio.get_running_loop().run_in_executor(None, codec.decode, payload, h.numel)
     ctx.bytes_received += len(payload)
-    why = validate.contribution(values)
+    try:   # a codec refuses what does not decode to finite values (fp32: NaN or infinity), like validation
+        values = await asyncio.get_running_loop().run_in_executor(None, codec.decode, payload, h.numel)
+        why = validate.contribution(values)
+    except CodecError as e:
+        why = str(e)
     if why:   # dropped for this round: the shard is reduced without it, at once if everyone else is in
         log.warning("round %d: dropped %s's part of shard %d: %s", h.round, h.sender[-6:], h.shard, why)
         shard.refuse(h.sender, why)
         return pb.ContributeReply(accepted=False, reason=why)
+    if shard.closed or h.sender in shard.parts:   # reduced, or another stream of the sender's taken, meanwhile
+        return pb.ContributeReply(accepted=False, reason=f"shard {h.shard} was reduced, or had this part, before it "
+                                                         "arrived whole")
     shard.add(h.sender, values, h.sha256)
     return pb.ContributeReply(accepted=True)
 

@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -321,13 +322,15 @@ class Tally:
         steps, _, when = self.reports[peer]
         return max(steps, self.allowed.get(peer, steps)) if now - when < PROGRESS_STALE_S else steps
 
-    def report(self, peer: str, steps: int, rate: float, now: float, unreported: float = 0.0,
+    def report(self, peer: str, steps: int, rate: float, now: float, unreported: Sequence[float] = (),
                unreported_rate: float = 0.0) -> tuple[int, bool, int]:
         """Records a member's report; returns (steps it may do in all, stop now, the swarm's
-        steps held). `unreported`: steps (and their rate) of peers seen training only in the DHT."""
+        steps held). `unreported`: the steps of each peer seen training only in the DHT (each counts
+        at most validate.cap_steps allows: a forged record does not close the round), and their rate."""
         steps = min(steps, self.allowed.get(peer, 0) + validate.UNGRANTED_STEPS)
         self.reports[peer] = (steps, rate, now)
-        others = sum(self._held(p, now) for p in self.reports if p != peer) + unreported
+        seen = validate.cap_steps(list(unreported), [s for s, _, _ in self.reports.values()])
+        others = sum(self._held(p, now) for p in self.reports if p != peer) + sum(seen)
         pool = self.target - steps - others
         if pool < 1 and steps == 0:   # a member that began the round late still does one step: its
             self.allowed[peer] = 1    # work counts (the target overruns by one step per late member)

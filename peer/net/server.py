@@ -29,18 +29,22 @@ class Servicer(peer_pb2_grpc.PeerServicer):
 
     async def _guard(self, context: grpc.aio.ServicerContext, what: str, coro, request=None):
         """Runs a handler's coroutine, mapping its failures to status codes; `request` is checked
-        first (peer.net.validate: it speaks only for its signed caller)."""
+        first (peer.net.validate: its numbers in range, and it speaks only for its signed caller)."""
         try:
             if request is not None:
-                validate.sender(request, auth.caller().peer_id)
+                try:
+                    validate.request(request, auth.caller().peer_id)
+                except Reject:
+                    coro.close()   # the handler never runs (no "coroutine was never awaited" warning)
+                    raise
             return await coro
         except Reject as e:
-            log.debug("%s rejected: %s", what, e)
-            await context.abort(e.code, str(e))
+            log.debug("%s rejected: %s", what, _short(str(e)))
+            await context.abort(e.code, _short(str(e)))
         except TimeoutError as e:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"{what}: {e}")
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, _short(f"{what}: {e}"))
         except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: {e}")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _short(f"{what}: {e}"))
 
     async def Join(self, request: pb.JoinRequest, context):
         return await self._guard(context, "Join", self.core.handle_join(request), request)
@@ -92,12 +96,23 @@ class Servicer(peer_pb2_grpc.PeerServicer):
         return await self._guard(context, "LinkTest", self.link_tests.handle(request_iterator))
 
 
+MAX_DETAILS = 1000   # characters of a refusal's text: gRPC drops a status whose metadata passes 16 KiB
+
+
+def _short(details: str) -> str:
+    """A refusal's text, cut to MAX_DETAILS (it may quote what the caller sent)."""
+    return details if len(details) <= MAX_DETAILS else f"{details[:MAX_DETAILS]}... ({len(details)} characters)"
+
+
 async def _signed_stream(chunks, caller_id: str):
-    """A contribution stream whose header (its first chunk) must name the signed caller as its sender."""
+    """A contribution stream whose header (its first chunk) must be there, with its numbers in range,
+    and name the signed caller as its sender."""
     first = True
     async for chunk in chunks:
-        if first and chunk.HasField("header"):
-            validate.sender(chunk.header, caller_id)
+        if first:
+            if not chunk.HasField("header"):
+                raise Reject(grpc.StatusCode.INVALID_ARGUMENT, "the first chunk of a Contribute stream carries no header")
+            validate.request(chunk.header, caller_id)
         first = False
         yield chunk
 

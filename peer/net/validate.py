@@ -1,10 +1,13 @@
 """Validation before use: every handler's request passes here first (server.Servicer), after
-peer.net.auth established who sent it. A field that names a peer speaks only for the caller: a
-request whose claimed id is not the signed caller's is refused, so nobody speaks for anyone else.
-Message sizes are bounded before any allocation by the channel options (client.MAX_MESSAGE_BYTES).
-Runs on the network loop."""
+peer.net.auth established who sent it. Every number a request carries must be finite and within
+its field's range (a NaN wait or a negative offset never reaches a handler), and a field that names
+a peer speaks only for the caller: a request whose claimed id is not the signed caller's is refused,
+so nobody speaks for anyone else. Message sizes are bounded before any allocation by the channel
+options (client.MAX_MESSAGE_BYTES). Runs on the network loop."""
 
 from __future__ import annotations
+
+import math
 
 import grpc
 import torch
@@ -24,6 +27,78 @@ _SENDER = {
 }
 # Requests whose requester field is only a name for logs: it is replaced by the caller's id.
 _NAMED = (pb.StateRequest, pb.UpdatesRequest)
+
+
+def request(message, caller_id: str) -> None:
+    """Refuses a request whose numbers are out of range (INVALID_ARGUMENT) or that speaks for
+    another peer than its signer (PERMISSION_DENIED): what every handler's request passes first."""
+    numbers(message)
+    texts(message)
+    sender(message, caller_id)
+
+
+# ---- numbers: each request's fields and their ranges ----------------------------------------------
+I64 = 2**63 - 1
+MAX_STEPS, MAX_RATE = 10**9, 1e6   # a Progress report: inner steps in a round, steps/s
+MAX_BPS = 1e12                      # an announced upload rate (bytes/s), the bound of a DHT record
+MAX_LISTED = 4096                   # peer ids or hashes one request may list
+_ROUND = (0, I64)
+_COUNT = (0, MAX_LISTED)
+
+# (field, value, lowest, highest) of every number each request carries (for a list, its length)
+_RANGES = {
+    pb.JoinRequest: lambda r: [
+        ("round", r.round, *_ROUND), ("member.weight", r.member.weight, 0, math.inf),
+        ("member.carried_weight", r.member.carried_weight, 0, math.inf), ("member.samples", r.member.samples, 0, I64),
+        ("member.carried_round", r.member.carried_round, -1, I64),
+        ("member.upload_bps", r.member.upload_bps, 0, MAX_BPS), ("len(skip)", len(r.skip), *_COUNT)],
+    pb.ShardRequest: lambda r: [("round", r.round, *_ROUND), ("shard", r.shard, 0, I64),
+                                ("wait_s", r.wait_s, 0, math.inf)],
+    pb.CommitRequest: lambda r: [("round", r.round, *_ROUND), ("len(shard_sha256)", len(r.shard_sha256), *_COUNT),
+                                 ("len(unreachable)", len(r.unreachable), *_COUNT)],
+    pb.StateRequest: lambda r: [("offset", r.offset, 0, I64), ("length", r.length, 0, I64)],
+    pb.UpdatesRequest: lambda r: [("from_round", r.from_round, *_ROUND),
+                                  ("to_round", r.to_round, r.from_round + 1, I64)],
+    pb.ProgressRequest: lambda r: [("round", r.round, *_ROUND), ("steps", r.steps, 0, MAX_STEPS),
+                                   ("rate", r.rate, 0, MAX_RATE)],
+    pb.DialBackRequest: lambda r: [("timeout_s", r.timeout_s, 0, math.inf),
+                                   ("len(tcp_addresses)", len(r.tcp_addresses), *_COUNT)],
+    pb.ShardHeader: lambda r: [
+        ("round", r.round, *_ROUND), ("shard", r.shard, 0, I64), ("numel", r.numel, 0, I64),
+        ("num_bytes", r.num_bytes, 0, I64), ("total_weight", r.total_weight, 0, math.inf),
+        ("len(contributors)", len(r.contributors), *_COUNT), ("len(weights)", len(r.weights), *_COUNT),
+        ("len(parts_sha256)", len(r.parts_sha256), *_COUNT), ("weights[]", _worst(r.weights), 0, math.inf)],
+}
+
+
+def _worst(values) -> float:
+    """The first value of a list that is not a finite number >= 0 (0 when all are)."""
+    return next((v for v in values if not (math.isfinite(v) and v >= 0)), 0.0)
+
+
+def numbers(message) -> None:
+    """Refuses (INVALID_ARGUMENT, naming the field) a request with a number that is NaN, infinite
+    or outside its field's range; requests without numbers (Health, LinkTest) pass."""
+    for name, value, low, high in _RANGES.get(type(message), lambda r: [])(message):
+        if not (math.isfinite(value) and low <= value <= high):   # NaN fails every comparison
+            raise Reject(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"{type(message).__name__}.{name} is {value!r}: expected a finite number in [{low:g}, {high:g}]")
+
+
+MAX_TEXT = 512   # characters of a string field (ids, hashes, addresses, codec names); free-text `reason`s aside
+
+
+def texts(message) -> None:
+    """Refuses (INVALID_ARGUMENT) a string field longer than MAX_TEXT, in the request or a message in it:
+    a refusal or a log line that quotes it stays short."""
+    for f, value in message.ListFields():
+        if f.type == f.TYPE_MESSAGE and not f.is_repeated:
+            texts(value)
+        elif f.type == f.TYPE_STRING and f.name != "reason":
+            longest = max((len(v) for v in value), default=0) if f.is_repeated else len(value)
+            if longest > MAX_TEXT:
+                raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"{type(message).__name__}.{f.name} has a string of "
+                                                               f"{longest} characters: at most {MAX_TEXT}")
 
 
 def sender(request, caller_id: str) -> None:
@@ -71,6 +146,18 @@ def cap_claims(members: list[pb.Member]) -> list[pb.Member]:
             m.weight = w_cap
         m.samples = min(m.samples, max(s_cap, 0))
     return members
+
+
+def cap_steps(unreported: list[float], reported: list[float]) -> list[float]:
+    """The steps of each peer the leader sees training only in the DHT view (`unreported`: its record's
+    steps, extrapolated), each at most CLAIM_CAP times the lower median of every training peer's steps
+    (these and the Progress reports, `reported`) plus CLAIM_STEPS: a record that publishes huge steps
+    cannot close a round early. With a single peer in all, nothing is capped."""
+    everyone = unreported + reported
+    if len(everyone) < 2:
+        return unreported
+    cap = CLAIM_CAP * lower_median(everyone) + CLAIM_STEPS
+    return [min(s, cap) for s in unreported]
 
 
 def capped(members) -> bool:

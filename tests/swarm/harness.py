@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.procs import descendants, log_tail, python_module, start_proc, stop, wait_for_line
@@ -97,13 +98,17 @@ class Swarm:
         split = self.split_states([n for n in self.procs if n not in ("bootstrap", *self.lost)])
         assert not split, f"state rounds with two digests across the swarm: {split}"
 
-    def run_to_end(self, peers: dict[str, tuple[list[str], dict | None]], timeout_s: float) -> None:
-        """Starts the bootstrap and every peer (name -> (extra args, env)), waits for each to exit 0
-        and checks one digest per round; every process is stopped whatever happens."""
+    def run_to_end(self, peers: dict[str, tuple[list[str], dict | None]], timeout_s: float,
+                   during: Callable[[], None] | None = None) -> None:
+        """Starts the bootstrap and every peer (name -> (extra args, env)), calls `during` (a test's
+        attacker, started while they run), waits for each to exit 0 and checks one digest per round;
+        every process is stopped whatever happens."""
         try:
             self.start_bootstrap()
             for name, (extra, env) in peers.items():
                 self.start_peer(name, extra, env)
+            if during is not None:
+                during()
             for name in peers:
                 assert self.wait_exit(name, timeout_s) == 0, self.log(name)[-3000:]
             self.assert_one_digest_per_round()

@@ -27,3 +27,35 @@ def test_scale_belongs_to_the_pseudo_gradient_point_only(monkeypatch, fault) -> 
     monkeypatch.setenv("DILOCO_FAULTS", json.dumps([fault]))
     with pytest.raises(ValueError, match="bad fault"):
         FaultPlan.from_env()
+
+
+def test_a_corrupt_fault_changes_the_part_after_encoding_and_keeps_its_hash_true(monkeypatch) -> None:
+    import hashlib
+
+    from peer._proto import peer_pb2 as pb
+    from peer.codecs import CodecError, get_codec
+    from peer.faults import CORRUPTIONS
+    from peer.net import allreduce as ar
+    from peer.net.round import make_roster
+
+    roster = make_roster(5, "a", [pb.Member(peer_id="a", address="a:1", weight=1, samples=1, upload_bps=1e6)],
+                         "int8", 1024)
+    payload = get_codec("int8").encode(torch.linspace(-1, 1, 1024))
+    for mode in CORRUPTIONS:
+        monkeypatch.setenv("DILOCO_FAULTS", json.dumps([{"point": "sent_part", "action": "corrupt", "mode": mode,
+                                                         "round": 5}]))
+        plan = FaultPlan.from_env()
+        header = ar.contribution_header(roster, "a", 0, get_codec("int8"), payload)
+        assert plan.sent_part(4, header, payload) == (header, payload), "only in its round"
+        h, p = plan.sent_part(5, header, payload)
+        assert h.sha256 == hashlib.sha256(p).hexdigest() and h.num_bytes == len(p) and p != payload or h.round != 5
+        why = ar.check_header(h, roster, get_codec("int8"), reduced=False)
+        if mode in ("nan", "inf"):
+            assert why is None
+            with pytest.raises(CodecError, match="scale"):
+                get_codec("int8").decode(p, h.numel)
+        else:
+            assert why is not None, mode
+    with pytest.raises(ValueError, match="bad fault"):
+        monkeypatch.setenv("DILOCO_FAULTS", json.dumps([{"point": "sent_part", "action": "corrupt", "mode": "x"}]))
+        FaultPlan.from_env()

@@ -5,6 +5,7 @@ steps close the round at its target, not a DHT refresh later."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 from hivemind.utils import get_dht_time
@@ -149,3 +150,26 @@ def test_a_member_that_begins_after_the_target_is_filled_still_does_one_step():
     assert (allowed, stop, held) == (1, False, 10), "its one step is granted: it joins the group with work"
     assert t.report("late", 1, 50.0, 0.2)[:2] == (1, True), "after that step it stops like everyone"
     assert t.report("a", 10, 100.0, 0.3)[:2] == (10, True), "the overrun gives no one else more steps"
+
+
+def test_a_record_publishing_huge_steps_does_not_close_the_round():
+    t = Tally(TARGET)
+    allowed, stop, held = t.report("a", 5, 50.0, 0.0, unreported=[6.0, 1e9])
+    assert not stop and held < 50, "the forged record counts at most CLAIM_CAP x the median + CLAIM_STEPS"
+    assert t.report("a", 5, 50.0, 0.1, unreported=[6.0, 7.0])[2] == 5 + 6 + 7, "honest records count in full"
+    assert Tally(TARGET).report("a", 100, 50.0, 0.0, unreported=[100.0])[1], "steps like the others' close it"
+
+    async def body():   # the leader's handler, the forged record in its DHT view
+        leader, honest, forger = core_for("leader", 2), core_for("honest", 2), core_for("forger", 2)
+        leader.address, honest.address, forger.address = "127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"
+        forger.steps = 10**9
+        leader.view = {c.peer_id: record(c) for c in (honest, forger)}
+        leader.steps = honest.steps = 5
+        for pid in ("honest", "forger"):   # the leader is the first candidate: the others serve no address
+            leader.view[pid] = dataclasses.replace(leader.view[pid], addr="")
+        from peer._proto import peer_pb2 as pb
+        reply = leader.handle_progress(pb.ProgressRequest(run_id="trig", spec_hash=leader.spec_hash, round=2,
+                                                          peer_id="honest", steps=5, rate=10.0))
+        assert reply.leader and not reply.close and reply.total_steps < TARGET, reply
+
+    asyncio.run(body())

@@ -70,3 +70,97 @@ def test_a_progress_report_counts_at_most_a_little_beyond_what_was_allowed():
     assert t.reports["liar"][0] <= UNGRANTED_STEPS, "no member outbids the round by a report"
     allowed, stop, _ = t.report("honest", 10, 100.0, 0.1)
     assert not stop and allowed > 10, "the honest member still gets steps"
+
+
+NAN, INF = float("nan"), float("inf")
+BAD_NUMBERS = [
+    (pb.ShardRequest(wait_s=NAN), "ShardRequest.wait_s"), (pb.ShardRequest(wait_s=INF), "ShardRequest.wait_s"),
+    (pb.ShardRequest(wait_s=-1.0), "ShardRequest.wait_s"), (pb.ShardRequest(shard=-1), "ShardRequest.shard"),
+    (pb.ShardRequest(round=-5), "ShardRequest.round"),
+    (pb.DialBackRequest(timeout_s=NAN), "DialBackRequest.timeout_s"),
+    (pb.DialBackRequest(timeout_s=-INF), "DialBackRequest.timeout_s"),
+    (pb.ProgressRequest(rate=NAN), "ProgressRequest.rate"), (pb.ProgressRequest(rate=2e6), "ProgressRequest.rate"),
+    (pb.ProgressRequest(steps=-1), "ProgressRequest.steps"),
+    (pb.ProgressRequest(steps=2**63 - 1), "ProgressRequest.steps"),
+    (pb.JoinRequest(member=pb.Member(weight=NAN)), "JoinRequest.member.weight"),
+    (pb.JoinRequest(member=pb.Member(weight=1, samples=-1)), "JoinRequest.member.samples"),
+    (pb.JoinRequest(member=pb.Member(weight=1, carried_weight=INF)), "JoinRequest.member.carried_weight"),
+    (pb.JoinRequest(member=pb.Member(weight=1, upload_bps=NAN)), "JoinRequest.member.upload_bps"),
+    (pb.JoinRequest(member=pb.Member(weight=1, carried_round=-2)), "JoinRequest.member.carried_round"),
+    (pb.JoinRequest(skip=["x"] * (validate.MAX_LISTED + 1)), "JoinRequest.len(skip)"),
+    (pb.StateRequest(offset=-1), "StateRequest.offset"), (pb.StateRequest(length=-8), "StateRequest.length"),
+    (pb.UpdatesRequest(from_round=3, to_round=3), "UpdatesRequest.to_round"),
+    (pb.UpdatesRequest(from_round=-1, to_round=3), "UpdatesRequest.from_round"),
+    (pb.CommitRequest(round=-1), "CommitRequest.round"),
+    (pb.ShardHeader(numel=-4), "ShardHeader.numel"), (pb.ShardHeader(num_bytes=-4), "ShardHeader.num_bytes"),
+    (pb.ShardHeader(weights=[1.0, NAN]), "ShardHeader.weights[]"),
+    (pb.ShardHeader(total_weight=-INF), "ShardHeader.total_weight"),
+]
+
+
+@pytest.mark.parametrize("message, field", BAD_NUMBERS, ids=[f for _, f in BAD_NUMBERS])
+def test_a_number_out_of_its_range_is_refused_naming_its_field(message, field):
+    import grpc
+
+    from peer.net.client import Reject
+
+    with pytest.raises(Reject) as e:
+        validate.numbers(message)
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and str(e.value).startswith(field + " is "), str(e.value)
+
+
+def test_the_numbers_honest_peers_send_pass():
+    for message in (pb.ShardRequest(round=3, shard=1, wait_s=12.5), pb.DialBackRequest(timeout_s=0.0),
+                    pb.ProgressRequest(round=0, steps=10, rate=3.5), pb.StateRequest(min_round=-1, offset=8),
+                    pb.JoinRequest(round=2, member=pb.Member(weight=4, samples=16, carried_round=-1)),
+                    pb.UpdatesRequest(from_round=2, to_round=3), pb.ShardHeader(weights=[1.0, 2.0], total_weight=3.0),
+                    pb.HealthRequest(), pb.LinkChunk()):
+        validate.numbers(message)
+
+
+def test_over_grpc_a_nan_wait_and_a_headless_contribution_are_refused_before_any_handler():
+    import asyncio
+
+    import grpc
+
+    from peer.config import PeerConfig
+    from peer.net.core import NetCore
+    from peer.net.server import start_server
+    from tests.fixtures import channels, identity
+
+    async def main():
+        core = NetCore(None, PeerConfig(run_id="val"), identity())  # type: ignore[arg-type]
+        server, port = await start_server(core, "127.0.0.1", 0)
+        me = identity()
+        client = channels(me)
+        stub = client.stub(f"127.0.0.1:{port}")
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await anext(aiter(stub.GetShard(pb.ShardRequest(requester=me.peer_id, wait_s=NAN), timeout=5)))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ShardRequest.wait_s is nan" in e.value.details()
+
+            async def headless():
+                yield pb.ShardChunk(data=b"x" * 16)
+
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await stub.Contribute(headless(), timeout=5)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "carries no header" in e.value.details()
+        finally:
+            await client.close()
+            await server.stop(None)
+
+    asyncio.run(main())
+
+
+def test_a_string_field_longer_than_max_text_is_refused_naming_it():
+    import grpc
+
+    from peer.net.client import Reject
+
+    for message, field in ((pb.JoinRequest(run_id="r" * (validate.MAX_TEXT + 1)), "JoinRequest.run_id"),
+                           (pb.JoinRequest(member=pb.Member(address="a" * 10**5)), "Member.address"),
+                           (pb.CommitRequest(unreachable=["p", "q" * 600]), "CommitRequest.unreachable")):
+        with pytest.raises(Reject) as e:
+            validate.texts(message)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and str(e.value).startswith(field), str(e.value)
+    validate.texts(pb.CommitRequest(reason="why " * 10_000, peer_id="p" * validate.MAX_TEXT))
