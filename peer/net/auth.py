@@ -30,6 +30,7 @@ import grpc
 from hivemind.utils import get_dht_time
 
 from peer.identity import Identity, peer_id_of, verify
+from peer.net.chunkmac import ChunkMacs
 from peer.net.limits import CallerLimits, host_of
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,11 @@ def secret_key(secret: str) -> bytes:
     return hashlib.sha256(b"diloco-run-secret\n" + secret.encode()).digest() if secret else b""
 
 
+def derived_key(secret: str, purpose: str) -> bytes:
+    """A key for one use of the run secret (`chunk-mac`, `member`), independent of the calls' proof key."""
+    return hmac.new(secret_key(secret), f"diloco-{purpose}".encode(), hashlib.sha256).digest() if secret else b""
+
+
 def signed_text(method: str, ts: str, nonce: str, body_sha256: str) -> bytes:
     return f"diloco-call\n{method}\n{ts}\n{nonce}\n{body_sha256}".encode()
 
@@ -78,10 +84,13 @@ def _method(details) -> str:
 
 
 class Signer:
-    """Makes the auth metadata of our calls."""
+    """Makes the auth metadata of our calls; `macs` seals and checks the chunks of our streams in a private
+    run (peer.net.chunkmac), unless `chunk_macs` is False (under TLS)."""
 
-    def __init__(self, identity: Identity, secret: str = "", clock: Callable[[], float] = get_dht_time):
+    def __init__(self, identity: Identity, secret: str = "", clock: Callable[[], float] = get_dht_time,
+                 chunk_macs: bool = True):
         self.identity, self.key, self.clock = identity, secret_key(secret), clock
+        self.macs = ChunkMacs(derived_key(secret, "chunk-mac") if chunk_macs else b"")
         self.on_refused: Callable[[str], None] | None = None   # called with the line to print (Node: exit 3)
 
     def watch(self, call) -> None:

@@ -573,7 +573,7 @@ class NetCore:
         if chunks is None:
             raise Reject(grpc.StatusCode.FAILED_PRECONDITION,
                          f"updates {req.from_round}..{req.to_round - 1} wanted, this peer keeps {self.updates.span()}")
-        return chunks
+        return self.signer.macs.seal_updates(chunks, self.peer_id)
 
     def health(self) -> pb.HealthReply:
         ctx = self.rounds.get(self.round)

@@ -16,6 +16,7 @@ from peer.codecs import ErrorFeedback, get_codec
 from peer.config import verifies_shards
 from peer.net import allreduce as ar
 from peer.net import validate
+from peer.net.chunkmac import MacError
 from peer.net.client import Reject
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,13 @@ async def handle_contribute(core: NetCore, stream) -> pb.ContributeReply:
     shard = backup_shard(core, ctx, roster, h.shard) if h.backup else ctx.owned[h.shard]
     if h.sender in shard.received or h.sender in shard.refused:
         raise Reject(grpc.StatusCode.ALREADY_EXISTS, f"round {h.round}: shard {h.shard} has {h.sender[-6:]}'s part already")
-    payload = await ar.read_payload(first, stream, h.num_bytes)
+    mac = core.signer.macs.contribution(h)
+    try:
+        mac.check(0, first)
+        payload = await ar.read_payload(first, stream, h.num_bytes, mac)
+    except MacError as e:   # a man in the middle, or a peer without the run's secret
+        log.warning("%s", e)
+        raise
     values = await asyncio.get_running_loop().run_in_executor(None, codec.decode, payload, h.numel)
     ctx.bytes_received += len(payload)
     why = validate.contribution(values)
@@ -123,7 +130,7 @@ async def handle_get_shard(core: NetCore, req: pb.ShardRequest) -> list[pb.Shard
             raise Reject(grpc.StatusCode.NOT_FOUND, f"round {req.round}: {what} {req.shard} is not held here")
         header, payload = ctx.fetched[req.shard]
         ctx.bytes_sent += len(payload)
-        return ar.chunks(header, payload)
+        return ar.chunks(header, payload, core.signer.macs.shard(req, core.peer_id))
     try:
         header, payload = await asyncio.wait_for(asyncio.shield(shard.result), min(req.wait_s, 600))
     except asyncio.TimeoutError:
@@ -132,8 +139,8 @@ async def handle_get_shard(core: NetCore, req: pb.ShardRequest) -> list[pb.Shard
         raise Reject(grpc.StatusCode.ABORTED, f"round {req.round}: {e}") from None
     if req.header_only:   # a member checking the result's hash (--verify-shards)
         shard.served.add(req.requester)
-        return [pb.ShardChunk(header=header)]
+        return [core.signer.macs.shard(req, core.peer_id).seal(0, pb.ShardChunk(header=header))]
     core.faults.hit("serving_shard", req.round)
     shard.served.add(req.requester)
     ctx.bytes_sent += len(payload)
-    return ar.chunks(header, payload)
+    return ar.chunks(header, payload, core.signer.macs.shard(req, core.peer_id))

@@ -62,7 +62,8 @@ class Servicer(peer_pb2_grpc.PeerServicer):
         snapshot = await self._guard(context, "GetState", self.core.handle_get_state(request), request)
         if snapshot is None:
             return
-        chunks = paced(self.core.upload, snapshot.chunks(request.offset, request.length))
+        mac = self.core.signer.macs.state(snapshot.header.sha256, self.core.peer_id[-6:])
+        chunks = paced(self.core.upload, snapshot.chunks(request.offset, request.length, mac))
         chunk = await anext(chunks)
         async for following in chunks:
             await context.write(chunk)
