@@ -17,7 +17,7 @@ from peer.config import ConfigError, PeerConfig, RunSpec, spec_conflicts
 from peer.identity import Identity
 from peer.metrics import CONTENT_TYPE_LATEST, PeerMetrics
 from peer.monitor import Monitor
-from peer.net import announce, swarm
+from peer.net import announce, outsiders, swarm
 from peer.net.auth import AuthRefused
 from peer.net.core import GRANT_FRESH_S, PROBE_TIMEOUT_S, NetCore
 from peer.net.keeper import BACKOFF_S, STATE_TIMEOUT_S, CannotKeepUp, Keeper, RoundResult  # noqa: F401
@@ -215,6 +215,8 @@ class Node:
     async def _resolve_spec(self, wanted: RunSpec) -> RunSpec:
         key = swarm.spec_key(self.cfg.run_id)
         proposals = await swarm.read(self.dht, key, 10.0)
+        if not proposals and self.cfg.run_secret:   # the run's records may all be of another secret
+            await outsiders.ask(self.core)          # its peers refuse ours: AuthRefused, exit 3
         deadline = Deadline(CLIENT_SPEC_WAIT_S)
         if not proposals and self.core.client_mode:
             log.info("client mode: waiting for a serving peer to start run %s", self.cfg.run_id)
