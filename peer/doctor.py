@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--client-mode", action="store_true", help="check as a client-mode peer (no inbound needed)")
     p.add_argument("--timeout-s", type=argtypes.seconds(600), default=30.0,
                    help="how long joining the DHT may take (default 30)")
+    for name, text in (("cert", "this peer's certificate"), ("key", "its key"), ("ca", "the run's CA certificate")):
+        p.add_argument(f"--tls-{name}", default="", help=f"a TLS run: {text} (as the peer's --tls-{name})")
     return p
 
 
@@ -72,8 +74,13 @@ def main(argv: list[str]) -> int:
     try:
         cfg = PeerConfig(run_id=args.run_id, initial_peers=tuple(args.initial_peers), host=args.host, port=args.port,
                          announce_addr=args.announce_addr, dht_host_maddrs=tuple(args.dht_host_maddrs),
-                         dht_announce_maddrs=tuple(args.dht_announce_maddrs), client_mode=args.client_mode)
+                         dht_announce_maddrs=tuple(args.dht_announce_maddrs), client_mode=args.client_mode,
+                         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca)
         validate_peer(cfg)
+        if cfg.tls_ca:   # checked as the peer checks them; the gRPC server and channels then speak TLS
+            from peer.tlsfiles import load
+
+            load(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)
     except ConfigError as e:
         print(f"peer doctor: error: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -137,7 +144,7 @@ def run(cfg, timeout_s: float) -> list[Check]:
 
 
 async def _network_checks(node) -> list[Check]:
-    from peer.config import PROTOCOL_VERSION, RunSpec
+    from peer.config import PROTOCOL_VERSION, RunSpec, tls_conflict
     from peer.net import reach, swarm
 
     core, cfg, dht = node.core, node.cfg, node.dht
@@ -167,6 +174,12 @@ async def _network_checks(node) -> list[Check]:
     live = [r for r in view.values() if r.fresh() and r.peer_id != core.peer_id
             and (spec is None or r.spec == spec.hash())]
     serving = reach.others_first([r for r in live if r.addr and not r.client], core.address)
+    tls = spec and tls_conflict(spec, RunSpec(tls_ca=core.tls.ca_sha256 if core.tls else ""))
+    if tls:   # every call below would fail at the TLS handshake
+        checks.append(Check("run", FAIL, f"{cfg.run_id}: {tls[1]}", "pass the --tls-* files a peer of the run "
+                            "uses (or none for a run without TLS)"))
+        return checks + [Check(name, SKIP, "the run's TLS does not fit") for name in ("gRPC port", "DHT port",
+                                                                                    "clock", "link")]
     if spec is not None:
         model = spec.model if spec.model != "hf" else f"hf {spec.model_hash}"
         checks.append(Check("run", PASS, f"{cfg.run_id}: model {model}, codec {spec.codec}, target {spec.target_steps} "

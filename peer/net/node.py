@@ -13,7 +13,7 @@ import torch
 from hivemind.utils import get_dht_time
 
 from peer import swarmview
-from peer.config import ConfigError, PeerConfig, RunSpec, spec_conflicts
+from peer.config import EXIT_AUTH, ConfigError, PeerConfig, RunSpec, spec_conflicts, tls_conflict
 from peer.identity import Identity
 from peer.metrics import CONTENT_TYPE_LATEST, PeerMetrics
 from peer.monitor import Monitor
@@ -206,7 +206,10 @@ class Node:
     def resolve_spec(self, wanted: RunSpec, explicit: set[str], timeout_s: float = 30.0) -> RunSpec:
         """Adopts the run's spec, or proposes ours when the run has none; conflicts -> ConfigError."""
         spec = self.net.call(self._resolve_spec(wanted), timeout_s)
-        conflicts = spec_conflicts(spec, wanted, explicit)
+        tls = tls_conflict(spec, wanted)
+        if tls is not None:   # no certificates, or unwanted ones (exit 2); another CA's (exit 3)
+            raise AuthRefused(tls[1]) if tls[0] == EXIT_AUTH else ConfigError(tls[1])
+        conflicts = spec_conflicts(spec, wanted, explicit - {"tls_ca"})
         if conflicts:
             raise ConfigError("; ".join(conflicts))
         self.core.spec, self.core.spec_hash = spec, spec.hash()
