@@ -43,8 +43,8 @@ def swarm(tmp_path_factory):
     s = Swarm(root, RUN)
     try:
         s.start_bootstrap()
-        s.start_peer("a", ["--max-rounds", "40", *tls(root / "a")])
-        s.start_peer("b", ["--max-rounds", "40", *tls(root / "b")])
+        s.start_peer("a", ["--max-rounds", "400", *tls(root / "a")])
+        s.start_peer("b", ["--max-rounds", "400", *tls(root / "b")])
         s.wait_rounds("a", 2, 120)
         yield s
     finally:
