@@ -30,7 +30,7 @@ import grpc
 from hivemind.utils import get_dht_time
 
 from peer.identity import Identity, peer_id_of, verify
-from peer.net.chunkmac import ChunkMacs
+from peer.net.chunkmac import REPLY_MAC, ChunkMacs, check_reply, reply_mac
 from peer.net.limits import CallerLimits, host_of
 
 log = logging.getLogger(__name__)
@@ -84,13 +84,15 @@ def _method(details) -> str:
 
 
 class Signer:
-    """Makes the auth metadata of our calls; `macs` seals and checks the chunks of our streams in a private
-    run (peer.net.chunkmac), unless `chunk_macs` is False (under TLS)."""
+    """Makes the auth metadata of our calls; in a private run, unless `seal` is False (under TLS, which
+    protects every byte), `macs` seals and checks the chunks of our streams (peer.net.chunkmac) and the
+    unary replies we get are checked against their MAC (chunkmac.check_reply)."""
 
     def __init__(self, identity: Identity, secret: str = "", clock: Callable[[], float] = get_dht_time,
-                 chunk_macs: bool = True):
+                 seal: bool = True):
         self.identity, self.key, self.clock = identity, secret_key(secret), clock
-        self.macs = ChunkMacs(derived_key(secret, "chunk-mac") if chunk_macs else b"")
+        self.macs = ChunkMacs(derived_key(secret, "chunk-mac") if seal else b"")
+        self.reply_key = derived_key(secret, "reply-mac") if seal else b""
         self.on_refused: Callable[[str], None] | None = None   # called with the line to print (Node: exit 3)
 
     def watch(self, call) -> None:
@@ -162,9 +164,15 @@ class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
         self.signer = signer
 
     async def intercept_unary_unary(self, continuation, details, request):
-        call = await continuation(self.signer.details(details, _serialize(request)), request)
+        details = self.signer.details(details, _serialize(request))
+        call = await continuation(details, request)
         self.signer.watch(call)
-        return call
+        if not self.signer.reply_key:
+            return call
+        reply = await call   # a private run: the reply is used only once its MAC checks out
+        nonce = next((v for k, v in details.metadata or () if k == NONCE), "")
+        check_reply(self.signer.reply_key, _method(details), nonce, reply, await call.trailing_metadata())
+        return reply
 
 
 class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
@@ -200,10 +208,13 @@ class Refusal(Exception):
 
 
 class Verifier:
-    """Checks a call's auth metadata; remembers nonces for twice the skew bound (replays)."""
+    """Checks a call's auth metadata; remembers nonces for twice the skew bound (replays). In a private
+    run without TLS (`seal`) it also seals unary replies (`reply_key`, see AuthInterceptor)."""
 
-    def __init__(self, secret: str = "", max_skew_s: float = 30.0, clock: Callable[[], float] = get_dht_time):
+    def __init__(self, secret: str = "", max_skew_s: float = 30.0, clock: Callable[[], float] = get_dht_time,
+                 seal: bool = True):
         self.key, self.max_skew_s, self.clock = secret_key(secret), max_skew_s, clock
+        self.reply_key = derived_key(secret, "reply-mac") if seal else b""
         self._nonces: OrderedDict[str, float] = OrderedDict()   # nonce -> when it may be forgotten (monotonic)
         self._logged: set[tuple[str, str]] = set()
         self.refused = 0
@@ -335,7 +346,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 async def behavior(request, context):
                     message, raw = request
                     async with host_admitted(context), peer_admitted(raw, context):
-                        return await inner(message, context)
+                        reply = await inner(message, context)
+                        if verifier.reply_key and handler.unary_unary:   # bound to the caller's nonce
+                            nonce = next((v for k, v in metadata or () if k == NONCE), "")
+                            context.set_trailing_metadata(((REPLY_MAC, reply_mac(verifier.reply_key, method, nonce,
+                                                                                 reply)),))
+                        return reply
 
             make = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.unary_stream_rpc_method_handler
             return make(behavior, request_deserializer=_hashing(handler.request_deserializer),

@@ -6,7 +6,11 @@ header it carries (deterministic protobuf bytes) and its data. The receiver chec
 before it uses any of it, so a man in the middle can neither change, reorder nor move a chunk
 between streams, and a stream's unsigned header (a response's) cannot be rewritten either.
 
-Off (a null `StreamMac`) in a public run, and under TLS, which already authenticates every byte.
+The unary replies (a Join's roster, a Commit's decision, ...) carry one in their trailing metadata
+(REPLY_MAC: `reply_mac` over the method, the caller's nonce and the reply), set by the server's
+AuthInterceptor and checked by the client's before the caller sees the reply (`check_reply`).
+
+Off (a null `StreamMac`, no reply MAC) in a public run, and under TLS, which authenticates every byte.
 Pure hashing: runs wherever a stream is made or read (the network loop), about as costly as the
 sha256 that a shard stream is hashed with anyway."""
 
@@ -16,9 +20,11 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 
+import grpc
+
 from peer._proto import peer_pb2 as pb
 
-MAC_BYTES = 32   # HMAC-SHA256, not truncated
+REPLY_MAC = "x-diloco-reply-mac"   # trailing metadata of a private run's unary reply (without TLS)
 
 
 class MacError(ValueError):
@@ -109,3 +115,22 @@ class ChunkMacs:
             mac.seal(index, chunk)
             index += 1
         return chunks
+
+
+def reply_mac(key: bytes, method: str, nonce: str, reply) -> str:
+    """The MAC of a unary reply, bound to its call (the method and the caller's nonce): a reply can
+    neither be changed nor moved to another call."""
+    text = f"diloco-reply\n{method}\n{nonce}\n".encode() + reply.SerializeToString(deterministic=True)
+    return hmac.new(key, text, hashlib.sha256).hexdigest()
+
+
+def check_reply(key: bytes, method: str, nonce: str, reply, trailing) -> None:
+    """Raises AioRpcError(DATA_LOSS) unless `reply` carries its MAC (`trailing`: the call's trailing
+    metadata) for our call's `nonce`."""
+    got = next((v for k, v in trailing or () if k == REPLY_MAC), "")
+    if isinstance(got, str) and hmac.compare_digest(got, reply_mac(key, method, nonce, reply)):
+        return
+    why = "carries no MAC" if not got else "fails its MAC"
+    raise grpc.aio.AioRpcError(grpc.StatusCode.DATA_LOSS, details=(
+        f"the reply to {method.rsplit('/', 1)[-1]} {why} (changed in flight, or sent by a peer without this "
+        "private run's secret): refused"))

@@ -78,8 +78,8 @@ class NetCore:
         self.reach = Reachability()
         # TLS (--tls-*): every channel and the server; it protects every byte, so chunks carry no MAC
         self.tls = tlsfiles.load(cfg.tls_cert, cfg.tls_key, cfg.tls_ca) if cfg.tls_ca else None
-        self.signer = Signer(identity, cfg.run_secret, chunk_macs=self.tls is None)   # signs every call we make
-        self.verifier = Verifier(cfg.run_secret, cfg.max_clock_skew_s)   # checks every call we answer
+        self.signer = Signer(identity, cfg.run_secret, seal=self.tls is None)   # signs every call we make
+        self.verifier = Verifier(cfg.run_secret, cfg.max_clock_skew_s, seal=self.tls is None)   # checks every call
         self.limits = CallerLimits()   # per caller host and peer: calls/s and calls at once (limits.py)
         self.dialer = DialBackService(self.signer, self.tls)
         self.spec: RunSpec | None = None

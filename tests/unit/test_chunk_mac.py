@@ -3,13 +3,14 @@ peers (a TCP proxy in this process) that flips one byte of a later chunk is refu
 MAC, naming the round, the shard, the peer and the chunk, in both directions (a member's part to its
 owner, the reduced shard back) and in a replayed update; without a secret the header's sha256
 catches that plain corruption. A forger who also rewrites a reply's unsigned header is caught only
-by the MAC."""
+by the MAC; a unary reply changed in flight is refused by its MAC in a private run and taken without."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -42,8 +43,8 @@ class Tamper:
 
     RUN = 64
 
-    def __init__(self, upstream_port: int, up: bool):
-        self.upstream_port, self.up = upstream_port, up
+    def __init__(self, upstream_port: int, up: bool, replace: tuple[bytes, bytes] | None = None):
+        self.upstream_port, self.up, self.replace = upstream_port, up, replace   # replace: (old, new), once
         self.flipped = False
         self.server: asyncio.AbstractServer | None = None
 
@@ -60,6 +61,11 @@ class Tamper:
         trailing = len(data) - len(data.rstrip(bytes([MARK])))
         after = run + len(data) if trailing == len(data) else trailing
         if self.flipped:
+            return data, after
+        if self.replace is not None:
+            if self.replace[0] in data:
+                self.flipped = True
+                return data.replace(*self.replace, 1), after
             return data, after
         lead = len(data) - len(data.lstrip(bytes([MARK])))
         if run + lead >= self.RUN:   # a run that began in an earlier read ends here
@@ -260,3 +266,30 @@ def test_a_byte_flipped_in_a_replayed_update_is_refused(secret):
 
     asyncio.run(body())
 
+
+
+@pytest.mark.parametrize("secret", ["", SECRET], ids=["public", "private"])
+def test_a_unary_reply_changed_in_flight_is_refused_by_its_mac(secret):
+    async def body():
+        server_core = NetCore(None, PeerConfig(run_id="mitm-run", run_secret=secret), identity())  # type: ignore
+        me = NetCore(None, PeerConfig(run_id="mitm-run", run_secret=secret), identity())  # type: ignore[arg-type]
+        server, port = await start_server(server_core, "127.0.0.1", 0)
+        proxy = Tamper(port, up=False, replace=(b"mitm-run", b"evil-run"))
+        address = await proxy.start()
+        try:
+            if not secret:
+                reply = await me.channels.stub(address).Health(pb.HealthRequest(), timeout=5)
+                assert proxy.flipped and reply.run_id == "evil-run", "no MAC: the forged reply is taken"
+                return
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await me.channels.stub(address).Health(pb.HealthRequest(), timeout=5)
+            assert proxy.flipped and e.value.code() == grpc.StatusCode.DATA_LOSS
+            assert "the reply to Health fails its MAC" in e.value.details()
+            direct = await me.channels.stub(f"127.0.0.1:{port}").Health(pb.HealthRequest(), timeout=5)
+            assert direct.run_id == "mitm-run", "untouched, the sealed reply is taken"
+        finally:
+            await proxy.stop()
+            await server.stop(None)
+            await me.channels.close()
+
+    asyncio.run(body())
