@@ -3,7 +3,9 @@ stream pays anyway, and, over real gRPC on loopback (a peer's own server and cli
 download from one donor (every chunk sealed by the donor and checked by the receiver, then the
 digest) as a public run, a private run (per-chunk MACs), a TLS run and a TLS run with a secret
 (TLS instead of MACs), plus the time to a fresh channel's first call (TCP, and the TLS handshake).
-Prints a table; not a test.
+Both ends run in this process, so its CPU seconds per MB (all threads, gRPC's included) are the cost
+of both ends together, a figure that holds on a loaded machine where MB/s does not. Prints a table;
+not a test.
 
     .venv/bin/python bench/transport_cost.py [--mb 64] [--repeats 3]
 """
@@ -23,13 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from peer._proto import peer_pb2 as pb  # noqa: E402
+from peer._proto import peer_pb2_grpc  # noqa: E402
 from peer.config import PeerConfig  # noqa: E402
 from peer.identity import Identity  # noqa: E402
 from peer.net.auth import derived_key  # noqa: E402
 from peer.net.chunkmac import ChunkMacs  # noqa: E402
-from peer.net.client import CHUNK_BYTES  # noqa: E402
+from peer.net.client import CHUNK_BYTES, open_channel  # noqa: E402
 from peer.net.core import NetCore  # noqa: E402
 from peer.net.loop import Deadline  # noqa: E402
+from peer.net.reach import FRESH_OPTIONS  # noqa: E402
 from peer.net.server import start_server  # noqa: E402
 from peer.net.state_sync import StateSnapshot, download  # noqa: E402
 from peer.outer import GlobalState  # noqa: E402
@@ -75,25 +79,29 @@ def tls_files(folder: Path) -> dict[str, str]:
             "tls_ca": str(folder / "peer" / "ca.pem")}
 
 
-async def measure(settings: dict, snap: StateSnapshot, repeats: int) -> tuple[float, float]:
-    """(MB/s of a whole download from one donor, ms to a fresh channel's first Health call)."""
+async def measure(settings: dict, snap: StateSnapshot, repeats: int) -> tuple[float, float, float]:
+    """(MB/s of a whole download from one donor, CPU ms per MB of it (both ends), ms to a fresh
+    channel's first Health call, median of 20)."""
     donor = NetCore(None, PeerConfig(run_id="bench", **settings), Identity.generate())  # type: ignore[arg-type]
     donor.snapshot = snap
     me = NetCore(None, PeerConfig(run_id="bench", **settings), Identity.generate())  # type: ignore[arg-type]
     server, port = await start_server(donor, "127.0.0.1", 0)
     address = f"127.0.0.1:{port}"
     try:
-        rates, firsts = [], []
-        for _ in range(repeats):
+        rates, cpus, firsts = [], [], []
+        for _ in range(20):   # as the dial-back does: a new connection each time (FRESH_OPTIONS)
+            channel = open_channel(address, me.signer, FRESH_OPTIONS, me.tls)
             t = time.perf_counter()
-            await me.channels.stub(address).Health(pb.HealthRequest(), timeout=10)
+            await peer_pb2_grpc.PeerStub(channel).Health(pb.HealthRequest(), timeout=10)
             firsts.append(time.perf_counter() - t)
-            t = time.perf_counter()
+            await channel.close(None)
+        for _ in range(repeats):
+            t, cpu = time.perf_counter(), time.process_time()
             await download(me.channels, [(donor.peer_id, address)], 0, me.peer_id, snap.header.numel, "bench",
                            Deadline(120))
             rates.append(snap.header.num_bytes / (time.perf_counter() - t) / 1e6)
-            await me.channels.drop(address)   # the next Health call opens a new connection
-        return statistics.median(rates), 1000 * statistics.median(firsts)
+            cpus.append(1000 * (time.process_time() - cpu) / (snap.header.num_bytes / 1e6))
+        return statistics.median(rates), statistics.median(cpus), 1000 * statistics.median(firsts)
     finally:
         await server.stop(None)
         await me.channels.close()
@@ -119,8 +127,9 @@ def main() -> None:
         except ImportError:
             tls_dir = None
         for name, settings in modes(tls_dir).items():
-            rate, first_ms = asyncio.run(measure(settings, snap, args.repeats))
-            print(f"  {name:<26} {rate:7.0f} MB/s   first call on a new channel {first_ms:6.1f} ms")
+            rate, cpu_ms, first_ms = asyncio.run(measure(settings, snap, args.repeats))
+            print(f"  {name:<26} {rate:7.0f} MB/s  {cpu_ms:5.2f} CPU ms/MB (both ends)   first call on a new "
+                  f"channel {first_ms:6.1f} ms")
 
 
 if __name__ == "__main__":
