@@ -1,5 +1,6 @@
-"""A TLS run of real peer processes: two peers with certificates of the run's CA (made by `peer tls`)
-train together; a peer without certificates is told in one line and exits 2, one with another CA's
+"""A TLS run of real peer processes, private too as README advises (TLS guards the calls, the secret
+the DHT records): two peers with certificates of the run's CA (made by `peer tls`) and the secret
+train together (no chunk nor reply MAC: TLS does their work); a peer without certificates is told in one line and exits 2, one with another CA's
 certificate in one line and exits 3; a plain gRPC client gets no answer from a TLS peer, where a
 client with the run CA's certificate does; `peer doctor` passes with a peer's files, and without
 them says the run uses TLS."""
@@ -21,6 +22,7 @@ from tests.fixtures import identity
 from tests.procs import python_module, wait_for_line
 from tests.swarm.harness import Swarm
 
+SECRET = "a-long-run-secret-0123456789"
 RUN = ["--model", "tiny", "--target-steps", "40", "--max-round-seconds", "30", "--min-peers", "2",
        "--batch-size", "4", "--eval-batches", "1", "--join-window-s", "5"]
 pytestmark = pytest.mark.timeout(300)
@@ -40,11 +42,12 @@ def swarm(tmp_path_factory):
                  ["issue", "--ca", str(root / "other-ca"), "--out", str(root / "c")]):
         done = subprocess.run(python_module("peer.cli", "tls", *args), capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
+    (root / "secret.txt").write_text(SECRET + "\n")
     s = Swarm(root, RUN)
     try:
         s.start_bootstrap()
-        s.start_peer("a", ["--max-rounds", "400", *tls(root / "a")])
-        s.start_peer("b", ["--max-rounds", "400", *tls(root / "b")])
+        s.start_peer("a", ["--max-rounds", "400", *tls(root / "a")], {"DILOCO_RUN_SECRET": SECRET})
+        s.start_peer("b", ["--max-rounds", "400", *tls(root / "b"), "--run-secret-file", str(root / "secret.txt")])
         s.wait_rounds("a", 2, 120)
         yield s
     finally:
@@ -56,6 +59,8 @@ def test_the_peers_with_the_runs_certificates_train_together(swarm):
     assert [r for r in rows if r["outcome"] == "applied" and r["group_size"] == 2]
     a, b = swarm.by_round("a"), swarm.by_round("b")
     assert all(a[r]["digest"] == b[r]["digest"] for r in set(a) & set(b))
+    for name in ("a", "b"):
+        assert "MAC" not in swarm.log(name) and SECRET not in swarm.log(name)
 
 
 @pytest.mark.parametrize("name, extra, status, says", [
@@ -81,7 +86,7 @@ def test_a_plain_grpc_client_gets_no_answer_from_a_tls_peer(swarm):
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         folder = Path(swarm.root) / "b"   # the same call with the run CA's certificate is answered
         member = NetCore(None, PeerConfig(tls_cert=str(folder / "peer.pem"), tls_key=str(folder / "peer.key"),  # type: ignore[arg-type]
-                                          tls_ca=str(folder / "ca.pem")), identity())
+                                          tls_ca=str(folder / "ca.pem"), run_secret=SECRET), identity())
         try:
             reply = await member.channels.stub(address).Health(pb.HealthRequest(), timeout=5)
             assert reply.peer_id and reply.run_id == "diloco"
@@ -94,7 +99,8 @@ def test_a_plain_grpc_client_gets_no_answer_from_a_tls_peer(swarm):
 @pytest.mark.parametrize("with_tls", [True, False], ids=["tls", "plain"])
 def test_peer_doctor_checks_a_tls_run_with_its_files(swarm, with_tls):
     args = ["--initial-peers", swarm.bootstrap_addr, "--host", "127.0.0.1", "--dht-host-maddrs",
-            "/ip4/127.0.0.1/tcp/0", *(tls(Path(swarm.root) / "b") if with_tls else [])]
+            "/ip4/127.0.0.1/tcp/0", "--run-secret-file", str(swarm.root / "secret.txt"),
+            *(tls(Path(swarm.root) / "b") if with_tls else [])]
     p = subprocess.run(python_module("peer.cli", "doctor", *args), capture_output=True, text=True, timeout=120)
     if with_tls:
         assert p.returncode == 0, p.stdout + p.stderr[-3000:]
