@@ -18,7 +18,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 # Spec fields derived from files (--model PATH, --tokenizer PATH), never typed by a user.
-DERIVED_SPEC_FIELDS = {"model_config", "model_hash", "tokenizer_hash"}
+DERIVED_SPEC_FIELDS = {"model_config", "model_hash", "tokenizer_hash", "tls_ca"}
 SPEC_FIELDS = {f.name for f in dataclasses.fields(RunSpec)} - {"protocol"} - DERIVED_SPEC_FIELDS
 PEER_FIELDS = {f.name for f in dataclasses.fields(PeerConfig)} - {"spec", "model_path"}
 LIST_FIELDS = {"initial_peers", "dht_host_maddrs", "dht_announce_maddrs"}
@@ -74,6 +74,10 @@ FLAGS: list[tuple[str, Any, str]] = [
                         "process list until it starts: prefer DILOCO_RUN_SECRET or --run-secret-file)"),
     ("run-secret-file", str, "read the run secret from the first line of this file"),
     ("max-clock-skew-s", float, "calls stamped further than this from this peer's clock are refused (30)"),
+    ("tls-cert", str, "TLS: this peer's certificate, issued by the run's CA (peer tls issue); needs --tls-key and "
+                      "--tls-ca too"),
+    ("tls-key", str, "TLS: the private key of --tls-cert"),
+    ("tls-ca", str, "TLS: the run's CA certificate; every peer of a TLS run needs one it issued"),
     # run spec: the starting peer's values become the run's; joiners adopt them
     ("model", str, "run spec: a built-in GPT preset (tiny, small, base) or a local folder with a transformers "
                    "causal LM config.json (and safetensors weights to continue from)"),
@@ -108,7 +112,8 @@ FLAGS: list[tuple[str, Any, str]] = [
 
 
 # `peer NAME ...`: each module's main(argv) -> exit status; anything else runs a peer.
-SUBCOMMANDS = {"export": "peer.export", "plot": "peer.plot", "doctor": "peer.doctor", "status": "peer.status"}
+SUBCOMMANDS = {"export": "peer.export", "plot": "peer.plot", "doctor": "peer.doctor", "status": "peer.status",
+               "tls": "peer.tlsfiles"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -206,6 +211,12 @@ def parse_config(argv: list[str] | None = None) -> tuple[PeerConfig, set[str]]:
         peer_kw["run_secret"] = _read_secret_file(peer_kw.pop("run_secret_file"), bool(peer_kw.get("run_secret")))
     cfg = PeerConfig(**peer_kw, spec=RunSpec(**spec_kw))
     validate_peer(cfg)
+    if cfg.tls_ca:   # the files checked now (exit 2); their CA's fingerprint is the run spec's
+        from peer.tlsfiles import load
+
+        ca = load(cfg.tls_cert, cfg.tls_key, cfg.tls_ca).ca_sha256
+        cfg = dataclasses.replace(cfg, spec=dataclasses.replace(cfg.spec, tls_ca=ca))
+        spec_kw["tls_ca"] = ca
     return cfg, set(spec_kw)
 
 

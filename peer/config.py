@@ -67,6 +67,7 @@ class RunSpec:
     target_steps: int = 200         # inner steps summed over the swarm that close a round
     max_round_seconds: float = 300.0  # a round closes after this much training regardless
     min_peers: int = 1              # round 0 waits until this many peers are in
+    tls_ca: str = ""                # a TLS run: sha256 of its CA certificate (--tls-ca); "" = no TLS
 
     def hash(self) -> str:
         text = json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
@@ -142,6 +143,9 @@ class PeerConfig:
     run_secret: str = field(default="", repr=False)  # a private run: only peers with this secret take part
     run_secret_file: str = ""        # the secret's first line is read from this file (instead of --run-secret)
     max_clock_skew_s: float = 30.0   # calls stamped further than this from our clock are refused (replays)
+    tls_cert: str = ""               # TLS (all three or none): this peer's certificate, issued by the run's CA
+    tls_key: str = ""                # ... its private key
+    tls_ca: str = ""                 # ... the run's CA certificate (its sha256 is the run spec's tls_ca)
     spec: RunSpec = field(default_factory=RunSpec)
 
 
@@ -204,6 +208,8 @@ def validate_spec(s: RunSpec) -> None:
     _check(0 <= s.warmup_samples <= s.total_samples, "warmup_samples", s.warmup_samples,
            f"an integer between 0 and --total-samples ({s.total_samples})")
     _check(s.total_samples >= 1, "total_samples", s.total_samples, "an integer >= 1")
+    _check(re.fullmatch(r"|[0-9a-f]{64}", s.tls_ca) is not None, "tls_ca", s.tls_ca[:80],
+           "empty or the sha256 of the run's CA certificate (64 hex digits)")
 
 
 def trusted_owners(s: RunSpec) -> list[str]:
@@ -266,6 +272,10 @@ def validate_peer(c: PeerConfig) -> None:
     _check(c.run_secret == "" or len(c.run_secret) >= 8, "run_secret", "(hidden)",
            "at least 8 characters (a long random string: python3 -c 'import secrets; print(secrets.token_hex(16))')")
     _check(5 <= c.max_clock_skew_s <= 600, "max_clock_skew_s", c.max_clock_skew_s, "seconds in [5, 600]")
+    tls = [f"--tls-{n}" for n in ("cert", "key", "ca") if getattr(c, f"tls_{n}")]
+    if tls and len(tls) < 3:
+        raise ConfigError(f"{' and '.join(tls)} without the rest: TLS needs --tls-cert, --tls-key and --tls-ca "
+                          "together (or none of them); make them with `peer tls`")
     validate_spec(c.spec)
 
 
@@ -340,6 +350,20 @@ def spec_conflicts(run: RunSpec, wanted: RunSpec, explicit: set[str]) -> list[st
             lines.append(f"--{name.replace('_', '-')} {ours!r} conflicts with the run's value {theirs!r}; "
                          f"drop the flag to adopt the run's value")
     return lines
+
+
+def tls_conflict(run: RunSpec, wanted: RunSpec) -> tuple[int, str] | None:
+    """(exit status, the one line) when this peer's TLS does not fit the run's: no or unwanted
+    certificates (2), or certificates of another CA (3, authentication)."""
+    if run.tls_ca == wanted.tls_ca:
+        return None
+    if not wanted.tls_ca:
+        return EXIT_CONFIG, (f"this run uses TLS (its CA has sha256 {run.tls_ca[:16]}): pass --tls-cert, --tls-key "
+                             "and --tls-ca, a certificate issued by the run's CA (ask its operator: peer tls issue)")
+    if not run.tls_ca:
+        return EXIT_CONFIG, "this run does not use TLS: drop --tls-cert, --tls-key and --tls-ca to join it"
+    return EXIT_AUTH, (f"this run's peers use another TLS CA (sha256 {run.tls_ca[:16]}) than this peer's --tls-ca "
+                       f"(sha256 {wanted.tls_ca[:16]}): use a certificate issued by the run's CA")
 
 
 def wire_codec(spec: RunSpec) -> str:

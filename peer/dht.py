@@ -79,6 +79,8 @@ class ChildSafeDHT(hivemind.DHT):
     the parent stops it with `shutdown` (SIGKILL after a deadline), and it dies with the parent anyway."""
 
     identity: Identity | None = None   # set by create_dht: the key this node signs its records with
+    member_key: bytes = b""   # a private run's: the proof its records carry (peer.records; set by run.py,
+    #                           in this process only, after the fork: the DHT process never holds it)
 
     def run(self) -> None:  # runs in the forked DHT process
         # objects inherited from the parent are never collected here: garbage it left (a closed gRPC

@@ -9,6 +9,7 @@ when it fails:
   DHT port  ... and connects to our DHT port
   clock     skew against the swarm's peers (Health's clock, at the midpoint of the call)
   link      download and upload rate to one peer, against one round's update of the run
+  secret    (only when it fails) a private run's peers refused our calls: no secret, or another
 and prints a verdict. Exit status 0 when nothing failed, 1 when a check failed, 2 for a bad flag."""
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--client-mode", action="store_true", help="check as a client-mode peer (no inbound needed)")
     p.add_argument("--timeout-s", type=argtypes.seconds(600), default=30.0,
                    help="how long joining the DHT may take (default 30)")
+    p.add_argument("--run-secret-file", default="", help="a private run: its secret's file, as the peer's "
+                   "(or DILOCO_RUN_SECRET); without it a private run's peers refuse the doctor's calls")
+    for name, text in (("cert", "this peer's certificate"), ("key", "its key"), ("ca", "the run's CA certificate")):
+        p.add_argument(f"--tls-{name}", default="", help=f"a TLS run: {text} (as the peer's --tls-{name})")
     return p
 
 
@@ -67,13 +72,22 @@ def main(argv: list[str]) -> int:
     parser.exit = lambda status=0, message=None: (sys.stderr.write(message or ""), sys.exit(  # type: ignore
         EXIT_CONFIG if status else 0))
     args = parser.parse_args(argv)
+    from peer.cli import _read_secret_file
     from peer.config import ConfigError, PeerConfig, validate_peer
 
     try:
+        secret = os.environ.get("DILOCO_RUN_SECRET", "")
+        if args.run_secret_file:
+            secret = _read_secret_file(args.run_secret_file, bool(secret))
         cfg = PeerConfig(run_id=args.run_id, initial_peers=tuple(args.initial_peers), host=args.host, port=args.port,
                          announce_addr=args.announce_addr, dht_host_maddrs=tuple(args.dht_host_maddrs),
-                         dht_announce_maddrs=tuple(args.dht_announce_maddrs), client_mode=args.client_mode)
+                         dht_announce_maddrs=tuple(args.dht_announce_maddrs), client_mode=args.client_mode,
+                         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca, run_secret=secret)
         validate_peer(cfg)
+        if cfg.tls_ca:   # checked as the peer checks them; the gRPC server and channels then speak TLS
+            from peer.tlsfiles import load
+
+            load(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)
     except ConfigError as e:
         print(f"peer doctor: error: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -121,6 +135,9 @@ def run(cfg, timeout_s: float) -> list[Check]:
             n = count_dht_peers(dht, 5.0, refresh=True)
         except Exception:  # the count is only a detail
             n = -1
+        from peer.net.auth import AuthRefused, derived_key
+
+        dht.member_key = derived_key(cfg.run_secret, "member")   # reads a private run's members' records only
         checks.append(Check("DHT", PASS, f"joined in {time.monotonic() - t:.1f} s"
                             + (f"; {n} other DHT peer(s) in the routing table" if n >= 0 else "")))
         from peer.net.node import Node
@@ -129,6 +146,9 @@ def run(cfg, timeout_s: float) -> list[Check]:
         try:
             node.start()
             checks += node.net.call(_network_checks(node), 120)
+        except AuthRefused as e:   # a private run's peer refused our calls: no secret, or another
+            checks.append(Check("secret", FAIL, str(e), "pass the run's secret: --run-secret-file PATH or "
+                                "DILOCO_RUN_SECRET"))
         finally:
             node.stop()
     finally:
@@ -137,7 +157,7 @@ def run(cfg, timeout_s: float) -> list[Check]:
 
 
 async def _network_checks(node) -> list[Check]:
-    from peer.config import PROTOCOL_VERSION, RunSpec
+    from peer.config import PROTOCOL_VERSION, RunSpec, tls_conflict
     from peer.net import reach, swarm
 
     core, cfg, dht = node.core, node.cfg, node.dht
@@ -167,6 +187,12 @@ async def _network_checks(node) -> list[Check]:
     live = [r for r in view.values() if r.fresh() and r.peer_id != core.peer_id
             and (spec is None or r.spec == spec.hash())]
     serving = reach.others_first([r for r in live if r.addr and not r.client], core.address)
+    tls = spec and tls_conflict(spec, RunSpec(tls_ca=core.tls.ca_sha256 if core.tls else ""))
+    if tls:   # every call below would fail at the TLS handshake
+        checks.append(Check("run", FAIL, f"{cfg.run_id}: {tls[1]}", "pass the --tls-* files a peer of the run "
+                            "uses (or none for a run without TLS)"))
+        return checks + [Check(name, SKIP, "the run's TLS does not fit") for name in ("gRPC port", "DHT port",
+                                                                                    "clock", "link")]
     if spec is not None:
         model = spec.model if spec.model != "hf" else f"hf {spec.model_hash}"
         checks.append(Check("run", PASS, f"{cfg.run_id}: model {model}, codec {spec.codec}, target {spec.target_steps} "

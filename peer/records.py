@@ -9,6 +9,14 @@ to keep and on every record a lookup returns (`DHTProtocol.rpc_store`, `call_fin
 Readers keep only protected subkeys (`owner_of`): an unprotected subkey still passes the DHT's
 validators (hivemind's own records, e.g. its averager's, are unprotected) but means nothing to us.
 
+Private runs (`--run-secret`): every record a peer writes is `{"member": proof, "value": value}`,
+the proof an HMAC under a key derived from the secret (`auth.derived_key(secret, "member")`, held
+by the node as `dht.member_key`) over the DHT key (the run and the record's kind) and the signer's
+peer id (`member_proof`). Only that id's key can sign under its subkey, so a proof cannot be moved to
+another peer, nor to another run or kind of record. A private peer reads only records with a valid
+proof (`opened`): a stranger's record, or one of a run with another secret, is skipped (and counted
+as such); a reader without the secret (the bootstrap's page, `peer status`) unwraps them unchecked.
+
 No value schema is checked in the DHT: hivemind drops a node's whole answer for a key when one
 of its subkeys fails validation, so a well-signed but malformed record that some node without the
 check kept would hide every honest record that node holds. The readers' parsers check values per
@@ -16,7 +24,10 @@ subkey instead (`swarm.PeerRecord.parse`, `swarm.parse_history`, ...), and skip 
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
+from typing import Any
 
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
@@ -69,3 +80,28 @@ def validators(identity: Identity) -> list[RecordValidatorBase]:
     """What every node of a run installs: signing with `identity`'s key, checking everyone's. A node
     that only reads (doctor, `peer status`) validates the same with a key of its own."""
     return [RSASignatureValidator(identity.key), OwnerIdValidator()]
+
+
+def member_key_of(dht: object) -> bytes:
+    """The member key a node writes and checks private-run records with (b"": a public run)."""
+    key = getattr(dht, "member_key", b"")
+    return key if isinstance(key, bytes) else b""
+
+
+def member_proof(key: bytes, dht_key: str, peer_id: str) -> str:
+    return hmac.new(key, f"diloco-member\n{dht_key}\n{peer_id}".encode(), hashlib.sha256).hexdigest()
+
+
+def sealed(key: bytes, dht_key: str, peer_id: str, value: Any) -> Any:
+    """What a peer stores under `dht_key`: in a private run (`key`) the value with its member proof."""
+    return {"member": member_proof(key, dht_key, peer_id), "value": value} if key else value
+
+
+def opened(key: bytes, dht_key: str, peer_id: str, stored: Any) -> tuple[Any, bool]:
+    """(the value, whether it counts) of what `peer_id` stored under `dht_key`: with `key`, only a value
+    sealed with a valid proof counts; without, every value, unwrapped when it was sealed."""
+    wrapped = isinstance(stored, dict) and set(stored) == {"member", "value"} and isinstance(stored["member"], str)
+    value = stored["value"] if wrapped else stored
+    if not key:
+        return value, True
+    return value, wrapped and hmac.compare_digest(stored["member"], member_proof(key, dht_key, peer_id))

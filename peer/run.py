@@ -225,11 +225,12 @@ def _start_and_train(cfg: PeerConfig, explicit: set[str], parts: _Parts) -> int:
     except DHTStartError as e:
         log.error("%s", e)
         return EXIT_CRASH
-    from peer.net.auth import AuthRefused
+    from peer.net.auth import AuthRefused, derived_key
     from peer.net.node import CannotKeepUp, Node
     from peer.tasks import TaskError
     from peer.trainer import Trainer
 
+    dht.member_key = derived_key(cfg.run_secret, "member")   # a private run's records (peer.records)
     parts.node = node = Node(cfg, dht, identity)
     try:
         node.start()

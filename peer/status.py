@@ -103,7 +103,7 @@ def format_view(view: dict[str, Any]) -> str:
                  f"{_num(summary.get('global_samples'))} global samples, {_num(summary.get('samples_per_s'), 1)} "
                  "samples/s")
     if view.get("skipped"):
-        lines.append(f"({view['skipped']} malformed records in the DHT ignored)")
+        lines.append(f"({view['skipped']} records in the DHT ignored: malformed, unsigned, or not of this private run)")
     if peers:
         rows = [[_clean(p["peer_id"])[-6:], "left" if p["left"] else p["phase"] if p["live"] else "gone",
                  _num(p["round"]), _num(p["state_round"]), _num(p["steps_per_s"], 1), _num(p["samples_per_s"], 1),

@@ -90,12 +90,14 @@ class JoinReply(_message.Message):
     def __init__(self, status: _Optional[_Union[JoinReply.Status, str]] = ..., roster: _Optional[_Union[Roster, _Mapping]] = ..., redirect_address: _Optional[str] = ..., redirect_peer_id: _Optional[str] = ..., current_round: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ShardChunk(_message.Message):
-    __slots__ = ("header", "data")
+    __slots__ = ("header", "data", "mac")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
     header: ShardHeader
     data: bytes
-    def __init__(self, header: _Optional[_Union[ShardHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    mac: bytes
+    def __init__(self, header: _Optional[_Union[ShardHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., mac: _Optional[bytes] = ...) -> None: ...
 
 class ShardHeader(_message.Message):
     __slots__ = ("round", "roster_hash", "sender", "shard", "codec", "numel", "num_bytes", "sha256", "contributors", "weights", "total_weight", "backup", "parts_sha256")
@@ -200,12 +202,14 @@ class StateRequest(_message.Message):
     def __init__(self, min_round: _Optional[int] = ..., requester: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class StateChunk(_message.Message):
-    __slots__ = ("header", "data")
+    __slots__ = ("header", "data", "mac")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
     header: StateHeader
     data: bytes
-    def __init__(self, header: _Optional[_Union[StateHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    mac: bytes
+    def __init__(self, header: _Optional[_Union[StateHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., mac: _Optional[bytes] = ...) -> None: ...
 
 class StateHeader(_message.Message):
     __slots__ = ("round", "global_samples", "numel", "num_bytes", "sha256", "digest", "spec_hash")
@@ -280,12 +284,14 @@ class UpdateHeader(_message.Message):
     def __init__(self, round: _Optional[int] = ..., applied: _Optional[bool] = ..., codec: _Optional[str] = ..., shard_bounds: _Optional[_Iterable[int]] = ..., shard_bytes: _Optional[_Iterable[int]] = ..., samples: _Optional[int] = ..., num_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., digest_after: _Optional[str] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
-    __slots__ = ("header", "data")
+    __slots__ = ("header", "data", "mac")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
     header: UpdateHeader
     data: bytes
-    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    mac: bytes
+    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., mac: _Optional[bytes] = ...) -> None: ...
 
 class ProgressRequest(_message.Message):
     __slots__ = ("run_id", "spec_hash", "round", "peer_id", "steps", "rate")

@@ -16,6 +16,7 @@ import torch
 from peer._proto import peer_pb2 as pb
 from peer.aggregate import Aggregator, weighted_mean
 from peer.codecs import Codec, ErrorFeedback, ResidualUpdate
+from peer.net.chunkmac import OFF, StreamMac
 from peer.net.client import CHUNK_BYTES
 
 log = logging.getLogger(__name__)
@@ -25,13 +26,13 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def chunks(header: pb.ShardHeader, payload: bytes | bytearray) -> Iterator[pb.ShardChunk]:
+def chunks(header: pb.ShardHeader, payload: bytes | bytearray, mac: StreamMac = OFF) -> Iterator[pb.ShardChunk]:
     """The stream for one payload, made lazily (one chunk's copy at a time, as gRPC asks for
-    it, never the whole payload again): the header rides on the first chunk."""
+    it, never the whole payload again): the header rides on the first chunk; `mac` seals each."""
     view = memoryview(payload)
-    yield pb.ShardChunk(header=header, data=bytes(view[:CHUNK_BYTES]))
-    for i in range(CHUNK_BYTES, len(payload), CHUNK_BYTES):
-        yield pb.ShardChunk(data=bytes(view[i:i + CHUNK_BYTES]))
+    yield mac.seal(0, pb.ShardChunk(header=header, data=bytes(view[:CHUNK_BYTES])))
+    for n, i in enumerate(range(CHUNK_BYTES, len(payload), CHUNK_BYTES), 1):
+        yield mac.seal(n, pb.ShardChunk(data=bytes(view[i:i + CHUNK_BYTES])))
 
 
 async def rest_of(call) -> AsyncIterator[pb.ShardChunk]:
@@ -43,10 +44,12 @@ async def rest_of(call) -> AsyncIterator[pb.ShardChunk]:
         yield chunk
 
 
-async def read_payload(first: pb.ShardChunk, rest: AsyncIterator[pb.ShardChunk], expected_bytes: int) -> bytearray:
+async def read_payload(first: pb.ShardChunk, rest: AsyncIterator[pb.ShardChunk], expected_bytes: int,
+                       mac: StreamMac = OFF) -> bytearray:
     """Takes a stream's chunks as they arrive into one buffer of the announced size (the
-    caller checked `expected_bytes` against the codec's size for the shard), hashing each
-    chunk on arrival; refuses more or fewer bytes, and a sha256 other than the header's."""
+    caller checked `expected_bytes` against the codec's size for the shard, and `first`'s MAC
+    before it read the header), hashing each chunk on arrival; refuses a later chunk whose MAC
+    is not `mac`'s (chunk 1, 2, ...), more or fewer bytes, and a sha256 other than the header's."""
     buf = bytearray(expected_bytes)
     view = memoryview(buf)
     digest = hashlib.sha256()
@@ -61,7 +64,10 @@ async def read_payload(first: pb.ShardChunk, rest: AsyncIterator[pb.ShardChunk],
         filled += len(data)
 
     take(first.data)
+    index = 0
     async for chunk in rest:
+        index += 1
+        mac.check(index, chunk)
         take(chunk.data)
     if filled != expected_bytes:
         raise ValueError(f"stream ended after {filled} of {expected_bytes} bytes")

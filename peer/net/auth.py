@@ -31,6 +31,7 @@ from google.protobuf.message import DecodeError
 from hivemind.utils import get_dht_time
 
 from peer.identity import Identity, peer_id_of, verify
+from peer.net.chunkmac import REPLY_MAC, ChunkMacs, check_reply, reply_mac
 from peer.net.limits import CallerLimits, host_of
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,11 @@ def secret_key(secret: str) -> bytes:
     return hashlib.sha256(b"diloco-run-secret\n" + secret.encode()).digest() if secret else b""
 
 
+def derived_key(secret: str, purpose: str) -> bytes:
+    """A key for one use of the run secret (`chunk-mac`, `member`), independent of the calls' proof key."""
+    return hmac.new(secret_key(secret), f"diloco-{purpose}".encode(), hashlib.sha256).digest() if secret else b""
+
+
 def signed_text(method: str, ts: str, nonce: str, body_sha256: str) -> bytes:
     return f"diloco-call\n{method}\n{ts}\n{nonce}\n{body_sha256}".encode()
 
@@ -79,10 +85,15 @@ def _method(details) -> str:
 
 
 class Signer:
-    """Makes the auth metadata of our calls."""
+    """Makes the auth metadata of our calls; in a private run, unless `seal` is False (under TLS, which
+    protects every byte), `macs` seals and checks the chunks of our streams (peer.net.chunkmac) and the
+    unary replies we get are checked against their MAC (chunkmac.check_reply)."""
 
-    def __init__(self, identity: Identity, secret: str = "", clock: Callable[[], float] = get_dht_time):
+    def __init__(self, identity: Identity, secret: str = "", clock: Callable[[], float] = get_dht_time,
+                 seal: bool = True):
         self.identity, self.key, self.clock = identity, secret_key(secret), clock
+        self.macs = ChunkMacs(derived_key(secret, "chunk-mac") if seal else b"")
+        self.reply_key = derived_key(secret, "reply-mac") if seal else b""
         self.on_refused: Callable[[str], None] | None = None   # called with the line to print (Node: exit 3)
 
     def watch(self, call) -> None:
@@ -154,9 +165,15 @@ class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
         self.signer = signer
 
     async def intercept_unary_unary(self, continuation, details, request):
-        call = await continuation(self.signer.details(details, _serialize(request)), request)
+        details = self.signer.details(details, _serialize(request))
+        call = await continuation(details, request)
         self.signer.watch(call)
-        return call
+        if not self.signer.reply_key:
+            return call
+        reply = await call   # a private run: the reply is used only once its MAC checks out
+        nonce = next((v for k, v in details.metadata or () if k == NONCE), "")
+        check_reply(self.signer.reply_key, _method(details), nonce, reply, await call.trailing_metadata())
+        return reply
 
 
 class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
@@ -192,10 +209,13 @@ class Refusal(Exception):
 
 
 class Verifier:
-    """Checks a call's auth metadata; remembers nonces for twice the skew bound (replays)."""
+    """Checks a call's auth metadata; remembers nonces for twice the skew bound (replays). In a private
+    run without TLS (`seal`) it also seals unary replies (`reply_key`, see AuthInterceptor)."""
 
-    def __init__(self, secret: str = "", max_skew_s: float = 30.0, clock: Callable[[], float] = get_dht_time):
+    def __init__(self, secret: str = "", max_skew_s: float = 30.0, clock: Callable[[], float] = get_dht_time,
+                 seal: bool = True):
         self.key, self.max_skew_s, self.clock = secret_key(secret), max_skew_s, clock
+        self.reply_key = derived_key(secret, "reply-mac") if seal else b""
         self._nonces: OrderedDict[str, float] = OrderedDict()   # nonce -> when it may be forgotten (monotonic)
         self._logged: set[tuple[str, str]] = set()
         self.refused = 0
@@ -344,7 +364,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                     async with host_admitted(context), peer_admitted(raw, context):
                         if message is UNDECODABLE:
                             await _refuse_undecodable(context, method)
-                        return await inner(message, context)
+                        reply = await inner(message, context)
+                        if verifier.reply_key and handler.unary_unary:   # bound to the caller's nonce
+                            nonce = next((v for k, v in metadata or () if k == NONCE), "")
+                            context.set_trailing_metadata(((REPLY_MAC, reply_mac(verifier.reply_key, method, nonce,
+                                                                                 reply)),))
+                        return reply
 
             make = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.unary_stream_rpc_method_handler
             return make(behavior, request_deserializer=_hashing(handler.request_deserializer),

@@ -7,6 +7,7 @@ import grpc
 
 from peer._proto import peer_pb2_grpc
 from peer.net.auth import Signer, client_interceptors
+from peer.tlsfiles import SERVER_NAME, TlsFiles
 
 # 1 MiB chunks: large enough that per-message overhead (a protobuf object, an HTTP/2 frame
 # header per 16 KiB, one await) is well under 1 % of the bytes, small enough that a member
@@ -37,22 +38,37 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def open_channel(address: str, signer: Signer, options=CHANNEL_OPTIONS) -> grpc.aio.Channel:
-    """A channel whose every call is signed by `signer` (peer.net.auth)."""
-    return grpc.aio.insecure_channel(address, options=options, interceptors=client_interceptors(signer))
+def open_channel(address: str, signer: Signer, options=CHANNEL_OPTIONS, tls: TlsFiles | None = None
+                 ) -> grpc.aio.Channel:
+    """A channel whose every call is signed by `signer` (peer.net.auth); with `tls`, over TLS with this
+    peer's certificate, trusting the run's CA alone and checking the name every peer certificate
+    carries (peer.tlsfiles.SERVER_NAME: peers are dialled by address, which no certificate names)."""
+    interceptors = client_interceptors(signer)
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+    credentials = grpc.ssl_channel_credentials(tls.ca_pem, tls.key_pem, tls.cert_pem)
+    return grpc.aio.secure_channel(address, credentials, options=[*options, ("grpc.ssl_target_name_override",
+                                                                             SERVER_NAME)], interceptors=interceptors)
+
+
+def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
+    """A TLS server's: our certificate, and only clients with a certificate the run's CA issued."""
+    return grpc.ssl_server_credentials([(tls.key_pem, tls.cert_pem)], root_certificates=tls.ca_pem,
+                                       require_client_auth=True)
 
 
 class Channels:
-    """Caches one channel per address, each signing its calls with `signer`; `close()` closes them all."""
+    """Caches one channel per address, each signing its calls with `signer` (over TLS with `tls`);
+    `close()` closes them all."""
 
-    def __init__(self, signer: Signer) -> None:
-        self.signer = signer
+    def __init__(self, signer: Signer, tls: TlsFiles | None = None) -> None:
+        self.signer, self.tls = signer, tls
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def stub(self, address: str) -> peer_pb2_grpc.PeerStub:
         ch = self._channels.get(address)
         if ch is None:
-            ch = open_channel(address, self.signer)
+            ch = open_channel(address, self.signer, tls=self.tls)
             self._channels[address] = ch
         return peer_pb2_grpc.PeerStub(ch)
 

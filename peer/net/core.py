@@ -15,6 +15,7 @@ import grpc
 import hivemind
 from hivemind.utils import get_dht_time
 
+from peer import tlsfiles
 from peer._proto import peer_pb2 as pb
 from peer.codecs import ErrorFeedback, get_codec
 from peer.config import PeerConfig, RunSpec, trusted_owners, verifies_shards, wire_codec
@@ -74,14 +75,16 @@ class NetCore:
         self.client_mode = cfg.client_mode   # no inbound connections: set by --client-mode, or when a dial-back
         #                                      check finds us unreachable (reach.py); the loop replaces it only
         self.reach = Reachability()
-        self.signer = Signer(identity, cfg.run_secret)   # signs every call we make (peer.net.auth)
-        self.verifier = Verifier(cfg.run_secret, cfg.max_clock_skew_s)   # checks every call we answer
+        # TLS (--tls-*): every channel and the server; it protects every byte, so chunks carry no MAC
+        self.tls = tlsfiles.load(cfg.tls_cert, cfg.tls_key, cfg.tls_ca) if cfg.tls_ca else None
+        self.signer = Signer(identity, cfg.run_secret, seal=self.tls is None)   # signs every call we make
+        self.verifier = Verifier(cfg.run_secret, cfg.max_clock_skew_s, seal=self.tls is None)   # checks every call
         self.limits = CallerLimits()   # per caller host and peer: calls/s and calls at once (limits.py)
-        self.dialer = DialBackService(self.signer)
+        self.dialer = DialBackService(self.signer, self.tls)
         self.spec: RunSpec | None = None
         self.spec_hash = ""
         self.numel = 0
-        self.channels = Channels(self.signer)
+        self.channels = Channels(self.signer, self.tls)
         self.round = -1                      # the round this peer trains for; -1 before it has state
         self.steps = self.samples = 0
         self.rate = 0.0
@@ -572,7 +575,7 @@ class NetCore:
         if chunks is None:
             raise Reject(grpc.StatusCode.FAILED_PRECONDITION,
                          f"updates {req.from_round}..{req.to_round - 1} wanted, this peer keeps {self.updates.span()}")
-        return chunks
+        return self.signer.macs.seal_updates(chunks, self.peer_id)
 
     def health(self) -> pb.HealthReply:
         ctx = self.rounds.get(self.round)

@@ -15,6 +15,7 @@ from peer.codecs import get_codec
 from peer.net import allreduce as ar
 from peer.net import owner as owner_side
 from peer.net import swarm, validate, verify
+from peer.net.chunkmac import MacError
 from peer.net.client import describe_rpc_error
 from peer.net.core import NetCore
 from peer.net.loop import Deadline
@@ -154,7 +155,8 @@ async def send_shard(core: NetCore, ctx, roster: pb.Roster, j: int, payload: byt
     try:
         started = time.monotonic()
         reply = await core.channels.stub(address).Contribute(
-            paced(core.upload, ar.chunks(header, payload)), timeout=min(deadline.left(0.1), core.transfer_timeout_s()))
+            paced(core.upload, ar.chunks(header, payload, core.signer.macs.contribution(header))),
+            timeout=min(deadline.left(0.1), core.transfer_timeout_s()))
         took = time.monotonic() - started
         core.deadlines.observe(len(payload), took)
         ctx.bytes_sent += len(payload)
@@ -254,22 +256,27 @@ async def pull_shard(core: NetCore, roster: pb.Roster, j: int, source: str, wait
     address = next(m.address for m in roster.members if m.peer_id == source)
     req = pb.ShardRequest(round=roster.round, roster_hash=roster.hash, shard=j, requester=core.peer_id,
                           wait_s=wait_s, backup=backup, header_only=header_only)
+    mac = core.signer.macs.shard(req, source)
     try:
         call = core.channels.stub(address).GetShard(req, timeout=wait_s + 5)
         first = await call.read()
         if first is grpc.aio.EOF:
             raise RuntimeError(f"{source[-6:]} sent nothing")
+        mac.check(0, first)   # the reply's header is not signed: its MAC covers it
         why = ar.check_header(first.header, roster, get_codec(roster.codec), reduced=True)
         if why:
             raise RuntimeError(f"{source[-6:]}: {why}")
         if header_only:
             return first.header, bytearray()
         started = time.monotonic()  # the owner may hold the call until the shard is reduced: time the bytes
-        payload = await ar.read_payload(first, ar.rest_of(call), first.header.num_bytes)
+        payload = await ar.read_payload(first, ar.rest_of(call), first.header.num_bytes, mac)
         core.deadlines.observe(len(payload) - len(first.data), time.monotonic() - started)
     except grpc.aio.AioRpcError as e:
         core.suspect(source, e)
         raise RuntimeError(f"{source[-6:]}: {describe_rpc_error(e)}") from None
+    except MacError as e:
+        log.warning("%s", e)
+        raise RuntimeError(str(e)) from None
     except ValueError as e:
         raise RuntimeError(f"{source[-6:]}: {e}") from None
     return first.header, payload

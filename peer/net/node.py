@@ -13,11 +13,11 @@ import torch
 from hivemind.utils import get_dht_time
 
 from peer import swarmview
-from peer.config import ConfigError, PeerConfig, RunSpec, spec_conflicts
+from peer.config import EXIT_AUTH, ConfigError, PeerConfig, RunSpec, spec_conflicts, tls_conflict
 from peer.identity import Identity
 from peer.metrics import CONTENT_TYPE_LATEST, PeerMetrics
 from peer.monitor import Monitor
-from peer.net import announce, swarm
+from peer.net import announce, outsiders, swarm
 from peer.net.auth import AuthRefused
 from peer.net.core import GRANT_FRESH_S, PROBE_TIMEOUT_S, NetCore
 from peer.net.keeper import BACKOFF_S, STATE_TIMEOUT_S, CannotKeepUp, Keeper, RoundResult  # noqa: F401
@@ -206,7 +206,10 @@ class Node:
     def resolve_spec(self, wanted: RunSpec, explicit: set[str], timeout_s: float = 30.0) -> RunSpec:
         """Adopts the run's spec, or proposes ours when the run has none; conflicts -> ConfigError."""
         spec = self.net.call(self._resolve_spec(wanted), timeout_s)
-        conflicts = spec_conflicts(spec, wanted, explicit)
+        tls = tls_conflict(spec, wanted)
+        if tls is not None:   # no certificates, or unwanted ones (exit 2); another CA's (exit 3)
+            raise AuthRefused(tls[1]) if tls[0] == EXIT_AUTH else ConfigError(tls[1])
+        conflicts = spec_conflicts(spec, wanted, explicit - {"tls_ca"})
         if conflicts:
             raise ConfigError("; ".join(conflicts))
         self.core.spec, self.core.spec_hash = spec, spec.hash()
@@ -215,6 +218,8 @@ class Node:
     async def _resolve_spec(self, wanted: RunSpec) -> RunSpec:
         key = swarm.spec_key(self.cfg.run_id)
         proposals = await swarm.read(self.dht, key, 10.0)
+        if not proposals and self.cfg.run_secret:   # the run's records may all be of another secret
+            await outsiders.ask(self.core)          # its peers refuse ours: AuthRefused, exit 3
         deadline = Deadline(CLIENT_SPEC_WAIT_S)
         if not proposals and self.core.client_mode:
             log.info("client mode: waiting for a serving peer to start run %s", self.cfg.run_id)

@@ -119,7 +119,9 @@ async def _take_part(core: NetCore, h: pb.ShardHeader, first: pb.ShardChunk, str
     if shard.closed:
         raise Reject(grpc.StatusCode.FAILED_PRECONDITION,
                      f"round {h.round}: shard {h.shard} is reduced already; {h.sender[-6:]}'s part came too late")
-    payload = await ar.read_payload(first, stream, h.num_bytes)
+    mac = core.signer.macs.contribution(h)   # a MacError (a ValueError) is logged by handle_contribute
+    mac.check(0, first)
+    payload = await ar.read_payload(first, stream, h.num_bytes, mac)
     ctx.bytes_received += len(payload)
     try:   # a codec refuses what does not decode to finite values (fp32: NaN or infinity), like validation
         values = await asyncio.get_running_loop().run_in_executor(None, codec.decode, payload, h.numel)
@@ -146,7 +148,7 @@ async def handle_get_shard(core: NetCore, req: pb.ShardRequest) -> list[pb.Shard
             raise Reject(grpc.StatusCode.NOT_FOUND, f"round {req.round}: {what} {req.shard} is not held here")
         header, payload = ctx.fetched[req.shard]
         ctx.bytes_sent += len(payload)
-        return ar.chunks(header, payload)
+        return ar.chunks(header, payload, core.signer.macs.shard(req, core.peer_id))
     try:
         header, payload = await asyncio.wait_for(asyncio.shield(shard.result), min(req.wait_s, 600))
     except asyncio.TimeoutError:
@@ -155,8 +157,8 @@ async def handle_get_shard(core: NetCore, req: pb.ShardRequest) -> list[pb.Shard
         raise Reject(grpc.StatusCode.ABORTED, f"round {req.round}: {e}") from None
     if req.header_only:   # a member checking the result's hash (--verify-shards)
         shard.served.add(req.requester)
-        return [pb.ShardChunk(header=header)]
+        return [core.signer.macs.shard(req, core.peer_id).seal(0, pb.ShardChunk(header=header))]
     core.faults.hit("serving_shard", req.round)
     shard.served.add(req.requester)
     ctx.bytes_sent += len(payload)
-    return ar.chunks(header, payload)
+    return ar.chunks(header, payload, core.signer.macs.shard(req, core.peer_id))

@@ -27,6 +27,7 @@ from peer._proto import peer_pb2_grpc
 from peer.net.auth import Signer
 from peer.net.client import CHANNEL_OPTIONS, Channels, Reject, describe_rpc_error, open_channel
 from peer.net.loop import Deadline
+from peer.tlsfiles import TlsFiles
 
 if TYPE_CHECKING:
     from peer.net.core import NetCore
@@ -87,9 +88,9 @@ async def _resolve(host: str, port: int, timeout_s: float) -> list[str]:
 
 
 async def dial(address: str, caller: str, expect_peer: str, is_grpc: bool, timeout_s: float,
-               signer: Signer) -> pb.DialResult:
+               signer: Signer, tls: TlsFiles | None = None) -> pb.DialResult:
     """Tries to reach `address` now, on `caller`'s host only: a TCP connect, then for a gRPC
-    address a Health call over a fresh connection whose peer id must be `expect_peer`."""
+    address a Health call over a fresh connection (TLS with `tls`) whose peer id must be `expect_peer`."""
     started, deadline = time.monotonic(), Deadline(timeout_s)
 
     def result(status: int, detail: str, answered_by: str = "") -> pb.DialResult:
@@ -116,7 +117,7 @@ async def dial(address: str, caller: str, expect_peer: str, is_grpc: bool, timeo
         return result(S.UNREACHABLE, f"{e.strerror or e} connecting to {target}")
     if not is_grpc:
         return result(S.OK, f"TCP connection to {target} accepted")
-    channel = open_channel(target, signer, FRESH_OPTIONS)
+    channel = open_channel(target, signer, FRESH_OPTIONS, tls)
     try:
         health = await peer_pb2_grpc.PeerStub(channel).Health(pb.HealthRequest(), timeout=deadline.left(0.05))
     except grpc.aio.AioRpcError as e:
@@ -139,8 +140,8 @@ class DialBackService:
     are answered NOT_CALLER, undialled), one call per caller host at a time, at most MAX_DIALS
     at once and MAX_TARGETS addresses a call, each within MAX_DIAL_TIMEOUT_S."""
 
-    def __init__(self, signer: Signer):
-        self.signer, self.peer_id = signer, signer.identity.peer_id
+    def __init__(self, signer: Signer, tls: TlsFiles | None = None):
+        self.signer, self.tls, self.peer_id = signer, tls, signer.identity.peer_id
         self.busy: set[str] = set()   # caller hosts being dialled now (touched on the loop only)
 
     async def handle(self, req: pb.DialBackRequest, peer: str) -> pb.DialBackReply:
@@ -166,7 +167,8 @@ class DialBackService:
         timeout_s = min(max(timeout_s, 0.1), MAX_DIAL_TIMEOUT_S)
         self.busy.add(caller)
         try:
-            results = await asyncio.gather(*(dial(a, caller, req.peer_id, g, timeout_s, self.signer) for a, g in targets))
+            results = await asyncio.gather(*(dial(a, caller, req.peer_id, g, timeout_s, self.signer, self.tls)
+                                             for a, g in targets))
         finally:
             self.busy.discard(caller)
         return pb.DialBackReply(peer_id=self.peer_id, caller_host=caller, results=results)

@@ -14,6 +14,7 @@ import torch
 
 from peer._proto import peer_pb2 as pb
 from peer.codecs import get_codec
+from peer.net.chunkmac import OFF
 from peer.net.client import CHUNK_BYTES, Channels, describe_rpc_error
 from peer.net.loop import Deadline
 from peer.net.state_sync import Received
@@ -103,8 +104,13 @@ async def replay(channels: Channels, donor: tuple[str, str], state: GlobalState,
     call = channels.stub(address).GetUpdates(req, timeout=deadline.left(0.1))
     loop = asyncio.get_running_loop()
     header, buf, num_bytes = None, bytearray(), 0
+    mac, index = OFF, 0   # each round's update is sealed on its own, counted from its header's chunk
     try:
         async for chunk in call:
+            if chunk.HasField("header"):
+                mac, index = channels.signer.macs.update(chunk.header.round, peer_id[-6:]), 0
+            mac.check(index, chunk)
+            index += 1
             if chunk.HasField("header"):
                 if header is not None:
                     state = await loop.run_in_executor(None, apply_update, state, header, bytes(buf), lr, momentum)

@@ -12,7 +12,7 @@ from peer._proto import peer_pb2 as pb
 from peer._proto import peer_pb2_grpc
 from peer.net import auth, owner, validate
 from peer.net.auth import AuthInterceptor
-from peer.net.client import CHANNEL_OPTIONS, Reject
+from peer.net.client import CHANNEL_OPTIONS, Reject, server_credentials
 from peer.net.linktest import LinkTests
 from peer.net.upload import paced
 
@@ -66,7 +66,8 @@ class Servicer(peer_pb2_grpc.PeerServicer):
         snapshot = await self._guard(context, "GetState", self.core.handle_get_state(request), request)
         if snapshot is None:
             return
-        chunks = paced(self.core.upload, snapshot.chunks(request.offset, request.length))
+        mac = self.core.signer.macs.state(snapshot.header.sha256, self.core.peer_id[-6:])
+        chunks = paced(self.core.upload, snapshot.chunks(request.offset, request.length, mac))
         chunk = await anext(chunks)
         async for following in chunks:
             await context.write(chunk)
@@ -126,7 +127,8 @@ async def start_server(core: NetCore, host: str, port: int, servicer: Servicer |
     # Every call is checked (peer.net.auth) before its handler runs.
     server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[AuthInterceptor(core.verifier, core.limits)])
     peer_pb2_grpc.add_PeerServicer_to_server(servicer or Servicer(core), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = (server.add_secure_port(f"{host}:{port}", server_credentials(core.tls)) if core.tls is not None
+             else server.add_insecure_port(f"{host}:{port}"))
     if bound == 0:
         raise OSError(f"cannot listen for gRPC on {host}:{port} (in use or not an address of this machine)")
     await server.start()

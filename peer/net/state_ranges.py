@@ -191,10 +191,16 @@ class RangeFetch:
         call = self.channels.stub(donor.address).GetState(req, timeout=self.deadline.left(0.1))
         donor.call_started()
         pos, first = r.start, True
+        macs = self.channels.signer.macs
+        mac = macs.state(self.header.sha256, donor.name)
         try:
             async for chunk in call:
                 if first and chunk.header != self.header:
-                    raise OtherState(chunk.header) if chunk.HasField("header") else ValueError("no header")
+                    if not chunk.HasField("header"):
+                        raise ValueError("no header")
+                    macs.state(chunk.header.sha256, donor.name).check(pos, chunk)
+                    raise OtherState(chunk.header)
+                mac.check(pos, chunk)
                 first = False
                 n = len(chunk.data)
                 if pos + n > asked_end:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from peer._proto import peer_pb2 as pb
+from peer.net.chunkmac import OFF, StreamMac
 from peer.net.client import CHUNK_BYTES, Channels, describe_rpc_error
 from peer.net.loop import Deadline
 from peer.net.state_ranges import RANGE_BYTES, Donor, RangeFetch, merge
@@ -43,12 +44,14 @@ class StateSnapshot:
                                 sha256=state.digest(), digest=state.digest(), spec_hash=spec_hash)
         return cls(header, payload)
 
-    def chunks(self, offset: int, length: int = 0):
-        """The bytes [offset, offset + length) (length 0: to the end), the header first."""
+    def chunks(self, offset: int, length: int = 0, mac: StreamMac = OFF):
+        """The bytes [offset, offset + length) (length 0: to the end), the header first; `mac`
+        seals each chunk with its byte offset."""
         end = offset + length if length else len(self.payload)
-        yield pb.StateChunk(header=self.header, data=bytes(self.payload[offset:min(end, offset + CHUNK_BYTES)]))
+        first = pb.StateChunk(header=self.header, data=bytes(self.payload[offset:min(end, offset + CHUNK_BYTES)]))
+        yield mac.seal(offset, first)
         for i in range(offset + CHUNK_BYTES, end, CHUNK_BYTES):
-            yield pb.StateChunk(data=bytes(self.payload[i:min(end, i + CHUNK_BYTES)]))
+            yield mac.seal(i, pb.StateChunk(data=bytes(self.payload[i:min(end, i + CHUNK_BYTES)])))
 
 
 def _state_bytes(theta: torch.Tensor, momentum: torch.Tensor) -> memoryview:
@@ -94,6 +97,8 @@ async def _probe(channels: Channels, donor: Donor, min_round: int, me: str, expe
     try:
         async for chunk in call:
             header = chunk.header if chunk.HasField("header") else None
+            if header is not None:   # its MAC covers the header (a reply is not signed)
+                channels.signer.macs.state(header.sha256, donor.name).check(req.offset, chunk)
             break
     finally:
         call.cancel()

@@ -14,7 +14,7 @@ from typing import Any
 import hivemind
 from hivemind.utils import get_dht_time
 
-from peer.records import owner_of, owner_subkey
+from peer.records import member_key_of, opened, owner_of, owner_subkey, sealed
 
 log = logging.getLogger(__name__)
 
@@ -45,24 +45,51 @@ async def store(dht: hivemind.DHT, key: str, value: Any, timeout_s: float) -> bo
     identity = getattr(dht, "identity", None)
     if identity is None:
         raise TypeError("swarm.store needs a DHT made by peer.dht.create_dht (it signs with the node's identity)")
+    value = sealed(member_key_of(dht), key, identity.peer_id, value)   # a private run's member proof
     fut = dht.store(key, value, get_dht_time() + RECORD_TTL_S, subkey=owner_subkey(identity), return_future=True)
     return bool(await dht_call(fut, timeout_s, f"store {key}"))
 
 
-async def read_counted(dht: hivemind.DHT, key: str, timeout_s: float) -> tuple[dict[str, Any], int]:
-    """The values of `key` by the peer id of each protected subkey, and how many subkeys were
-    skipped (unprotected or malformed: nobody signed them as that peer)."""
+@dataclass(frozen=True)
+class Read:
+    """What one DHT key holds: the members' values by peer id; the values of signed peers without this
+    private run's member proof (strangers, or another secret's peers; none in a public run); how many
+    subkeys were unprotected or malformed (nobody signed them as a peer)."""
+
+    members: dict[str, Any]
+    outsiders: dict[str, Any]
+    unsigned: int
+
+
+_SAID_OUTSIDERS: set[str] = set()   # peers whose records were said to be skipped (once each, bounded)
+
+
+async def read_all(dht: hivemind.DHT, key: str, timeout_s: float) -> Read:
+    """Every signed value of `key`, members and outsiders apart (a public run has no outsiders)."""
     found = await dht_call(dht.get(key, latest=True, return_future=True), timeout_s, f"get {key}")
     if found is None or not isinstance(found.value, dict):
-        return {}, 0
-    out, skipped = {}, 0
+        return Read({}, {}, 0)
+    members, outsiders, unsigned, member_key = {}, {}, 0, member_key_of(dht)
     for sub, item in found.value.items():
         peer_id = owner_of(sub)
         if peer_id is None:
-            skipped += 1
-        else:
-            out[peer_id] = item.value
-    return out, skipped
+            unsigned += 1
+            continue
+        value, member = opened(member_key, key, peer_id, item.value)
+        (members if member else outsiders)[peer_id] = value
+    for peer_id in outsiders.keys() - _SAID_OUTSIDERS:
+        if len(_SAID_OUTSIDERS) < 1000:
+            _SAID_OUTSIDERS.add(peer_id)
+            log.info("ignoring %s's records: they carry no proof of this private run's secret (a stranger, or a "
+                     "peer of a run with another secret)", peer_id[-6:])
+    return Read(members, outsiders, unsigned)
+
+
+async def read_counted(dht: hivemind.DHT, key: str, timeout_s: float) -> tuple[dict[str, Any], int]:
+    """The members' values of `key` by peer id (read_all), and how many subkeys were skipped
+    (unprotected, malformed, or without this private run's member proof)."""
+    found = await read_all(dht, key, timeout_s)
+    return found.members, found.unsigned + len(found.outsiders)
 
 
 async def read(dht: hivemind.DHT, key: str, timeout_s: float) -> dict[str, Any]:

@@ -1,16 +1,18 @@
 """A private run of real peer processes: two peers with the run secret (one from the environment,
 one from a file) train together; a peer with the wrong secret and one without any are told so in
 one line and exit 3; a peer started with another running peer's key file exits 3; the secret is in
-no log and in no process's command line."""
+no log and in no process's command line; `peer doctor` checks a private run with the secret's file,
+and without it says the run's peers refuse it."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.procs import wait_for_line
+from tests.procs import python_module, wait_for_line
 from tests.swarm.harness import Swarm
 
 SECRET = "a-long-run-secret-0123456789"
@@ -27,8 +29,8 @@ def swarm(tmp_path_factory):
     secret_file.write_text(SECRET + "\n")
     try:
         s.start_bootstrap()
-        s.start_peer("a", ["--max-rounds", "40", "--checkpoint-dir", str(root / "a")], {"DILOCO_RUN_SECRET": SECRET})
-        s.start_peer("b", ["--max-rounds", "40", "--run-secret-file", str(secret_file)])
+        s.start_peer("a", ["--max-rounds", "400", "--checkpoint-dir", str(root / "a")], {"DILOCO_RUN_SECRET": SECRET})
+        s.start_peer("b", ["--max-rounds", "400", "--run-secret-file", str(secret_file)])
         s.wait_rounds("a", 2, 120)
         yield s
     finally:
@@ -76,3 +78,16 @@ def test_the_run_goes_on_and_the_secret_is_in_no_log(swarm):
     assert len(together(swarm, "a")) > before
     for log in Path(swarm.root).glob("*.log"):
         assert SECRET not in log.read_text(errors="replace"), log
+
+
+@pytest.mark.parametrize("with_secret", [True, False], ids=["secret", "none"])
+def test_peer_doctor_checks_a_private_run_with_the_secrets_file(swarm, with_secret):
+    args = ["--initial-peers", swarm.bootstrap_addr, "--host", "127.0.0.1", "--dht-host-maddrs",
+            "/ip4/127.0.0.1/tcp/0", *(["--run-secret-file", str(swarm.root / "secret.txt")] if with_secret else [])]
+    p = subprocess.run(python_module("peer.cli", "doctor", *args), capture_output=True, text=True, timeout=120)
+    if with_secret:
+        assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+        assert "[  ok] gRPC port" in p.stdout and "[  ok] link" in p.stdout, p.stdout
+    else:
+        assert p.returncode == 1 and "[FAIL] secret    this run is private" in p.stdout, p.stdout + p.stderr[-3000:]
+    assert SECRET not in p.stdout + p.stderr

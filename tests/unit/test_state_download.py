@@ -51,11 +51,13 @@ class Donor(Servicer):
     """A peer's servicer and core holding `snap`; counts the payload bytes it sends in ranges
     and can break after `fail_after` of them: "die" (its server stops), "stall" (it stops
     sending), "switch" (it moves on to the `then` snapshot); `corrupt` flips every byte it sends;
-    `rate_bps` caps its uplink (its calls take turns to sleep as long as their chunks would take)."""
+    `rate_bps` caps its uplink (its calls take turns to sleep as long as their chunks would take);
+    `secret`: a peer of that private run (its chunks carry MACs, which `corrupt` leaves as they are)."""
 
     def __init__(self, snap: StateSnapshot, fail_after: int | None = None, how: str = "die",
-                 then: StateSnapshot | None = None, corrupt: bool = False, rate_bps: float | None = None):
-        super().__init__(NetCore(None, PeerConfig(), named("donor")))
+                 then: StateSnapshot | None = None, corrupt: bool = False, rate_bps: float | None = None,
+                 secret: str = ""):
+        super().__init__(NetCore(None, PeerConfig(run_secret=secret), named("donor")))
         self.core.snapshot = snap
         self.fail_after, self.how, self.then, self.corrupt = fail_after, how, then, corrupt
         self.rate_bps, self.uplink = rate_bps, asyncio.Lock()   # its calls share one uplink this fast
@@ -88,7 +90,7 @@ class Donor(Servicer):
             elif self.how == "switch":   # as a peer whose round moved on: it keeps the previous state
                 self.core.set_snapshot(self.then)
         if self.corrupt:
-            chunk = pb.StateChunk(header=chunk.header, data=bytes(b ^ 0xFF for b in chunk.data))
+            chunk = pb.StateChunk(header=chunk.header, data=bytes(b ^ 0xFF for b in chunk.data), mac=chunk.mac)
         return chunk
 
 
@@ -111,10 +113,10 @@ async def serve(donor: Donor) -> str:
     return f"127.0.0.1:{port}"
 
 
-def run_download(donors: list[Donor], deadline_s: float = 30) -> GlobalState:
+def run_download(donors: list[Donor], deadline_s: float = 30, secret: str = "") -> GlobalState:
     async def body():
         addresses = [await serve(d) for d in donors]
-        channels = signed_channels()
+        channels = signed_channels(secret=secret)
         try:
             return await download(channels, [(f"donor{i}", a) for i, a in enumerate(addresses)], 0,
                                   "newcomer", NUMEL, "spec", Deadline(deadline_s), range_bytes=RANGE_BYTES)
@@ -250,6 +252,20 @@ def test_corrupt_range_is_refetched_from_the_other_donors(caplog):
                      r"its sha256: dropped it", caplog.text), caplog.text
     done = [r.getMessage() for r in caplog.records if "downloaded the state" in r.getMessage()]
     assert len(done) == 1 and "donor1" in done[0] and done[0].count("served corrupt bytes") == 1, done
+
+
+def test_in_a_private_run_a_range_changed_in_flight_fails_its_mac_at_once(caplog):
+    """As a man in the middle would: a donor's bytes change after they were sealed. The first chunk
+    fails its MAC (the donor is dropped before it wrote a byte), the others serve, no refetch."""
+    s = state(12)
+    snap = StateSnapshot.of(s, "spec")
+    secret = "a-long-run-secret-0123456789"
+    bad = Donor(snap, corrupt=True, secret=secret)
+    got = run_download([Donor(snap, secret=secret), bad, Donor(snap, secret=secret)], secret=secret)
+    assert same(got, s)
+    assert re.search(r"state download from donor1 at \S+ failed after 0 bytes: state \w+ from donor1 at \S+: the "
+                     r"chunk at byte \d+ fails its MAC", caplog.text), caplog.text
+    assert "served differ" not in caplog.text, "refused chunk by chunk, not found by the digest afterwards"
 
 
 def test_corrupt_payload_with_no_other_donor_is_refused():

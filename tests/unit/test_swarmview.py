@@ -233,7 +233,7 @@ def test_format_view_lists_peers_rounds_and_drops(swarm_in_dht):
     lines = text.splitlines()
     assert lines[0].startswith(f"run {RUN}: model tiny, codec fp32, 40 target steps") and SPEC.hash() in lines[0]
     assert "2 live peers (1 serving, 2 gone), swarm round 4, 800 global samples" in lines[1]
-    assert "(5 malformed records in the DHT ignored)" in text
+    assert "(5 records in the DHT ignored: malformed, unsigned, or not of this private run)" in text
     header = next(line for line in lines if line.startswith("PEER"))
     row_a = next(line for line in lines if line.startswith(A[-6:]))
     assert re.split(r"\s{2,}", row_a)[:7] == [A[-6:], "train", "4", "4", "3.5", "52.5", "13"]
@@ -291,7 +291,7 @@ def test_the_page_shows_the_peers_and_escapes_strangers_strings(page, swarm_in_d
     assert "&lt;img src=x onerror=" in dom and "&lt;script&gt;document.title='pwned'" in dom
     assert "<title>sv-run · diloco-p2p swarm</title>" in dom
     assert set(chromium.line_colors(dom)) == {A, B}, "one loss line per peer with a history"
-    assert "sent nothing within 12 s" in dom and "5 malformed record(s) in the DHT were ignored" in dom
+    assert "sent nothing within 12 s" in dom and "5 record(s) in the DHT were ignored (malformed" in dom
     empty = chromium.dump_dom(page + "/?run=nobody-here")
     assert "Nobody is in run \"nobody-here\"" in empty or "Nobody is in run &quot;nobody-here&quot;" in empty
 
