@@ -13,7 +13,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-PROTOCOL_VERSION = 1
+# 2: signed calls and records, chunk and reply MACs in private runs, the spec's tls_ca (a peer of 1 cannot
+# join a run of 2: it is told so, exit 4, instead of failing at its first call)
+PROTOCOL_VERSION = 2
 CODECS = ("fp32", "fp16", "bf16", "int8", "int4", "sparse")
 WEIGHTINGS = ("steps", "samples", "equal")
 STALE_WORK = ("drop", "carry")
