@@ -235,7 +235,7 @@ def _start_and_train(cfg: PeerConfig, explicit: set[str], parts: _Parts) -> int:
     try:
         node.start()
         spec = node.resolve_spec(cfg.spec, explicit)
-    except AuthRefused as e:
+    except (AuthRefused, DuplicateIdentity) as e:
         log.error("%s", e)
         return EXIT_AUTH
     except ConfigError as e:

@@ -17,7 +17,7 @@ from peer.config import EXIT_AUTH, ConfigError, PeerConfig, RunSpec, spec_confli
 from peer.identity import Identity
 from peer.metrics import CONTENT_TYPE_LATEST, PeerMetrics
 from peer.monitor import Monitor
-from peer.net import announce, outsiders, swarm
+from peer.net import announce, outsiders, swarm, twin
 from peer.net.auth import AuthRefused
 from peer.net.core import GRANT_FRESH_S, PROBE_TIMEOUT_S, NetCore
 from peer.net.keeper import BACKOFF_S, STATE_TIMEOUT_S, CannotKeepUp, Keeper, RoundResult  # noqa: F401
@@ -118,6 +118,8 @@ class Node:
         if self.core.address and not self.cfg.client_mode:
             host = split_host_port(self.core.address)[0]
             self.core.dht_address = dht_tcp_address(host, list(self.cfg.dht_announce_maddrs), visible)
+        if self.identity.path:   # a key file may be copied: nobody else may publish as us (exit 3)
+            self.net.call(twin.check(self.core, str(self.identity.path)), 20)
         self._refresher = self.net.submit(self.core.refresh_forever())
         self._historian = self.net.submit(self.monitor.publish_forever(self.dht, self.cfg.run_id))
         said = "nothing (client mode)" if self.core.client_mode else self.core.address
