@@ -45,7 +45,11 @@ async def check(core: NetCore, key_file: str) -> None:
 
 
 async def _own_record(core: NetCore) -> swarm.PeerRecord | None:
-    found = await swarm.read(core.dht, swarm.peers_key(core.run_id), 5.0)
+    try:
+        found = await swarm.read(core.dht, swarm.peers_key(core.run_id), 5.0)
+    except Exception as e:   # a slow DHT must not stop a start: hivemind's check has run already
+        log.warning("could not read the run's records to look for another peer with our id: %s", e)
+        return None
     rec = swarm.PeerRecord.parse(core.peer_id, found[core.peer_id]) if core.peer_id in found else None
     return rec if rec is not None and rec.fresh() else None
 
