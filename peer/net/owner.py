@@ -103,6 +103,26 @@ async def _take_part(core: NetCore, h: pb.ShardHeader, first: pb.ShardChunk, str
     """Checks a part (its header against the roster, its bytes against the header, its values) and
     adds it to the shard, or drops it (accepted=False); raises Reject or ValueError to refuse it."""
     ctx, roster = await roster_of(core, h.round, h.roster_hash)
+    claimed = _claimed_shard(ctx, roster, h)
+    try:
+        return await _checked_part(core, ctx, roster, h, first, stream)
+    except (Reject, ValueError) as e:   # a member's bad part for this round: the shard waits no longer for it
+        if claimed is not None and h.sender not in claimed.parts and h.sender not in claimed.refused:
+            claimed.refuse(h.sender, str(e)[:300])
+        raise
+
+
+def _claimed_shard(ctx: RoundCtx, roster: pb.Roster, h: pb.ShardHeader) -> ar.OwnedShard | None:
+    """The shard reduced here that a roster member's part names (its sender is the signed caller:
+    nobody can speak for another), or None: a part of it refused for its header or its bytes is that
+    member's part of the round, so the owner stops waiting for it instead of waiting the transfer timeout."""
+    if h.sender not in {m.peer_id for m in roster.members} or not 0 <= h.shard < len(roster.owners):
+        return None
+    return (ctx.backups if h.backup else ctx.owned).get(h.shard)
+
+
+async def _checked_part(core: NetCore, ctx: RoundCtx, roster: pb.Roster, h: pb.ShardHeader, first: pb.ShardChunk,
+                        stream) -> pb.ContributeReply:
     codec = get_codec(roster.codec)
     why = ar.check_header(h, roster, codec, reduced=False)
     if why is None:  # the header's shard index is valid from here on
