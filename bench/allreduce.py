@@ -139,12 +139,17 @@ class Peers:
                 return out
             if ended:
                 raise RuntimeError(f"peers {ended} ended while the others are ready for {first[0]}")
-            for p in self.procs:
-                p.stdin.write("go\n")
-                p.stdin.flush()
+            self.go()
+            self.expect(everyone, "timed", self.step_timeout_s)
+            self.go()   # every peer has its result: now each checks it (off the clock)
             done = self.expect(everyone, "done", self.step_timeout_s)
             step = done[0]["step"]
             out.steps.setdefault(step, []).append([done[i] for i in sorted(done)])
+
+    def go(self) -> None:
+        for p in self.procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
 
     def close(self) -> None:
         stop_all(self.procs)

@@ -5,9 +5,10 @@ torch.distributed gloo all_reduce, each on the same delta (seeded per peer index
 
 It talks JSON lines with the driver: stdout carries {"ev": "dht", ...} once, then for every
 timed step {"ev": "ready", "step": ...}; the driver answers "go" on stdin once every peer is
-ready (a barrier, so the peers start together), and the worker prints {"ev": "done", ...} with
-its seconds from the start of the step to its result, bytes and the error against the exact
-mean. Logs go to stderr, at WARNING unless ALLREDUCE_LOG (e.g. INFO) says otherwise. Not a
+ready (a barrier, so the peers start together); the worker prints {"ev": "timed"} once it has
+its result, the driver answers "go" again once every peer has, and only then does the worker
+check the result and print {"ev": "done", ...} with its seconds from the start of the step to
+its result, bytes and the error against the exact mean. Logs go to stderr, at WARNING unless ALLREDUCE_LOG (e.g. INFO) says otherwise. Not a
 test; run by the driver, not by hand."""
 
 from __future__ import annotations
@@ -84,9 +85,16 @@ class Worker:
         if line.strip() != "go":
             raise SystemExit(f"peer {self.index}: the driver said {line.strip()!r}, not go, before {step}")
 
-    def report(self, step: str, seconds: float, avg: torch.Tensor | None, before: tuple[int, int],
-               sent: int = 0, received: int = 0, kind: str = "applied", **extra: float) -> None:
+    async def report(self, step: str, seconds: float, avg: torch.Tensor | None, before: tuple[int, int],
+                     sent: int = 0, received: int = 0, kind: str = "applied", **extra: float) -> None:
+        """Says the step is timed, waits until every peer is (the driver's second go), then checks the
+        result: a peer that finished first must not spend the slower ones' cores on the bench's own
+        error and hash of the whole average while their step is still being timed."""
         tx, rx = tx_rx_bytes(self.args.iface)
+        self.say(ev="timed", step=step)
+        line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        if line.strip() != "go":
+            raise SystemExit(f"peer {self.index}: the driver said {line.strip()!r}, not go, after {step}")
         err = float((avg - self.mean).abs().max()) if avg is not None else float("nan")
         sha = hashlib.sha256(avg.numpy().tobytes()).hexdigest()[:16] if avg is not None else ""
         self.say(ev="done", step=step, s=seconds, kind=kind, sent=sent, received=received,
@@ -131,11 +139,11 @@ class Worker:
                           "transfer_s": started + seconds - marks["joined"], "owned": owned_share(out, core.peer_id)}
                 if out.kind != "applied":
                     log.warning("round %d (%s): %s: %s", r, name, out.kind, out.reason)
-                if out.kind == "applied":   # as the keeper does: the error feedback of an applied round
+                await self.report(step, seconds, out.avg if out.kind == "applied" else None, before,
+                                  out.bytes_sent, out.bytes_received, out.kind, **phases)
+                if out.kind == "applied":   # as the keeper does after the round: its error feedback
                     ar.apply_residuals(core.ef, get_codec(name), out.residuals)
                     ar.apply_residuals(core.owner_ef, get_codec(name), out.owner_residuals)
-                self.report(step, seconds, out.avg if out.kind == "applied" else None, before,
-                            out.bytes_sent, out.bytes_received, out.kind, **phases)
         finally:
             refresher.cancel()
             await server.stop(1.0)
@@ -171,7 +179,7 @@ class Worker:
             seconds = time.perf_counter() - started
             with averager.get_tensors() as tensors:
                 avg = tensors[0].clone()
-            self.report("hivemind", seconds, avg if group is not None else None, before,
+            await self.report("hivemind", seconds, avg if group is not None else None, before,
                         kind="applied" if group is not None else "failed")
 
     # ---- gloo -------------------------------------------------------------------------------
@@ -188,7 +196,7 @@ class Worker:
                 dist.all_reduce(buf)
                 buf.div_(self.k)
                 seconds = time.perf_counter() - started
-                self.report("gloo", seconds, buf, before)
+                await self.report("gloo", seconds, buf, before)
         finally:
             dist.destroy_process_group()
 
