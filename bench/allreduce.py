@@ -194,7 +194,8 @@ def bound_s(step: str, run: Run) -> float | None:
     return 2 * (run.k - 1) / run.k * payload / slowest
 
 
-HEADER = (f"{'backend':22} {'k':>2} {'MiB':>4} {'median s':>9} {'min s':>7} {'max s':>7} {'sent MB/peer':>12} "
+HEADER = (f"{'backend':22} {'k':>2} {'MiB':>4} {'median s':>9} {'min s':>7} {'max s':>7} {'cpu s/peer':>10} "
+          f"{'sent MB/peer':>12} "
           f"{'err round 0':>11} {'max abs err':>11} {'same':>5} {'failed':>6} {'peak GB':>7} {'last owns':>9}")
 
 
@@ -215,7 +216,7 @@ def print_run(run: Run, label: str) -> None:
         same = "yes" if all(len({p["sha"] for p in r}) == 1 for r in ok) else "NO"
         med = statistics.median(times)
         line = (f"{step:22} {run.k:2d} {4 * run.numel / 2**20:4.0f} {med:9.3f} {min(times):7.3f} "
-                f"{max(times):7.3f} {sent} {first:11.2e} {err:11.2e} {same:>5} {len(rounds) - len(ok):3d}/{len(rounds):<2d}"
+                f"{max(times):7.3f} {statistics.median(p['cpu'] for r in rounds for p in r):10.3f} {sent} {first:11.2e} {err:11.2e} {same:>5} {len(rounds) - len(ok):3d}/{len(rounds):<2d}"
                 f" {max(p['rss'] for r in rounds for p in r) / 1e9:7.2f}")
         owned = [r[-1]["owned"] for r in rounds if "owned" in r[-1]]
         line += f" {100 * statistics.median(owned):9.1f}" if owned else f" {'-':>9}"

@@ -57,6 +57,35 @@ def exact_mean(k: int, numel: int) -> torch.Tensor:
     return acc.div_(k).float()
 
 
+def descendants() -> tuple[int, ...]:
+    """This process and every process below it (its DHT process and p2pd, hivemind's averager)."""
+    parents = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parents[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError):   # gone meanwhile
+                pass
+    mine, grew = {os.getpid()}, True
+    while grew:
+        found = {pid for pid, parent in parents.items() if parent in mine} - mine
+        mine |= found
+        grew = bool(found)
+    return tuple(sorted(mine))
+
+
+def cpu_s(pids: tuple[int, ...]) -> float:
+    """CPU seconds (user + system, every thread) that `pids` used so far, from /proc (10 ms ticks)."""
+    total = 0
+    for pid in pids:
+        try:
+            f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(f[11]) + int(f[12])   # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def tx_rx_bytes(iface: str) -> tuple[int, int]:
     """Bytes sent and received on `iface` of this process's network namespace (0, 0 if absent)."""
     for line in Path("/proc/net/dev").read_text().splitlines()[2:]:
@@ -72,6 +101,7 @@ class Worker:
         self.args = args
         self.k, self.numel, self.index = args.k, args.numel, args.index
         self.delta = delta_of(self.index, self.numel)
+        self.pids = descendants()   # whose CPU seconds a step counts (the DHT and averager run already)
         self.mean = exact_mean(self.k, self.numel)
 
     def say(self, **msg) -> None:
@@ -86,7 +116,8 @@ class Worker:
             raise SystemExit(f"peer {self.index}: the driver said {line.strip()!r}, not go, before {step}")
 
     async def report(self, step: str, seconds: float, avg: torch.Tensor | None, before: tuple[int, int],
-                     sent: int = 0, received: int = 0, kind: str = "applied", **extra: float) -> None:
+                     sent: int = 0, received: int = 0, kind: str = "applied", cpu: float = float("nan"),
+                     **extra: float) -> None:
         """Says the step is timed, waits until every peer is (the driver's second go), then checks the
         result: a peer that finished first must not spend the slower ones' cores on the bench's own
         error and hash of the whole average while their step is still being timed."""
@@ -97,7 +128,7 @@ class Worker:
             raise SystemExit(f"peer {self.index}: the driver said {line.strip()!r}, not go, after {step}")
         err = float((avg - self.mean).abs().max()) if avg is not None else float("nan")
         sha = hashlib.sha256(avg.numpy().tobytes()).hexdigest()[:16] if avg is not None else ""
-        self.say(ev="done", step=step, s=seconds, kind=kind, sent=sent, received=received,
+        self.say(ev="done", step=step, s=seconds, cpu=cpu, kind=kind, sent=sent, received=received,
                  tx=tx - before[0], rx=rx - before[1], err=err, sha=sha,
                  rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **extra)
 
@@ -131,12 +162,13 @@ class Worker:
                 await self.wait_for_view(core, r)
                 step = f"ours {name}"
                 await self.barrier(step)
-                before = tx_rx_bytes(self.args.iface)
+                before, cpu = tx_rx_bytes(self.args.iface), cpu_s(self.pids)
                 started = time.perf_counter()
                 out = await member.run_round(core, r, self.delta, 1.0, 1, (0.0, -1))
                 seconds = time.perf_counter() - started
-                phases = {"refresh_s": marks["join"] - started, "join_s": marks["joined"] - marks["join"],
-                          "transfer_s": started + seconds - marks["joined"], "owned": owned_share(out, core.peer_id)}
+                phases = {"cpu": cpu_s(self.pids) - cpu, "refresh_s": marks["join"] - started,
+                          "join_s": marks["joined"] - marks["join"], "transfer_s": started + seconds - marks["joined"],
+                          "owned": owned_share(out, core.peer_id)}
                 if out.kind != "applied":
                     log.warning("round %d (%s): %s: %s", r, name, out.kind, out.reason)
                 await self.report(step, seconds, out.avg if out.kind == "applied" else None, before,
@@ -169,7 +201,7 @@ class Worker:
             with averager.get_tensors() as tensors:
                 tensors[0].copy_(self.delta)
             await self.barrier("hivemind")
-            before = tx_rx_bytes(self.args.iface)
+            before, cpu = tx_rx_bytes(self.args.iface), cpu_s(self.pids)
             started = time.perf_counter()
             try:
                 group = await loop.run_in_executor(None, lambda: averager.step(timeout=STEP_TIMEOUT_S))
@@ -177,10 +209,11 @@ class Worker:
                 log.warning("hivemind step failed: %r", e)
                 group = None
             seconds = time.perf_counter() - started
+            cpu = cpu_s(self.pids) - cpu
             with averager.get_tensors() as tensors:
                 avg = tensors[0].clone()
             await self.report("hivemind", seconds, avg if group is not None else None, before,
-                        kind="applied" if group is not None else "failed")
+                              kind="applied" if group is not None else "failed", cpu=cpu)
 
     # ---- gloo -------------------------------------------------------------------------------
     async def gloo(self) -> None:
@@ -191,12 +224,12 @@ class Worker:
             for _ in range(self.args.rounds):
                 buf = self.delta.clone()
                 await self.barrier("gloo")
-                before = tx_rx_bytes(self.args.iface)
+                before, cpu = tx_rx_bytes(self.args.iface), cpu_s(self.pids)
                 started = time.perf_counter()
                 dist.all_reduce(buf)
                 buf.div_(self.k)
                 seconds = time.perf_counter() - started
-                await self.report("gloo", seconds, buf, before)
+                await self.report("gloo", seconds, buf, before, cpu=cpu_s(self.pids) - cpu)
         finally:
             dist.destroy_process_group()
 
