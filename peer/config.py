@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2   # 2: shard payload digests are BLAKE3-256 (were SHA-256)
 CODECS = ("fp32", "fp16", "bf16", "int8", "int4", "sparse")
 WEIGHTINGS = ("steps", "samples", "equal")
 STALE_WORK = ("drop", "carry")

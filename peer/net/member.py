@@ -172,7 +172,7 @@ async def send_shard(core: NetCore, ctx, roster: pb.Roster, j: int, payload: byt
 async def fetch_shard(core: NetCore, ctx, roster: pb.Roster, j: int, mine: bytes, deadline: Deadline,
                       into: torch.Tensor | None = None) -> ar.ShardResult:
     """Pulls the reduced shard j from its owner; when the owner fails, from any member that
-    fetched it already (the same bytes: the header's sha256 is checked); when none has it,
+    fetched it already (the same bytes: the header's digest is checked); when none has it,
     from the backup owner, which reduces it again from the members' contributions (`mine`
     is ours). Decodes it (into `into` when given: shard j's slice of the average)."""
     owner = roster.owners[j]
@@ -239,7 +239,7 @@ async def verified(core: NetCore, ctx, roster: pb.Roster, j: int, header: pb.Sha
     a disagreement makes this peer suspect whom it points at."""
     owner, backup = roster.owners[j], ar.backup_owner(roster, j)
     both = {(j, False), (j, True)} <= ctx.accepted
-    mismatch = verify.compare(owner, header, backup, other, core.peer_id, ar.sha256(mine) if both else "")
+    mismatch = verify.compare(owner, header, backup, other, core.peer_id, ar.payload_digest(mine) if both else "")
     if mismatch is not None:
         core.suspects.add(roster.round, j, mismatch)
         raise RuntimeError(f"owner {owner[-6:]} and backup owner {backup[-6:]} reduced it differently: "
