@@ -16,6 +16,7 @@ import torch
 from peer._proto import peer_pb2 as pb
 from peer.aggregate import Aggregator, weighted_mean
 from peer.codecs import Codec, ErrorFeedback, ResidualUpdate
+from peer.net import wire
 from peer.net.client import CHUNK_BYTES
 
 log = logging.getLogger(__name__)
@@ -29,13 +30,13 @@ def payload_digest(data: bytes | bytearray | memoryview) -> str:
     return blake3.blake3(data).hexdigest()
 
 
-def chunks(header: pb.ShardHeader, payload: bytes | bytearray) -> Iterator[pb.ShardChunk]:
-    """The stream for one payload, made lazily (one chunk's copy at a time, as gRPC asks for
-    it, never the whole payload again): the header rides on the first chunk."""
-    view = memoryview(payload)
-    yield pb.ShardChunk(header=header, data=bytes(view[:CHUNK_BYTES]))
-    for i in range(CHUNK_BYTES, len(payload), CHUNK_BYTES):
-        yield pb.ShardChunk(data=bytes(view[i:i + CHUNK_BYTES]))
+def chunks(header: pb.ShardHeader, payload: bytes | bytearray | memoryview) -> Iterator[wire.OutChunk]:
+    """The stream for one payload, made lazily (each chunk a view of the payload, copied once when
+    gRPC serializes it, never the whole payload again): the header rides on the first chunk."""
+    view = memoryview(payload).cast("B")
+    yield wire.OutChunk(pb.ShardChunk(header=header), view[:CHUNK_BYTES])
+    for i in range(CHUNK_BYTES, len(view), CHUNK_BYTES):
+        yield wire.OutChunk(pb.ShardChunk(), view[i:i + CHUNK_BYTES])
 
 
 async def rest_of(call) -> AsyncIterator[pb.ShardChunk]:
