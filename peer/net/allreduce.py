@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
@@ -174,7 +175,7 @@ class OwnedShard:
         if self.lie != 1.0:
             mean = mean * self.lie
         target = mean if self.codec.EXACT else ef.compensate(start, mean, numel)
-        payload = self.codec.encode(target)
+        payload = self.codec.encode_view(target)   # fp32: the mean's own bytes (nothing else holds it)
         decoded = target if self.codec.EXACT else self.codec.decode(payload, target.numel())
         return payload, ResidualUpdate(start, numel, target, decoded, owner_round=self.roster.round)
 
@@ -205,10 +206,20 @@ def encode_shard(delta: torch.Tensor, roster: pb.Roster, codec: Codec, ef: Error
     b = roster.shard_bounds
     # an exact codec leaves no residual: the slice itself is sent (error feedback has nothing to add)
     target = delta[b[j]:b[j + 1]] if codec.EXACT else ef.compensate(b[j], delta[b[j]:b[j + 1]], roster.numel)
-    payload = codec.encode(target)
+    payload = codec.encode_view(target)   # fp32: a view of the delta's slice (a hand-over: nobody changes it)
     # decoded here, not at commit on the network loop; an exact codec loses nothing: target itself
     decoded = target if codec.EXACT else codec.decode(payload, target.numel())
     return payload, ResidualUpdate(b[j], roster.numel, target, decoded)
+
+
+def local_values(codec: Codec, payload: bytes | memoryview, numel: int) -> torch.Tensor:
+    """Our own part of a shard as the owner takes it: decoded, or for fp32 (whose payload is a view of
+    our delta, encode_view) the same memory, read only like every contribution."""
+    if codec.EXACT and isinstance(payload, memoryview) and numel:
+        with warnings.catch_warnings():   # read-only memory: the reductions only read their inputs
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(payload.cast("B"), dtype=torch.float32)
+    return codec.decode(payload, numel)
 
 
 def contribution_header(roster: pb.Roster, sender: str, shard: int, codec: Codec, payload: bytes,

@@ -144,7 +144,7 @@ async def send_shard(core: NetCore, ctx, roster: pb.Roster, j: int, payload: byt
     header = ar.contribution_header(roster, core.peer_id, j, get_codec(roster.codec), payload, backup)
     if owner == core.peer_id:
         values = await asyncio.get_running_loop().run_in_executor(
-            None, get_codec(roster.codec).decode, payload, header.numel)
+            None, ar.local_values, get_codec(roster.codec), payload, header.numel)
         (owner_side.backup_shard(core, ctx, roster, j) if backup else ctx.owned[j]).add(core.peer_id, values,
                                                                                          header.sha256)
         ctx.accepted.add((j, backup))

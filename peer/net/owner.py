@@ -103,7 +103,8 @@ async def handle_contribute(core: NetCore, stream) -> pb.ContributeReply:
     if h.sender in shard.received or h.sender in shard.refused:
         raise Reject(grpc.StatusCode.ALREADY_EXISTS, f"round {h.round}: shard {h.shard} has {h.sender[-6:]}'s part already")
     payload = await ar.read_payload(first, stream, h.num_bytes)
-    values = await asyncio.get_running_loop().run_in_executor(None, codec.decode, payload, h.numel)
+    # fp32: the values are the received buffer itself (decode_view), checked, never copied
+    values = await asyncio.get_running_loop().run_in_executor(None, codec.decode_view, payload, h.numel)
     ctx.bytes_received += len(payload)
     why = validate.contribution(values)
     if why:   # dropped for this round: the shard is reduced without it, at once if everyone else is in
