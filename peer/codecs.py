@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -88,7 +89,7 @@ class Codec(ABC):
         view is in use (a shard of a hand-over delta, a fresh mean)."""
         return self.encode(x)
 
-    def decode_view(self, data: bytearray, numel: int) -> torch.Tensor:
+    def decode_view(self, data: bytearray | memoryview, numel: int) -> torch.Tensor:
         """decode(data, numel); a codec whose bytes are the values themselves (fp32 on a little-endian
         machine) returns a tensor over `data`'s memory instead of a copy (checked the same way):
         `data` must then not change while the tensor is in use."""
@@ -121,10 +122,12 @@ class Fp32Codec(Codec):
         _check_input(x)
         return memoryview(x.detach().numpy()).cast("B").toreadonly()
 
-    def decode_view(self, data: bytearray, numel: int) -> torch.Tensor:
+    def decode_view(self, data: bytearray | memoryview, numel: int) -> torch.Tensor:
         if sys.byteorder != "little" or len(data) != self.encoded_size(numel) or numel == 0:
             return self.decode(data, numel)
-        values = torch.frombuffer(data, dtype=torch.float32)
+        with warnings.catch_warnings():   # a read-only view is fine: the values are only read
+            warnings.simplefilter("ignore", UserWarning)
+            values = torch.frombuffer(data, dtype=torch.float32)
         self._check_finite(values)
         return values
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import blake3
 import grpc
+import numpy as np
 import torch
 
 from peer._proto import peer_pb2 as pb
@@ -51,11 +52,16 @@ async def rest_of(call) -> AsyncIterator[pb.ShardChunk]:
         yield chunk
 
 
-async def read_payload(first: pb.ShardChunk, rest: AsyncIterator[pb.ShardChunk], expected_bytes: int) -> bytearray:
+async def read_payload(first: pb.ShardChunk, rest: AsyncIterator[pb.ShardChunk], expected_bytes: int,
+                       into: memoryview | None = None) -> bytearray | memoryview:
     """Takes a stream's chunks as they arrive into one buffer of the announced size (the
     caller checked `expected_bytes` against the codec's size for the shard), hashing each
-    chunk on arrival (payload_digest); refuses more or fewer bytes, and a digest other than the header's."""
-    buf = bytearray(expected_bytes)
+    chunk on arrival (payload_digest); refuses more or fewer bytes, and a digest other than the header's.
+    `into`: a writable buffer of exactly `expected_bytes` to fill instead of a new one (the payload
+    is then a read-only view of it)."""
+    if into is not None and into.nbytes != expected_bytes:
+        raise ValueError(f"a buffer of {into.nbytes} bytes cannot take a payload of {expected_bytes}")
+    buf = bytearray(expected_bytes) if into is None else into.cast("B")
     view = memoryview(buf)
     digest = blake3.blake3()
     filled = 0
@@ -75,7 +81,19 @@ async def read_payload(first: pb.ShardChunk, rest: AsyncIterator[pb.ShardChunk],
         raise ValueError(f"stream ended after {filled} of {expected_bytes} bytes")
     if digest.hexdigest() != first.header.sha256:
         raise ValueError("payload digest does not match its header")
-    return buf
+    return buf if into is None else view.toreadonly()
+
+
+def byte_view(values: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous float32 CPU tensor, writable, as little-endian fp32 payloads are laid out."""
+    return memoryview(values.numpy()).cast("B")
+
+
+def holds(payload: bytes | bytearray | memoryview, values: torch.Tensor) -> bool:
+    """Whether `payload` is `values`' own memory (read_payload filled it in place)."""
+    if not isinstance(payload, memoryview) or payload.nbytes != 4 * values.numel() or not values.numel():
+        return False
+    return np.frombuffer(payload, dtype=np.uint8).ctypes.data == values.data_ptr()
 
 
 def check_header(h: pb.ShardHeader, roster: pb.Roster, codec: Codec, reduced: bool) -> str | None:

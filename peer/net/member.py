@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 
 import grpc
@@ -181,14 +182,20 @@ async def fetch_shard(core: NetCore, ctx, roster: pb.Roster, j: int, mine: bytes
     check = None
     if owner_side.verifying(core) and ar.backup_owner(roster, j):   # the backup's header, meanwhile
         check = asyncio.ensure_future(backup_header(core, ctx, roster, j, wait_s))
+    # fp32 from its owner: received straight into `into` (the payload is then a view of it)
+    direct = into if codec.EXACT and sys.byteorder == "little" and into is not None and into.numel() else None
     try:
-        header, payload = await reduced_shard(core, ctx, roster, j, mine, deadline, wait_s, verified=check is not None)
+        header, payload = await reduced_shard(core, ctx, roster, j, mine, deadline, wait_s, verified=check is not None,
+                                              into=direct)
         if check is not None:
             await verified(core, ctx, roster, j, header, await check, mine)
     finally:
         if check is not None and not check.done():
             check.cancel()
-    values = await asyncio.get_running_loop().run_in_executor(None, codec.decode, payload, header.numel, into)
+    if direct is not None and ar.holds(payload, direct):
+        values = await asyncio.get_running_loop().run_in_executor(None, codec.decode_view, payload, header.numel)
+    else:
+        values = await asyncio.get_running_loop().run_in_executor(None, codec.decode, payload, header.numel, into)
     why = validate.contribution(values)
     if why:   # an owner's lie (or a broken one): never averaged in, nor served to others as the shard
         raise RuntimeError(f"round {roster.round}: the reduced shard {j} (owner {owner[-6:]}) holds {why}")
@@ -197,16 +204,17 @@ async def fetch_shard(core: NetCore, ctx, roster: pb.Roster, j: int, mine: bytes
 
 
 async def reduced_shard(core: NetCore, ctx, roster: pb.Roster, j: int, mine: bytes, deadline: Deadline,
-                        wait_s: float, verified: bool) -> tuple[pb.ShardHeader, bytes]:
+                        wait_s: float, verified: bool, into: torch.Tensor | None = None) -> tuple[pb.ShardHeader, bytes]:
     """Shard j's reduced header and bytes: ours, the owner's, a member's copy, or (not verified) the
     backup owner's reduction again without the owner. A verified shard is never taken from its
-    backup alone: its reduction is the check, not a second source."""
+    backup alone: its reduction is the check, not a second source. `into`: fp32 values the owner's
+    bytes are received into (pull_shard)."""
     owner = roster.owners[j]
     if owner == core.peer_id:
         header, payload = await asyncio.wait_for(asyncio.shield(ctx.owned[j].result), wait_s)
     else:
         try:
-            header, payload = await pull_shard(core, roster, j, owner, wait_s)
+            header, payload = await pull_shard(core, roster, j, owner, wait_s, into=into)
         except RuntimeError as e:
             ctx.unreachable.add(owner)
             try:
@@ -247,9 +255,11 @@ async def verified(core: NetCore, ctx, roster: pb.Roster, j: int, header: pb.Sha
 
 
 async def pull_shard(core: NetCore, roster: pb.Roster, j: int, source: str, wait_s: float, backup: bool = False,
-                     header_only: bool = False) -> tuple[pb.ShardHeader, bytearray]:
+                     header_only: bool = False, into: torch.Tensor | None = None
+                     ) -> tuple[pb.ShardHeader, bytearray | memoryview]:
     """One GetShard call to `source` (the owner, a member holding the result, or the backup owner);
-    `header_only`: just the reduced header (its bytes are not read)."""
+    `header_only`: just the reduced header (its bytes are not read); `into`: float32 values whose
+    memory takes the (fp32) payload, which is then a read-only view of it."""
     address = next(m.address for m in roster.members if m.peer_id == source)
     req = pb.ShardRequest(round=roster.round, roster_hash=roster.hash, shard=j, requester=core.peer_id,
                           wait_s=wait_s, backup=backup, header_only=header_only)
@@ -264,7 +274,8 @@ async def pull_shard(core: NetCore, roster: pb.Roster, j: int, source: str, wait
         if header_only:
             return first.header, bytearray()
         started = time.monotonic()  # the owner may hold the call until the shard is reduced: time the bytes
-        payload = await ar.read_payload(first, ar.rest_of(call), first.header.num_bytes)
+        payload = await ar.read_payload(first, ar.rest_of(call), first.header.num_bytes,
+                                        None if into is None else ar.byte_view(into))
         core.deadlines.observe(len(payload) - len(first.data), time.monotonic() - started)
     except grpc.aio.AioRpcError as e:
         core.suspect(source, e)
