@@ -16,12 +16,15 @@ capped with tc tbf at --mbit (tests/links.py), bytes read from the namespace's e
 peer sent, its DHT's included; on loopback the counters hold every process's traffic, so only
 our Outcome.bytes_sent is shown there, and "-" for hivemind and gloo), and prints
 measured / bound, bound = 2 (k-1)/k * payload / link (a codec's encoded payload). --slow-peer
-adds a run where the last peer's link is a quarter of the others'; its bound is that peer's
-own payload at its rate (owning no shard, it still sends and receives one whole payload).
+adds a run where the last peer's link is a quarter of the others', where ours runs once with
+shards sized by upload rate (the default) and once with equal shards (`--shard-sizing equal`, a
+row "ours CODEC equal-shards"); its bound is that peer's own payload at its rate (owning no shard,
+it still sends and receives one whole payload).
 Needs root, `ip` and `tc`. Prints tables; not a test.
 
     .venv/bin/python bench/allreduce.py [--k 2 4 8] [--mib 16 64] [--rounds 5] [--codecs fp32 int8]
                                         [--backends ours hivemind gloo] [--net netns --mbit 100 --slow-peer]
+                                        [--shard-sizing rate equal]
 """
 
 from __future__ import annotations
@@ -72,7 +75,8 @@ class Peers:
     wait has a deadline. `topo` (a tests.links.Topology) puts each in its own namespace."""
 
     def __init__(self, k: int, numel: int, rounds: int, codecs: list[str], backends: list[str],
-                 log_dir: Path, topo=None, caps: list[float | None] | None = None, step_timeout_s: float = 600):
+                 log_dir: Path, topo=None, caps: list[float | None] | None = None, step_timeout_s: float = 600,
+                 sizings: tuple[str, ...] = ("rate",)):
         self.k, self.topo, self.step_timeout_s = k, topo, step_timeout_s
         self.lines: list[queue.Queue] = [queue.Queue() for _ in range(k)]   # each peer's lines, in order
         self.procs: list[subprocess.Popen] = []
@@ -84,7 +88,8 @@ class Peers:
         gloo = f"{ips[0]}:{GLOO_PORT if topo else free_port()}"
         base = [sys.executable, str(WORKER), "--k", str(k), "--numel", str(numel), "--rounds", str(rounds),
                 "--iface", "eth0" if topo else "lo", "--gloo", gloo, "--tag", tag,
-                "--codecs", *(codecs if "ours" in backends else []), "--backends", *backends]
+                "--codecs", *(codecs if "ours" in backends else []), "--shard-sizing", *sizings,
+                "--backends", *backends]
         boot = ""
         for i in range(k):
             argv = [*base, "--index", str(i), "--ip", ips[i], "--boot", boot]
@@ -161,15 +166,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def swarm_run(k: int, numel: int, args: argparse.Namespace, log_dir: Path, caps: list[float | None]) -> Run:
-    """One swarm of k workers on loopback, or in namespaces with `caps` (Mbit/s per peer)."""
+def swarm_run(k: int, numel: int, args: argparse.Namespace, log_dir: Path, caps: list[float | None],
+              sizings: tuple[str, ...] = ("rate",)) -> Run:
+    """One swarm of k workers on loopback, or in namespaces with `caps` (Mbit/s per peer); ours runs
+    once per run-spec shard sizing in `sizings` (a step each: "ours int8", "ours int8 equal-shards")."""
     topo = None
     if args.net == "netns":
         from tests.links import Topology
         topo = Topology("ab")
     peers = None
     try:
-        peers = Peers(k, numel, args.rounds, args.codecs, args.backends, log_dir, topo, caps, args.step_timeout)
+        peers = Peers(k, numel, args.rounds, args.codecs, args.backends, log_dir, topo, caps, args.step_timeout,
+                      sizings)
         return peers.run(Run(k, numel, caps))
     finally:
         if peers is not None:
@@ -238,6 +246,9 @@ def main() -> None:
     ap.add_argument("--net", choices=["loopback", "netns"], default="loopback")
     ap.add_argument("--mbit", type=float, default=100.0, help="--net netns: every link's rate, both directions")
     ap.add_argument("--slow-peer", action="store_true", help="--net netns: also a run with one link at a quarter")
+    ap.add_argument("--shard-sizing", nargs="+", default=["rate", "equal"], choices=["rate", "equal"],
+                    help="--slow-peer: our run spec's --shard-sizing values in the quarter-rate run, a row each "
+                         "(equal links always run rate)")
     ap.add_argument("--step-timeout", type=float, default=600.0, help="seconds one round of all peers may take")
     ap.add_argument("--log-dir", default="", help="where the workers' logs go (default: a temporary folder)")
     args = ap.parse_args()
@@ -265,13 +276,14 @@ def main() -> None:
         for mib in args.mib:
             numel = mib * 2**20 // 4
             caps: list[float | None] = [args.mbit] * k if args.net == "netns" else [None] * k
-            variants = [("equal links", caps)]
+            variants = [("equal links", caps, ("rate",))]
             if args.slow_peer:
-                variants.append((f"peer {k - 1} at {args.mbit / 4:g} Mbit/s", [*caps[:-1], args.mbit / 4]))
-            for name, c in variants:
+                variants.append((f"peer {k - 1} at {args.mbit / 4:g} Mbit/s", [*caps[:-1], args.mbit / 4],
+                                 tuple(args.shard_sizing)))
+            for name, c, sizings in variants:
                 log_dir = log_root / f"k{k}-{mib}mib-{len(set(c))}"
                 log_dir.mkdir(parents=True, exist_ok=True)
-                print_run(swarm_run(k, numel, args, log_dir, c), f"k = {k}, {mib} MiB, {name}")
+                print_run(swarm_run(k, numel, args, log_dir, c, sizings), f"k = {k}, {mib} MiB, {name}")
 
 
 if __name__ == "__main__":

@@ -133,9 +133,9 @@ class Worker:
                  rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **extra)
 
     # ---- ours -------------------------------------------------------------------------------
-    async def ours(self, dht, codec: str) -> None:
-        spec = RunSpec(codec="sparse" if codec.startswith("sparse") else codec)
-        run_id = f"ab-{self.args.tag}-{codec.replace(':', '-')}"
+    async def ours(self, dht, codec: str, sizing: str = "rate") -> None:
+        spec = RunSpec(codec="sparse" if codec.startswith("sparse") else codec, shard_sizing=sizing)
+        run_id = f"ab-{self.args.tag}-{codec.replace(':', '-')}-{sizing}"
         core = NetCore(dht, PeerConfig(run_id=run_id), self.args.identity)
         core.spec, core.spec_hash, core.numel = spec, spec.hash(), self.numel
         core.reach.settled = True    # loopback or one bridge: everyone dials everyone
@@ -160,7 +160,7 @@ class Worker:
                 core.round, core.steps, core.samples, core.training, core.grant = r, 0, 0, False, None
                 core.phase = swarm.AVERAGE
                 await self.wait_for_view(core, r)
-                step = f"ours {name}"
+                step = f"ours {name}" + ("" if sizing == "rate" else f" {sizing}-shards")
                 await self.barrier(step)
                 before, cpu = tx_rx_bytes(self.args.iface), cpu_s(self.pids)
                 started = time.perf_counter()
@@ -252,7 +252,8 @@ def make_averager(dht, args: argparse.Namespace):
 async def run(args: argparse.Namespace, dht, averager) -> None:
     w = Worker(args)
     for codec in args.codecs:
-        await w.ours(dht, codec)
+        for sizing in args.shard_sizing:
+            await w.ours(dht, codec, sizing)
     if averager is not None:
         await w.hivemind(averager)
     if "gloo" in args.backends:
@@ -272,6 +273,7 @@ def main() -> None:
     ap.add_argument("--gloo", default="", help="host:port of gloo's rendezvous (peer 0 listens)")
     ap.add_argument("--tag", required=True, help="names this run's DHT keys")
     ap.add_argument("--codecs", nargs="*", default=[], help="wire codec names for our averager")
+    ap.add_argument("--shard-sizing", nargs="+", default=["rate"], help="our run spec's shard_sizing values, each a step")
     ap.add_argument("--backends", nargs="*", default=[], help="hivemind and/or gloo")
     args = ap.parse_args()
     logging.basicConfig(level=os.environ.get("ALLREDUCE_LOG", "WARNING").upper(), stream=sys.stderr,
