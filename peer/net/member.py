@@ -105,6 +105,7 @@ async def send_and_fetch(core: NetCore, ctx, roster: pb.Roster, delta: torch.Ten
 
     async def fetch_after_send(j: int) -> ar.ShardResult:
         await sends[j]
+        await own_parts_in(ctx)
         return await fetch_shard(core, ctx, roster, j, encoded[j][0], deadline, avg[b[j]:b[j + 1]])
 
     loop = asyncio.get_running_loop()
@@ -125,6 +126,21 @@ async def send_and_fetch(core: NetCore, ctx, roster: pb.Roster, delta: torch.Ten
             if task is not None and not task.done():
                 task.cancel()
     return encoded, list(results)
+
+
+async def own_parts_in(ctx) -> None:
+    """Returns once every shard we own has all its parts in (or is reduced without some): the
+    reduce-scatter comes first on our downlink. Reduced shards pulled meanwhile would share it with
+    the parts still coming to us, and the later our shard is whole the later its own all-gather
+    starts; on capped links that skew, not the bytes, is what made rounds slow (one owner serving
+    its late shard alone while the other links idle)."""
+    for shard in list(ctx.owned.values()):
+        if not shard.all_in.is_set() and not shard.result.done():
+            all_in = asyncio.ensure_future(shard.all_in.wait())
+            try:   # the result's own future: waited on, never cancelled nor its exception taken here
+                await asyncio.wait([all_in, shard.result], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                all_in.cancel()
 
 
 async def send_parts(core: NetCore, ctx, roster: pb.Roster, j: int, payload: bytes, deadline: Deadline) -> None:
