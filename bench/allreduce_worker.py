@@ -134,7 +134,8 @@ class Worker:
 
     # ---- ours -------------------------------------------------------------------------------
     async def ours(self, dht, codec: str, sizing: str = "rate") -> None:
-        spec = RunSpec(codec="sparse" if codec.startswith("sparse") else codec, shard_sizing=sizing)
+        sized = {} if sizing == "rate" else {"shard_sizing": sizing}   # rate: the default, and all older code knows
+        spec = RunSpec(codec="sparse" if codec.startswith("sparse") else codec, **sized)
         run_id = f"ab-{self.args.tag}-{codec.replace(':', '-')}-{sizing}"
         core = NetCore(dht, PeerConfig(run_id=run_id), self.args.identity)
         core.spec, core.spec_hash, core.numel = spec, spec.hash(), self.numel
