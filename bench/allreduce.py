@@ -16,12 +16,15 @@ capped with tc tbf at --mbit (tests/links.py), bytes read from the namespace's e
 peer sent, its DHT's included; on loopback the counters hold every process's traffic, so only
 our Outcome.bytes_sent is shown there, and "-" for hivemind and gloo), and prints
 measured / bound, bound = 2 (k-1)/k * payload / link (a codec's encoded payload). --slow-peer
-adds a run where the last peer's link is a quarter of the others'; its bound is that peer's
-own payload at its rate (owning no shard, it still sends and receives one whole payload).
+adds a run where the last peer's link is a quarter of the others', where ours runs once with
+shards sized by upload rate (the default) and once with equal shards (`--shard-sizing equal`, a
+row "ours CODEC equal-shards"); its bound is that peer's own payload at its rate (owning no shard,
+it still sends and receives one whole payload).
 Needs root, `ip` and `tc`. Prints tables; not a test.
 
     .venv/bin/python bench/allreduce.py [--k 2 4 8] [--mib 16 64] [--rounds 5] [--codecs fp32 int8]
                                         [--backends ours hivemind gloo] [--net netns --mbit 100 --slow-peer]
+                                        [--shard-sizing rate equal]
 """
 
 from __future__ import annotations
@@ -72,7 +75,8 @@ class Peers:
     wait has a deadline. `topo` (a tests.links.Topology) puts each in its own namespace."""
 
     def __init__(self, k: int, numel: int, rounds: int, codecs: list[str], backends: list[str],
-                 log_dir: Path, topo=None, caps: list[float | None] | None = None, step_timeout_s: float = 600):
+                 log_dir: Path, topo=None, caps: list[float | None] | None = None, step_timeout_s: float = 600,
+                 sizings: tuple[str, ...] = ("rate",)):
         self.k, self.topo, self.step_timeout_s = k, topo, step_timeout_s
         self.lines: list[queue.Queue] = [queue.Queue() for _ in range(k)]   # each peer's lines, in order
         self.procs: list[subprocess.Popen] = []
@@ -84,7 +88,8 @@ class Peers:
         gloo = f"{ips[0]}:{GLOO_PORT if topo else free_port()}"
         base = [sys.executable, str(WORKER), "--k", str(k), "--numel", str(numel), "--rounds", str(rounds),
                 "--iface", "eth0" if topo else "lo", "--gloo", gloo, "--tag", tag,
-                "--codecs", *(codecs if "ours" in backends else []), "--backends", *backends]
+                "--codecs", *(codecs if "ours" in backends else []), "--shard-sizing", *sizings,
+                "--backends", *backends]
         boot = ""
         for i in range(k):
             argv = [*base, "--index", str(i), "--ip", ips[i], "--boot", boot]
@@ -139,12 +144,17 @@ class Peers:
                 return out
             if ended:
                 raise RuntimeError(f"peers {ended} ended while the others are ready for {first[0]}")
-            for p in self.procs:
-                p.stdin.write("go\n")
-                p.stdin.flush()
+            self.go()
+            self.expect(everyone, "timed", self.step_timeout_s)
+            self.go()   # every peer has its result: now each checks it (off the clock)
             done = self.expect(everyone, "done", self.step_timeout_s)
             step = done[0]["step"]
             out.steps.setdefault(step, []).append([done[i] for i in sorted(done)])
+
+    def go(self) -> None:
+        for p in self.procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
 
     def close(self) -> None:
         stop_all(self.procs)
@@ -156,15 +166,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def swarm_run(k: int, numel: int, args: argparse.Namespace, log_dir: Path, caps: list[float | None]) -> Run:
-    """One swarm of k workers on loopback, or in namespaces with `caps` (Mbit/s per peer)."""
+def swarm_run(k: int, numel: int, args: argparse.Namespace, log_dir: Path, caps: list[float | None],
+              sizings: tuple[str, ...] = ("rate",)) -> Run:
+    """One swarm of k workers on loopback, or in namespaces with `caps` (Mbit/s per peer); ours runs
+    once per run-spec shard sizing in `sizings` (a step each: "ours int8", "ours int8 equal-shards")."""
     topo = None
     if args.net == "netns":
         from tests.links import Topology
         topo = Topology("ab")
     peers = None
     try:
-        peers = Peers(k, numel, args.rounds, args.codecs, args.backends, log_dir, topo, caps, args.step_timeout)
+        peers = Peers(k, numel, args.rounds, args.codecs, args.backends, log_dir, topo, caps, args.step_timeout,
+                      sizings)
         return peers.run(Run(k, numel, caps))
     finally:
         if peers is not None:
@@ -189,7 +202,8 @@ def bound_s(step: str, run: Run) -> float | None:
     return 2 * (run.k - 1) / run.k * payload / slowest
 
 
-HEADER = (f"{'backend':22} {'k':>2} {'MiB':>4} {'median s':>9} {'min s':>7} {'max s':>7} {'sent MB/peer':>12} "
+HEADER = (f"{'backend':22} {'k':>2} {'MiB':>4} {'median s':>9} {'min s':>7} {'max s':>7} {'cpu s/peer':>10} "
+          f"{'sent MB/peer':>12} "
           f"{'err round 0':>11} {'max abs err':>11} {'same':>5} {'failed':>6} {'peak GB':>7} {'last owns':>9}")
 
 
@@ -210,7 +224,7 @@ def print_run(run: Run, label: str) -> None:
         same = "yes" if all(len({p["sha"] for p in r}) == 1 for r in ok) else "NO"
         med = statistics.median(times)
         line = (f"{step:22} {run.k:2d} {4 * run.numel / 2**20:4.0f} {med:9.3f} {min(times):7.3f} "
-                f"{max(times):7.3f} {sent} {first:11.2e} {err:11.2e} {same:>5} {len(rounds) - len(ok):3d}/{len(rounds):<2d}"
+                f"{max(times):7.3f} {statistics.median(p['cpu'] for r in rounds for p in r):10.3f} {sent} {first:11.2e} {err:11.2e} {same:>5} {len(rounds) - len(ok):3d}/{len(rounds):<2d}"
                 f" {max(p['rss'] for r in rounds for p in r) / 1e9:7.2f}")
         owned = [r[-1]["owned"] for r in rounds if "owned" in r[-1]]
         line += f" {100 * statistics.median(owned):9.1f}" if owned else f" {'-':>9}"
@@ -232,6 +246,9 @@ def main() -> None:
     ap.add_argument("--net", choices=["loopback", "netns"], default="loopback")
     ap.add_argument("--mbit", type=float, default=100.0, help="--net netns: every link's rate, both directions")
     ap.add_argument("--slow-peer", action="store_true", help="--net netns: also a run with one link at a quarter")
+    ap.add_argument("--shard-sizing", nargs="+", default=["rate", "equal"], choices=["rate", "equal"],
+                    help="--slow-peer: our run spec's --shard-sizing values in the quarter-rate run, a row each "
+                         "(equal links always run rate)")
     ap.add_argument("--step-timeout", type=float, default=600.0, help="seconds one round of all peers may take")
     ap.add_argument("--log-dir", default="", help="where the workers' logs go (default: a temporary folder)")
     args = ap.parse_args()
@@ -259,13 +276,14 @@ def main() -> None:
         for mib in args.mib:
             numel = mib * 2**20 // 4
             caps: list[float | None] = [args.mbit] * k if args.net == "netns" else [None] * k
-            variants = [("equal links", caps)]
+            variants = [("equal links", caps, ("rate",))]
             if args.slow_peer:
-                variants.append((f"peer {k - 1} at {args.mbit / 4:g} Mbit/s", [*caps[:-1], args.mbit / 4]))
-            for name, c in variants:
+                variants.append((f"peer {k - 1} at {args.mbit / 4:g} Mbit/s", [*caps[:-1], args.mbit / 4],
+                                 tuple(args.shard_sizing)))
+            for name, c, sizings in variants:
                 log_dir = log_root / f"k{k}-{mib}mib-{len(set(c))}"
                 log_dir.mkdir(parents=True, exist_ok=True)
-                print_run(swarm_run(k, numel, args, log_dir, c), f"k = {k}, {mib} MiB, {name}")
+                print_run(swarm_run(k, numel, args, log_dir, c, sizings), f"k = {k}, {mib} MiB, {name}")
 
 
 if __name__ == "__main__":

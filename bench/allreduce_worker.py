@@ -5,9 +5,10 @@ torch.distributed gloo all_reduce, each on the same delta (seeded per peer index
 
 It talks JSON lines with the driver: stdout carries {"ev": "dht", ...} once, then for every
 timed step {"ev": "ready", "step": ...}; the driver answers "go" on stdin once every peer is
-ready (a barrier, so the peers start together), and the worker prints {"ev": "done", ...} with
-its seconds from the start of the step to its result, bytes and the error against the exact
-mean. Logs go to stderr, at WARNING unless ALLREDUCE_LOG (e.g. INFO) says otherwise. Not a
+ready (a barrier, so the peers start together); the worker prints {"ev": "timed"} once it has
+its result, the driver answers "go" again once every peer has, and only then does the worker
+check the result and print {"ev": "done", ...} with its seconds from the start of the step to
+its result, bytes and the error against the exact mean. Logs go to stderr, at WARNING unless ALLREDUCE_LOG (e.g. INFO) says otherwise. Not a
 test; run by the driver, not by hand."""
 
 from __future__ import annotations
@@ -56,6 +57,35 @@ def exact_mean(k: int, numel: int) -> torch.Tensor:
     return acc.div_(k).float()
 
 
+def descendants() -> tuple[int, ...]:
+    """This process and every process below it (its DHT process and p2pd, hivemind's averager)."""
+    parents = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parents[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError):   # gone meanwhile
+                pass
+    mine, grew = {os.getpid()}, True
+    while grew:
+        found = {pid for pid, parent in parents.items() if parent in mine} - mine
+        mine |= found
+        grew = bool(found)
+    return tuple(sorted(mine))
+
+
+def cpu_s(pids: tuple[int, ...]) -> float:
+    """CPU seconds (user + system, every thread) that `pids` used so far, from /proc (10 ms ticks)."""
+    total = 0
+    for pid in pids:
+        try:
+            f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(f[11]) + int(f[12])   # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def tx_rx_bytes(iface: str) -> tuple[int, int]:
     """Bytes sent and received on `iface` of this process's network namespace (0, 0 if absent)."""
     for line in Path("/proc/net/dev").read_text().splitlines()[2:]:
@@ -71,6 +101,7 @@ class Worker:
         self.args = args
         self.k, self.numel, self.index = args.k, args.numel, args.index
         self.delta = delta_of(self.index, self.numel)
+        self.pids = descendants()   # whose CPU seconds a step counts (the DHT and averager run already)
         self.mean = exact_mean(self.k, self.numel)
 
     def say(self, **msg) -> None:
@@ -84,19 +115,28 @@ class Worker:
         if line.strip() != "go":
             raise SystemExit(f"peer {self.index}: the driver said {line.strip()!r}, not go, before {step}")
 
-    def report(self, step: str, seconds: float, avg: torch.Tensor | None, before: tuple[int, int],
-               sent: int = 0, received: int = 0, kind: str = "applied", **extra: float) -> None:
+    async def report(self, step: str, seconds: float, avg: torch.Tensor | None, before: tuple[int, int],
+                     sent: int = 0, received: int = 0, kind: str = "applied", cpu: float = float("nan"),
+                     **extra: float) -> None:
+        """Says the step is timed, waits until every peer is (the driver's second go), then checks the
+        result: a peer that finished first must not spend the slower ones' cores on the bench's own
+        error and hash of the whole average while their step is still being timed."""
         tx, rx = tx_rx_bytes(self.args.iface)
+        self.say(ev="timed", step=step)
+        line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        if line.strip() != "go":
+            raise SystemExit(f"peer {self.index}: the driver said {line.strip()!r}, not go, after {step}")
         err = float((avg - self.mean).abs().max()) if avg is not None else float("nan")
         sha = hashlib.sha256(avg.numpy().tobytes()).hexdigest()[:16] if avg is not None else ""
-        self.say(ev="done", step=step, s=seconds, kind=kind, sent=sent, received=received,
+        self.say(ev="done", step=step, s=seconds, cpu=cpu, kind=kind, sent=sent, received=received,
                  tx=tx - before[0], rx=rx - before[1], err=err, sha=sha,
                  rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **extra)
 
     # ---- ours -------------------------------------------------------------------------------
-    async def ours(self, dht, codec: str) -> None:
-        spec = RunSpec(codec="sparse" if codec.startswith("sparse") else codec)
-        run_id = f"ab-{self.args.tag}-{codec.replace(':', '-')}"
+    async def ours(self, dht, codec: str, sizing: str = "rate") -> None:
+        sized = {} if sizing == "rate" else {"shard_sizing": sizing}   # rate: the default, and all older code knows
+        spec = RunSpec(codec="sparse" if codec.startswith("sparse") else codec, **sized)
+        run_id = f"ab-{self.args.tag}-{codec.replace(':', '-')}-{sizing}"
         core = NetCore(dht, PeerConfig(run_id=run_id), self.args.identity)
         core.spec, core.spec_hash, core.numel = spec, spec.hash(), self.numel
         core.reach.settled = True    # loopback or one bridge: everyone dials everyone
@@ -121,21 +161,22 @@ class Worker:
                 core.round, core.steps, core.samples, core.training, core.grant = r, 0, 0, False, None
                 core.phase = swarm.AVERAGE
                 await self.wait_for_view(core, r)
-                step = f"ours {name}"
+                step = f"ours {name}" + ("" if sizing == "rate" else f" {sizing}-shards")
                 await self.barrier(step)
-                before = tx_rx_bytes(self.args.iface)
+                before, cpu = tx_rx_bytes(self.args.iface), cpu_s(self.pids)
                 started = time.perf_counter()
                 out = await member.run_round(core, r, self.delta, 1.0, 1, (0.0, -1))
                 seconds = time.perf_counter() - started
-                phases = {"refresh_s": marks["join"] - started, "join_s": marks["joined"] - marks["join"],
-                          "transfer_s": started + seconds - marks["joined"], "owned": owned_share(out, core.peer_id)}
+                phases = {"cpu": cpu_s(self.pids) - cpu, "refresh_s": marks["join"] - started,
+                          "join_s": marks["joined"] - marks["join"], "transfer_s": started + seconds - marks["joined"],
+                          "owned": owned_share(out, core.peer_id)}
                 if out.kind != "applied":
                     log.warning("round %d (%s): %s: %s", r, name, out.kind, out.reason)
-                if out.kind == "applied":   # as the keeper does: the error feedback of an applied round
+                await self.report(step, seconds, out.avg if out.kind == "applied" else None, before,
+                                  out.bytes_sent, out.bytes_received, out.kind, **phases)
+                if out.kind == "applied":   # as the keeper does after the round: its error feedback
                     ar.apply_residuals(core.ef, get_codec(name), out.residuals)
                     ar.apply_residuals(core.owner_ef, get_codec(name), out.owner_residuals)
-                self.report(step, seconds, out.avg if out.kind == "applied" else None, before,
-                            out.bytes_sent, out.bytes_received, out.kind, **phases)
         finally:
             refresher.cancel()
             await server.stop(1.0)
@@ -161,7 +202,7 @@ class Worker:
             with averager.get_tensors() as tensors:
                 tensors[0].copy_(self.delta)
             await self.barrier("hivemind")
-            before = tx_rx_bytes(self.args.iface)
+            before, cpu = tx_rx_bytes(self.args.iface), cpu_s(self.pids)
             started = time.perf_counter()
             try:
                 group = await loop.run_in_executor(None, lambda: averager.step(timeout=STEP_TIMEOUT_S))
@@ -169,10 +210,11 @@ class Worker:
                 log.warning("hivemind step failed: %r", e)
                 group = None
             seconds = time.perf_counter() - started
+            cpu = cpu_s(self.pids) - cpu
             with averager.get_tensors() as tensors:
                 avg = tensors[0].clone()
-            self.report("hivemind", seconds, avg if group is not None else None, before,
-                        kind="applied" if group is not None else "failed")
+            await self.report("hivemind", seconds, avg if group is not None else None, before,
+                              kind="applied" if group is not None else "failed", cpu=cpu)
 
     # ---- gloo -------------------------------------------------------------------------------
     async def gloo(self) -> None:
@@ -183,12 +225,12 @@ class Worker:
             for _ in range(self.args.rounds):
                 buf = self.delta.clone()
                 await self.barrier("gloo")
-                before = tx_rx_bytes(self.args.iface)
+                before, cpu = tx_rx_bytes(self.args.iface), cpu_s(self.pids)
                 started = time.perf_counter()
                 dist.all_reduce(buf)
                 buf.div_(self.k)
                 seconds = time.perf_counter() - started
-                self.report("gloo", seconds, buf, before)
+                await self.report("gloo", seconds, buf, before, cpu=cpu_s(self.pids) - cpu)
         finally:
             dist.destroy_process_group()
 
@@ -211,7 +253,8 @@ def make_averager(dht, args: argparse.Namespace):
 async def run(args: argparse.Namespace, dht, averager) -> None:
     w = Worker(args)
     for codec in args.codecs:
-        await w.ours(dht, codec)
+        for sizing in args.shard_sizing:
+            await w.ours(dht, codec, sizing)
     if averager is not None:
         await w.hivemind(averager)
     if "gloo" in args.backends:
@@ -231,6 +274,7 @@ def main() -> None:
     ap.add_argument("--gloo", default="", help="host:port of gloo's rendezvous (peer 0 listens)")
     ap.add_argument("--tag", required=True, help="names this run's DHT keys")
     ap.add_argument("--codecs", nargs="*", default=[], help="wire codec names for our averager")
+    ap.add_argument("--shard-sizing", nargs="+", default=["rate"], help="our run spec's shard_sizing values, each a step")
     ap.add_argument("--backends", nargs="*", default=[], help="hivemind and/or gloo")
     args = ap.parse_args()
     logging.basicConfig(level=os.environ.get("ALLREDUCE_LOG", "WARNING").upper(), stream=sys.stderr,

@@ -104,6 +104,8 @@ FLAGS: list[tuple[str, Any, str]] = [
                            "and no --trusted-owners), on, off; costs each member a second upload of its delta"),
     ("trusted-owners", str, "run spec: comma-separated peer ids that alone own shards (their keys are trusted "
                             "not to lie as owners); other peers only contribute"),
+    ("shard-sizing", str, "run spec: shard sizes: rate (proportional to each owner's measured upload rate; an "
+                          "owner under 1/8 of the median owns none) or equal (one equal shard per serving member)"),
     ("stale-work", str, "run spec: work of a missed round is dropped or carried into the next (drop, carry)"),
     ("target-steps", int, "run spec: inner steps summed over the swarm that close a round"),
     ("max-round-seconds", float, "run spec: a round closes after this much training anyway"),

@@ -5,6 +5,8 @@ Pure CPU torch, single-rounding float32 ops only (every machine makes the same b
 from __future__ import annotations
 
 import math
+import sys
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -81,6 +83,18 @@ class Codec(ABC):
             )
         return self._decode(memoryview(data), numel, torch.empty(numel, dtype=torch.float32) if out is None else out)
 
+    def encode_view(self, x: torch.Tensor) -> bytes | memoryview:
+        """encode(x)'s bytes; a codec whose bytes are x's own memory (fp32 on a little-endian
+        machine) returns a read-only view of x instead of a copy: x must then not change while the
+        view is in use (a shard of a hand-over delta, a fresh mean)."""
+        return self.encode(x)
+
+    def decode_view(self, data: bytearray | memoryview, numel: int) -> torch.Tensor:
+        """decode(data, numel); a codec whose bytes are the values themselves (fp32 on a little-endian
+        machine) returns a tensor over `data`'s memory instead of a copy (checked the same way):
+        `data` must then not change while the tensor is in use."""
+        return self.decode(data, numel)
+
     @abstractmethod
     def _encode(self, x: torch.Tensor) -> bytes: ...
 
@@ -102,11 +116,30 @@ class Fp32Codec(Codec):
     def _encode(self, x: torch.Tensor) -> bytes:
         return _f32_bytes(x)
 
+    def encode_view(self, x: torch.Tensor) -> bytes | memoryview:
+        if sys.byteorder != "little":
+            return self.encode(x)
+        _check_input(x)
+        return memoryview(x.detach().numpy()).cast("B").toreadonly()
+
+    def decode_view(self, data: bytearray | memoryview, numel: int) -> torch.Tensor:
+        if sys.byteorder != "little" or len(data) != self.encoded_size(numel) or numel == 0:
+            return self.decode(data, numel)
+        with warnings.catch_warnings():   # a read-only view is fine: the values are only read
+            warnings.simplefilter("ignore", UserWarning)
+            values = torch.frombuffer(data, dtype=torch.float32)
+        self._check_finite(values)
+        return values
+
     def _decode(self, data: memoryview, numel: int, out: torch.Tensor) -> torch.Tensor:
         np.copyto(out.numpy(), np.frombuffer(data, dtype=_F32_LE))
-        if not all_finite(out):
-            raise CodecError(f"fp32 payload has {int((~torch.isfinite(out)).sum())} non-finite values")
+        self._check_finite(out)
         return out
+
+    @staticmethod
+    def _check_finite(values: torch.Tensor) -> None:
+        if not all_finite(values):
+            raise CodecError(f"fp32 payload has {int((~torch.isfinite(values)).sum())} non-finite values")
 
 
 class _CastCodec(Codec):

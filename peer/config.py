@@ -13,13 +13,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-# 2: signed calls and records, chunk and reply MACs in private runs, the spec's tls_ca (a peer of 1 cannot
-# join a run of 2: it is told so, exit 4, instead of failing at its first call)
+# 2: signed calls and records, chunk and reply MACs in private runs, the spec's tls_ca, shard payload
+# digests in BLAKE3-256 (were SHA-256): a peer of 1 cannot join a run of 2; it is told so, exit 4,
+# instead of failing at its first call
 PROTOCOL_VERSION = 2
 CODECS = ("fp32", "fp16", "bf16", "int8", "int4", "sparse")
 WEIGHTINGS = ("steps", "samples", "equal")
 STALE_WORK = ("drop", "carry")
 AGGREGATORS = ("mean", "trimmed-mean", "centered-clip")   # peer/aggregate.py
+SHARD_SIZINGS = ("rate", "equal")   # peer/net/round.py shard_plan: by measured upload rate, or equal
 VERIFY_SHARDS = ("auto", "on", "off")   # auto: on with a robust aggregator and no trusted owners
 PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{32,64}")   # a base58 libp2p peer id (peer/identity.py)
 MODELS = ("tiny", "small", "base")  # built-in GPT presets; "hf" is a transformers causal LM from a config
@@ -64,6 +66,7 @@ class RunSpec:
     clip_tau: float = 1.0           # centered-clip: the clipping radius, in median distances to the median
     clip_iters: int = 3             # centered-clip: clipping steps from the median
     verify_shards: str = "auto"     # each shard reduced by its owner and its backup, hashes compared (lying owners)
+    shard_sizing: str = "rate"      # owners' shards sized by their measured upload rates, or all equal
     trusted_owners: str = ""        # comma-separated peer ids: only these own shards ("" = any serving member)
     stale_work: str = "drop"        # work of a round a peer missed: dropped, or carried into its next one
     target_steps: int = 200         # inner steps summed over the swarm that close a round
@@ -192,6 +195,9 @@ def validate_spec(s: RunSpec) -> None:
            "a number in (0, 1000] (1 = the median distance of a contribution to the median)")
     _check(isinstance(s.clip_iters, int) and 1 <= s.clip_iters <= 100, "clip_iters", s.clip_iters,
            "an integer from 1 to 100")
+    _check(s.shard_sizing in SHARD_SIZINGS, "shard_sizing", s.shard_sizing,
+           f"one of {', '.join(SHARD_SIZINGS)} (rate: shards proportional to upload rates; equal: one equal "
+           "shard per serving member)")
     _check(s.verify_shards in VERIFY_SHARDS, "verify_shards", s.verify_shards,
            f"one of {', '.join(VERIFY_SHARDS)} (auto: on with a robust --aggregator and no --trusted-owners)")
     ids = trusted_owners(s)

@@ -3,7 +3,6 @@ its own plan in DILOCO_FAULTS (JSON), so the peer is the process. Empty in produ
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -126,7 +125,9 @@ class FaultPlan:
 
 
 def _corrupt(mode: str, header, payload: bytes) -> tuple[object, bytes]:
-    header = type(header).FromString(header.SerializeToString())
+    from peer.net.allreduce import payload_digest  # the digest a shard header carries
+
+    header, payload = type(header).FromString(header.SerializeToString()), bytes(payload)
     if mode in ("nan", "inf"):
         payload = struct.pack("<f", math.nan if mode == "nan" else math.inf) + payload[4:]
     elif mode == "short":
@@ -135,5 +136,5 @@ def _corrupt(mode: str, header, payload: bytes) -> tuple[object, bytes]:
         payload = payload + bytes(1 << 20)
     else:
         header.round += -1 if mode == "stale" else 1
-    header.num_bytes, header.sha256 = len(payload), hashlib.sha256(payload).hexdigest()
+    header.num_bytes, header.sha256 = len(payload), payload_digest(payload)
     return header, payload

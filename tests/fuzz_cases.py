@@ -19,6 +19,7 @@ from peer._proto import peer_pb2 as pb
 from peer.codecs import get_codec
 from peer.identity import Identity
 from peer.net import validate
+from peer.net.allreduce import payload_digest
 from peer.net.client import MAX_MESSAGE_BYTES
 
 OK, INVALID, DENIED = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED
@@ -63,7 +64,7 @@ class World:
     def header(self, sender: str, payload: bytes, shard: int, backup: bool = False) -> pb.ShardHeader:
         return pb.ShardHeader(round=self.round, roster_hash=self.roster.hash, sender=sender, shard=shard,
                               codec="fp32", numel=self.numel(shard), num_bytes=len(payload),
-                              sha256=hashlib.sha256(payload).hexdigest(), backup=backup)
+                              sha256=payload_digest(payload), backup=backup)
 
 
 @dataclass

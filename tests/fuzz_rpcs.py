@@ -7,7 +7,6 @@ twice or after its shard was reduced), or is random bytes, an unsigned call or a
 
 from __future__ import annotations
 
-import hashlib
 import random
 import struct
 
@@ -15,6 +14,7 @@ import grpc
 
 from peer._proto import peer_pb2 as pb
 from peer.net import validate
+from peer.net.allreduce import payload_digest
 from tests.fuzz_cases import (
     BIG,
     DENIED,
@@ -66,17 +66,17 @@ def contribute(rng: random.Random, w: World) -> Case:
         return Case("Contribute", "valid", m, chunked(h, payload), lambda code, reply: "", then=[again])
     if kind == "nan":
         payload = nan_payload(rng, payload)
-        h.sha256 = hashlib.sha256(payload).hexdigest()   # the lie is not caught by the hash alone
+        h.sha256 = payload_digest(payload)   # the lie is not caught by the hash alone
         expect = dropped
     elif kind == "short":   # a shard of the wrong length, announced as such
         payload = payload[:-4 * rng.choice([1, 100])]
-        h.num_bytes, h.numel, h.sha256 = len(payload), len(payload) // 4, hashlib.sha256(payload).hexdigest()
+        h.num_bytes, h.numel, h.sha256 = len(payload), len(payload) // 4, payload_digest(payload)
     elif kind == "long_stream":
         return Case("Contribute", kind, m, chunked(h, payload) + [pb.ShardChunk(data=b"\0" * 64)], code_in(INVALID, HAS))
     elif kind == "short_stream":
         return Case("Contribute", kind, m, chunked(h, payload)[:-1], code_in(INVALID, HAS))
     elif kind == "sha":
-        h.sha256 = hashlib.sha256(payload + b"!").hexdigest()
+        h.sha256 = payload_digest(payload + b"!")
     elif kind == "numel":
         h.numel += rng.choice([-1, 1, 10**9])
     elif kind == "num_bytes":

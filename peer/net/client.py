@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import grpc
 
+from peer._proto import peer_pb2 as pb
 from peer._proto import peer_pb2_grpc
+from peer.net import wire
 from peer.net.auth import Signer, client_interceptors
 from peer.tlsfiles import SERVER_NAME, TlsFiles
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Peer"].full_name
 
 # 1 MiB chunks: large enough that per-message overhead (a protobuf object, an HTTP/2 frame
 # header per 16 KiB, one await) is well under 1 % of the bytes, small enough that a member
@@ -57,6 +61,20 @@ def server_credentials(tls: TlsFiles) -> grpc.ServerCredentials:
                                        require_client_auth=True)
 
 
+class PeerStub(peer_pb2_grpc.PeerStub):
+    """The generated stub, but the shard streams' bulk bytes go through peer.net.wire (ShardChunk
+    messages on the wire all the same, with fewer copies of their data)."""
+
+    def __init__(self, channel: grpc.aio.Channel):
+        super().__init__(channel)
+        self.Contribute = channel.stream_unary(
+            f"/{SERVICE}/Contribute", request_serializer=wire.serialize,
+            response_deserializer=pb.ContributeReply.FromString, _registered_method=True)
+        self.GetShard = channel.unary_stream(
+            f"/{SERVICE}/GetShard", request_serializer=pb.ShardRequest.SerializeToString,
+            response_deserializer=wire.parse_chunk, _registered_method=True)
+
+
 class Channels:
     """Caches one channel per address, each signing its calls with `signer` (over TLS with `tls`);
     `close()` closes them all."""
@@ -65,12 +83,12 @@ class Channels:
         self.signer, self.tls = signer, tls
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    def stub(self, address: str) -> peer_pb2_grpc.PeerStub:
+    def stub(self, address: str) -> PeerStub:
         ch = self._channels.get(address)
         if ch is None:
             ch = open_channel(address, self.signer, tls=self.tls)
             self._channels[address] = ch
-        return peer_pb2_grpc.PeerStub(ch)
+        return PeerStub(ch)
 
     async def drop(self, address: str) -> None:
         ch = self._channels.pop(address, None)

@@ -376,7 +376,8 @@ class NetCore:
                                 reason=f"round {r} closed (led by {ctx.roster.result().leader[-6:]})")
         if ctx.group is None:
             ctx.group = LeaderGroup(r, self.peer_id, wire_codec(self.spec), self.numel,
-                                    owners=OwnerRule.of(self.spec, self.suspects.reducers(r)))
+                                    owners=OwnerRule.of(self.spec, self.suspects.reducers(r)),
+                                    sizing=self.spec.shard_sizing)
         group = ctx.group
         if group.closed:
             return pb.JoinReply(status=pb.JoinReply.CLOSED, current_round=self.round, reason="round closed")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 
 import grpc
@@ -105,6 +106,7 @@ async def send_and_fetch(core: NetCore, ctx, roster: pb.Roster, delta: torch.Ten
 
     async def fetch_after_send(j: int) -> ar.ShardResult:
         await sends[j]
+        await own_parts_in(ctx)
         return await fetch_shard(core, ctx, roster, j, encoded[j][0], deadline, avg[b[j]:b[j + 1]])
 
     loop = asyncio.get_running_loop()
@@ -127,6 +129,21 @@ async def send_and_fetch(core: NetCore, ctx, roster: pb.Roster, delta: torch.Ten
     return encoded, list(results)
 
 
+async def own_parts_in(ctx) -> None:
+    """Returns once every shard we own has all its parts in (or is reduced without some): the
+    reduce-scatter comes first on our downlink. Reduced shards pulled meanwhile would share it with
+    the parts still coming to us, and the later our shard is whole the later its own all-gather
+    starts; on capped links that skew, not the bytes, is what made rounds slow (one owner serving
+    its late shard alone while the other links idle)."""
+    for shard in list(ctx.owned.values()):
+        if not shard.all_in.is_set() and not shard.result.done():
+            all_in = asyncio.ensure_future(shard.all_in.wait())
+            try:   # the result's own future: waited on, never cancelled nor its exception taken here
+                await asyncio.wait([all_in, shard.result], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                all_in.cancel()
+
+
 async def send_parts(core: NetCore, ctx, roster: pb.Roster, j: int, payload: bytes, deadline: Deadline) -> None:
     """Our part of shard j to its owner, and with --verify-shards to its backup owner as well
     (at once: the two streams share our uplink)."""
@@ -145,7 +162,7 @@ async def send_shard(core: NetCore, ctx, roster: pb.Roster, j: int, payload: byt
     header = ar.contribution_header(roster, core.peer_id, j, get_codec(roster.codec), payload, backup)
     if owner == core.peer_id:
         values = await asyncio.get_running_loop().run_in_executor(
-            None, get_codec(roster.codec).decode, payload, header.numel)
+            None, ar.local_values, get_codec(roster.codec), payload, header.numel)
         (owner_side.backup_shard(core, ctx, roster, j) if backup else ctx.owned[j]).add(core.peer_id, values,
                                                                                          header.sha256)
         ctx.accepted.add((j, backup))
@@ -175,7 +192,7 @@ async def send_shard(core: NetCore, ctx, roster: pb.Roster, j: int, payload: byt
 async def fetch_shard(core: NetCore, ctx, roster: pb.Roster, j: int, mine: bytes, deadline: Deadline,
                       into: torch.Tensor | None = None) -> ar.ShardResult:
     """Pulls the reduced shard j from its owner; when the owner fails, from any member that
-    fetched it already (the same bytes: the header's sha256 is checked); when none has it,
+    fetched it already (the same bytes: the header's digest is checked); when none has it,
     from the backup owner, which reduces it again from the members' contributions (`mine`
     is ours). Decodes it (into `into` when given: shard j's slice of the average)."""
     owner = roster.owners[j]
@@ -184,14 +201,20 @@ async def fetch_shard(core: NetCore, ctx, roster: pb.Roster, j: int, mine: bytes
     check = None
     if owner_side.verifying(core) and ar.backup_owner(roster, j):   # the backup's header, meanwhile
         check = asyncio.ensure_future(backup_header(core, ctx, roster, j, wait_s))
+    # fp32 from its owner: received straight into `into` (the payload is then a view of it)
+    direct = into if codec.EXACT and sys.byteorder == "little" and into is not None and into.numel() else None
     try:
-        header, payload = await reduced_shard(core, ctx, roster, j, mine, deadline, wait_s, verified=check is not None)
+        header, payload = await reduced_shard(core, ctx, roster, j, mine, deadline, wait_s, verified=check is not None,
+                                              into=direct)
         if check is not None:
             await verified(core, ctx, roster, j, header, await check, mine)
     finally:
         if check is not None and not check.done():
             check.cancel()
-    values = await asyncio.get_running_loop().run_in_executor(None, codec.decode, payload, header.numel, into)
+    if direct is not None and ar.holds(payload, direct):
+        values = await asyncio.get_running_loop().run_in_executor(None, codec.decode_view, payload, header.numel)
+    else:
+        values = await asyncio.get_running_loop().run_in_executor(None, codec.decode, payload, header.numel, into)
     why = validate.contribution(values)
     if why:   # an owner's lie (or a broken one): never averaged in, nor served to others as the shard
         raise RuntimeError(f"round {roster.round}: the reduced shard {j} (owner {owner[-6:]}) holds {why}")
@@ -200,16 +223,17 @@ async def fetch_shard(core: NetCore, ctx, roster: pb.Roster, j: int, mine: bytes
 
 
 async def reduced_shard(core: NetCore, ctx, roster: pb.Roster, j: int, mine: bytes, deadline: Deadline,
-                        wait_s: float, verified: bool) -> tuple[pb.ShardHeader, bytes]:
+                        wait_s: float, verified: bool, into: torch.Tensor | None = None) -> tuple[pb.ShardHeader, bytes]:
     """Shard j's reduced header and bytes: ours, the owner's, a member's copy, or (not verified) the
     backup owner's reduction again without the owner. A verified shard is never taken from its
-    backup alone: its reduction is the check, not a second source."""
+    backup alone: its reduction is the check, not a second source. `into`: fp32 values the owner's
+    bytes are received into (pull_shard)."""
     owner = roster.owners[j]
     if owner == core.peer_id:
         header, payload = await asyncio.wait_for(asyncio.shield(ctx.owned[j].result), wait_s)
     else:
         try:
-            header, payload = await pull_shard(core, roster, j, owner, wait_s)
+            header, payload = await pull_shard(core, roster, j, owner, wait_s, into=into)
         except RuntimeError as e:
             ctx.unreachable.add(owner)
             try:
@@ -242,7 +266,7 @@ async def verified(core: NetCore, ctx, roster: pb.Roster, j: int, header: pb.Sha
     a disagreement makes this peer suspect whom it points at."""
     owner, backup = roster.owners[j], ar.backup_owner(roster, j)
     both = {(j, False), (j, True)} <= ctx.accepted
-    mismatch = verify.compare(owner, header, backup, other, core.peer_id, ar.sha256(mine) if both else "")
+    mismatch = verify.compare(owner, header, backup, other, core.peer_id, ar.payload_digest(mine) if both else "")
     if mismatch is not None:
         core.suspects.add(roster.round, j, mismatch)
         raise RuntimeError(f"owner {owner[-6:]} and backup owner {backup[-6:]} reduced it differently: "
@@ -250,9 +274,11 @@ async def verified(core: NetCore, ctx, roster: pb.Roster, j: int, header: pb.Sha
 
 
 async def pull_shard(core: NetCore, roster: pb.Roster, j: int, source: str, wait_s: float, backup: bool = False,
-                     header_only: bool = False) -> tuple[pb.ShardHeader, bytearray]:
+                     header_only: bool = False, into: torch.Tensor | None = None
+                     ) -> tuple[pb.ShardHeader, bytearray | memoryview]:
     """One GetShard call to `source` (the owner, a member holding the result, or the backup owner);
-    `header_only`: just the reduced header (its bytes are not read)."""
+    `header_only`: just the reduced header (its bytes are not read); `into`: float32 values whose
+    memory takes the (fp32) payload, which is then a read-only view of it."""
     address = next(m.address for m in roster.members if m.peer_id == source)
     req = pb.ShardRequest(round=roster.round, roster_hash=roster.hash, shard=j, requester=core.peer_id,
                           wait_s=wait_s, backup=backup, header_only=header_only)
@@ -269,7 +295,8 @@ async def pull_shard(core: NetCore, roster: pb.Roster, j: int, source: str, wait
         if header_only:
             return first.header, bytearray()
         started = time.monotonic()  # the owner may hold the call until the shard is reduced: time the bytes
-        payload = await ar.read_payload(first, ar.rest_of(call), first.header.num_bytes, mac)
+        payload = await ar.read_payload(first, ar.rest_of(call), first.header.num_bytes, mac,
+                                        None if into is None else ar.byte_view(into))
         core.deadlines.observe(len(payload) - len(first.data), time.monotonic() - started)
     except grpc.aio.AioRpcError as e:
         core.suspect(source, e)

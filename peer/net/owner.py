@@ -143,8 +143,9 @@ async def _checked_part(core: NetCore, ctx: RoundCtx, roster: pb.Roster, h: pb.S
     mac.check(0, first)
     payload = await ar.read_payload(first, stream, h.num_bytes, mac)
     ctx.bytes_received += len(payload)
-    try:   # a codec refuses what does not decode to finite values (fp32: NaN or infinity), like validation
-        values = await asyncio.get_running_loop().run_in_executor(None, codec.decode, payload, h.numel)
+    try:   # a codec refuses what does not decode to finite values (fp32: NaN or infinity), like validation;
+        # fp32: the values are the received buffer itself (decode_view), checked, never copied
+        values = await asyncio.get_running_loop().run_in_executor(None, codec.decode_view, payload, h.numel)
         why = validate.contribution(values)
     except CodecError as e:
         why = str(e)

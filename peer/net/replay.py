@@ -46,7 +46,7 @@ class UpdateLog:
     def _update(self, round_: int) -> tuple[pb.UpdateHeader, bytes]:
         """Round r's header, its sha256 filled in, and its payload (joined once, then kept)."""
         header, payloads = self._rounds[round_]
-        payload = payloads[0] if len(payloads) == 1 else b"".join(payloads)
+        payload = bytes(payloads[0]) if len(payloads) == 1 else b"".join(payloads)   # a payload may be a view
         if not header.sha256:
             header.sha256 = hashlib.sha256(payload).hexdigest()
             self._rounds[round_] = (header, [payload])

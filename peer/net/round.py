@@ -84,15 +84,17 @@ def roster_hash(r: pb.Roster) -> str:
 
 
 def make_roster(round_: int, leader: str, members: list[pb.Member], codec: str, numel: int,
-                owners: OwnerRule = ANY_OWNER) -> pb.Roster:
+                owners: OwnerRule = ANY_OWNER, sizing: str = "rate") -> pb.Roster:
     """Members sorted by peer id; owners and bounds from the upload rates of the serving members
-    `owners` allows (peer.net.verify)."""
+    `owners` allows (peer.net.verify); with `sizing` "equal" (--shard-sizing) every one of them owns
+    an equal shard, whatever its rate."""
     members = validate.cap_claims([pb.Member.FromString(m.SerializeToString()) for m in
                                    sorted(members, key=lambda m: m.peer_id)])   # copies: the joiners' claims stay
     serving = owners.eligible([m for m in members if not m.client_mode])
     if not serving:
         raise ValueError("no serving member may own a shard (--trusted-owners: none of them joined)")
-    owners, bounds = shard_plan(numel, [m.peer_id for m in serving], [m.upload_bps for m in serving])
+    rates = [m.upload_bps if sizing == "rate" else 0.0 for m in serving]   # no rate known: equal shards
+    owners, bounds = shard_plan(numel, [m.peer_id for m in serving], rates)
     r = pb.Roster(round=round_, leader=leader, members=members, owners=owners, codec=codec, numel=numel,
                   shard_bounds=bounds)
     r.hash = roster_hash(r)
@@ -106,9 +108,11 @@ class ClosedElsewhere(Exception):
 class LeaderGroup:
     """The leader's view of one round: who joined, the roster once closed, the commit."""
 
-    def __init__(self, round_: int, leader: str, codec: str, numel: int, owners: OwnerRule = ANY_OWNER):
+    def __init__(self, round_: int, leader: str, codec: str, numel: int, owners: OwnerRule = ANY_OWNER,
+                 sizing: str = "rate"):
         self.round, self.leader, self.codec, self.numel = round_, leader, codec, numel
         self.owners = owners   # who may own shards (trusted, not suspected)
+        self.sizing = sizing   # --shard-sizing: by upload rate, or equal
         self.members: dict[str, pb.Member] = {}
         self.roster: asyncio.Future[pb.Roster] = asyncio.get_running_loop().create_future()
         self.first_join_at: float | None = None
@@ -181,7 +185,7 @@ class LeaderGroup:
             self.fail(RuntimeError("no trusted owner joined (--trusted-owners): nobody may reduce a shard"))
             return True
         roster = make_roster(self.round, self.leader, list(self.members.values()), self.codec, self.numel,
-                             self.owners)
+                             self.owners, self.sizing)
         serving = [m for m in roster.members if not m.client_mode]
         eligible = {m.peer_id for m in self.owners.eligible(serving)}
         barred = sorted(m.peer_id[-6:] for m in serving if m.peer_id not in eligible)

@@ -10,9 +10,9 @@ import grpc
 
 from peer._proto import peer_pb2 as pb
 from peer._proto import peer_pb2_grpc
-from peer.net import auth, owner, validate
+from peer.net import auth, owner, validate, wire
 from peer.net.auth import AuthInterceptor
-from peer.net.client import CHANNEL_OPTIONS, Reject, server_credentials
+from peer.net.client import CHANNEL_OPTIONS, SERVICE, Reject, server_credentials
 from peer.net.linktest import LinkTests
 from peer.net.upload import paced
 
@@ -118,6 +118,24 @@ async def _signed_stream(chunks, caller_id: str):
         yield chunk
 
 
+_HANDLERS = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+             (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+
+
+def add_servicer(server: grpc.aio.Server, servicer: peer_pb2_grpc.PeerServicer) -> None:
+    """peer_pb2_grpc.add_PeerServicer_to_server, every method from the proto's service, except that
+    the shard streams' bulk bytes go through peer.net.wire (Contribute's chunks in, GetShard's out)."""
+    handlers = {}
+    for m in pb.DESCRIPTOR.services_by_name["Peer"].methods:
+        request, response = getattr(pb, m.input_type.name), getattr(pb, m.output_type.name)
+        handlers[m.name] = _HANDLERS[m.client_streaming, m.server_streaming](
+            getattr(servicer, m.name),
+            request_deserializer=wire.parse_chunk if m.name == "Contribute" else request.FromString,
+            response_serializer=wire.serialize if m.name == "GetShard" else response.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
 async def start_server(core: NetCore, host: str, port: int, servicer: Servicer | None = None
                        ) -> tuple[grpc.aio.Server, int]:
     """Starts the server on host:port (0 = a free port) and returns it with the bound port;
@@ -126,7 +144,7 @@ async def start_server(core: NetCore, host: str, port: int, servicer: Servicer |
     # one chunk, BDP-probed flow-control windows, and the keepalive pings our channels send accepted.
     # Every call is checked (peer.net.auth) before its handler runs.
     server = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=[AuthInterceptor(core.verifier, core.limits)])
-    peer_pb2_grpc.add_PeerServicer_to_server(servicer or Servicer(core), server)
+    add_servicer(server, servicer or Servicer(core))
     bound = (server.add_secure_port(f"{host}:{port}", server_credentials(core.tls)) if core.tls is not None
              else server.add_insecure_port(f"{host}:{port}"))
     if bound == 0:

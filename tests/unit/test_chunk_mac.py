@@ -34,7 +34,8 @@ from tests.fixtures import identity
 
 pytestmark = pytest.mark.timeout(60)
 SECRET = "a-long-run-secret-0123456789"
-MARK = 0xAB   # every byte of chunk 2 of the payload: the proxy flips one inside the first run of 64
+MARK = 0xAB   # every byte of the payload's third MiB (a shard stream's chunk 3: its chunk 0 is the header alone), a
+#             replayed update's chunk 2: the proxy flips one inside the first run of 64
 
 
 class Tamper:
@@ -131,7 +132,7 @@ async def pair(secret: str, up: bool):
         core.ctx(1).roster.set_result(roster)
     owner_side.own_shards(owner, owner.ctx(1), roster)
     values = torch.from_numpy(np.frombuffer(marked_payload(), dtype="<f4").copy())
-    owner.ctx(1).owned[0].add(owner.peer_id, values, ar.sha256(marked_payload()))   # the owner's own part
+    owner.ctx(1).owned[0].add(owner.peer_id, values, ar.payload_digest(marked_payload()))   # the owner's own part
 
     async def close() -> None:
         await proxy.stop()
@@ -156,11 +157,11 @@ def test_a_byte_flipped_in_a_later_chunk_of_a_part_is_refused(secret, caplog):
             if secret:   # refused at the changed chunk, before the payload's hash is even complete
                 heard = [r.getMessage() for r in caplog.records if r.name == "peer.net.owner"]
                 assert len(heard) == 1, heard
-                refused = f"{sender.peer_id[-6:]}'s part of shard 0 to its owner: chunk 2 fails its MAC"
+                refused = f"{sender.peer_id[-6:]}'s part of shard 0 to its owner: chunk 3 fails its MAC"
                 assert f"round 1: refused {sender.peer_id[-6:]}'s part of shard 0" in heard[0] and refused in heard[0]
                 assert refused in said[0], said
             else:
-                assert "payload sha256 does not match its header" in said[0]
+                assert "payload digest does not match its header" in said[0]
         finally:
             await close()
 
@@ -178,9 +179,9 @@ def test_a_byte_flipped_in_a_later_chunk_of_a_reduced_shard_is_refused(secret):
                 await member.pull_shard(sender, roster, 0, owner.peer_id, 20.0)
             assert proxy.flipped
             if secret:
-                assert f"round 1: shard 0 from {owner.peer_id[-6:]}: chunk 2 fails its MAC" in str(e.value)
+                assert f"round 1: shard 0 from {owner.peer_id[-6:]}: chunk 3 fails its MAC" in str(e.value)
             else:
-                assert "payload sha256 does not match its header" in str(e.value)
+                assert "payload digest does not match its header" in str(e.value)
         finally:
             await close()
 
@@ -192,15 +193,15 @@ def test_without_a_mac_a_forged_header_and_payload_pass_and_with_one_they_do_not
     hash of the bytes it changed. read_payload takes that without a MAC, and refuses it with one."""
     payload = bytearray(marked_payload(3))
     header = pb.ShardHeader(round=1, roster_hash="r", shard=0, codec="fp32", num_bytes=len(payload),
-                            sha256=ar.sha256(payload))
+                            sha256=ar.payload_digest(payload))
     req = pb.ShardRequest(round=1, roster_hash="r", shard=0)
     macs = ChunkMacs(derived_key(SECRET, "chunk-mac"))
     for mac in (ChunkMacs().shard(req, "owner"), macs.shard(req, "owner")):
         sent = list(ar.chunks(header, bytes(payload), mac))
         forged = bytearray(payload)
         forged[2 * CHUNK_BYTES + 5] ^= 1
-        sent[0].header.sha256 = ar.sha256(forged)
-        sent[2].data = bytes(forged[2 * CHUNK_BYTES:])
+        sent[0].header.sha256 = ar.payload_digest(forged)
+        sent[3].data = bytes(forged[2 * CHUNK_BYTES:3 * CHUNK_BYTES])   # [0] is the header alone
 
         async def rest(chunks=sent):
             for c in chunks[1:]:
@@ -212,7 +213,7 @@ def test_without_a_mac_a_forged_header_and_payload_pass_and_with_one_they_do_not
             continue
         with pytest.raises(MacError, match="chunk 0 fails its MAC"):
             mac.check(0, sent[0])   # the rewritten header
-        with pytest.raises(MacError, match="chunk 2 fails its MAC"):
+        with pytest.raises(MacError, match="chunk 3 fails its MAC"):
             asyncio.run(ar.read_payload(sent[0], rest(), len(payload), mac))
 
 
@@ -229,7 +230,7 @@ def test_a_mac_binds_the_chunk_to_its_place_and_its_stream():
     with pytest.raises(MacError, match="chunk 1 fails"):
         macs.contribution(other).check(1, sent[1])   # another stream: the part to the backup owner
     with pytest.raises(MacError, match="chunk 1 carries no MAC"):
-        mac.check(1, pb.ShardChunk(data=sent[1].data))
+        mac.check(1, pb.ShardChunk(data=bytes(sent[1].data)))
     with pytest.raises(MacError, match="fails"):   # another secret
         ChunkMacs(derived_key(SECRET + "x", "chunk-mac")).contribution(h).check(0, sent[0])
     ChunkMacs().contribution(h).check(1, pb.ShardChunk(data=b"x"))   # a public run checks nothing

@@ -30,12 +30,11 @@ def test_scale_belongs_to_the_pseudo_gradient_point_only(monkeypatch, fault) -> 
 
 
 def test_a_corrupt_fault_changes_the_part_after_encoding_and_keeps_its_hash_true(monkeypatch) -> None:
-    import hashlib
-
     from peer._proto import peer_pb2 as pb
     from peer.codecs import CodecError, get_codec
     from peer.faults import CORRUPTIONS
     from peer.net import allreduce as ar
+    from peer.net.allreduce import payload_digest
     from peer.net.round import make_roster
 
     roster = make_roster(5, "a", [pb.Member(peer_id="a", address="a:1", weight=1, samples=1, upload_bps=1e6)],
@@ -48,7 +47,7 @@ def test_a_corrupt_fault_changes_the_part_after_encoding_and_keeps_its_hash_true
         header = ar.contribution_header(roster, "a", 0, get_codec("int8"), payload)
         assert plan.sent_part(4, header, payload) == (header, payload), "only in its round"
         h, p = plan.sent_part(5, header, payload)
-        assert h.sha256 == hashlib.sha256(p).hexdigest() and h.num_bytes == len(p) and p != payload or h.round != 5
+        assert h.sha256 == payload_digest(p) and h.num_bytes == len(p) and p != payload or h.round != 5
         why = ar.check_header(h, roster, get_codec("int8"), reduced=False)
         if mode in ("nan", "inf"):
             assert why is None

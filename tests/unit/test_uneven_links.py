@@ -84,6 +84,18 @@ def test_bounds_come_from_the_roster_inputs_alone():
     assert roster_hash(changed) != one.hash, "the hash covers the rates the bounds came from"
 
 
+def test_equal_shard_sizing_gives_every_serving_member_an_equal_shard():
+    """--shard-sizing equal (the run spec): rates are ignored, the slow peer owns a shard like the others."""
+    members = [pb.Member(peer_id=p, address=f"127.0.0.1:{i + 1}", weight=1.0, samples=1,
+                         upload_bps=r) for i, (p, r) in enumerate(zip(IDS, [9e6, 3e6, 0.1e6, 5e6], strict=True))]
+    client = pb.Member(peer_id="e", weight=1.0, samples=1, client_mode=True, upload_bps=50e6)
+    roster = make_roster(3, "a", [*members, client], "int8", NUMEL, sizing="equal")
+    assert list(roster.owners) == IDS[:4], "every serving member owns a shard, the client none"
+    check_shape(list(roster.owners), list(roster.shard_bounds), NUMEL)
+    assert max(sizes(roster.shard_bounds)) - min(sizes(roster.shard_bounds)) <= SHARD_ALIGN
+    assert list(roster.shard_bounds) != list(make_roster(3, "a", [*members, client], "int8", NUMEL).shard_bounds)
+
+
 class FakeClock:
     def __init__(self):
         self.now = 0.0
