@@ -3,6 +3,8 @@ and the errors of calls both ways. Runs on the network loop."""
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 from peer._proto import peer_pb2 as pb
@@ -106,6 +108,25 @@ class Reject(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
         self.code = code
+
+
+class EndedEarly(Exception):
+    """A client-streaming call the callee ended while we were still sending, reported by grpc.aio as a
+    local cancel (see `sent`): its status, and with it the callee's reason, is lost."""
+
+
+async def sent(call):
+    """Awaits a client-streaming call (Contribute). grpc.aio has a race: when the callee ends the call
+    (refuses it) while we still write, it may cancel the call locally (`_StreamRequestMixin._write`)
+    and raise CancelledError here instead of the callee's status. A CancelledError while our own task
+    is not being cancelled is that: EndedEarly. (Python 3.10 has no `Task.cancelling`: re-raised.)"""
+    try:
+        return await call
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is None or getattr(task, "cancelling", lambda: 1)():
+            raise
+        raise EndedEarly("the callee ended the call while we were still sending (no reason reached us)") from None
 
 
 def describe_rpc_error(e: grpc.aio.AioRpcError) -> str:

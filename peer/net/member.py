@@ -17,7 +17,7 @@ from peer.net import allreduce as ar
 from peer.net import owner as owner_side
 from peer.net import swarm, validate, verify
 from peer.net.chunkmac import MacError
-from peer.net.client import describe_rpc_error
+from peer.net.client import EndedEarly, describe_rpc_error, sent
 from peer.net.core import NetCore
 from peer.net.loop import Deadline
 from peer.net.round import Outcome, drop_reasons
@@ -171,9 +171,9 @@ async def send_shard(core: NetCore, ctx, roster: pb.Roster, j: int, payload: byt
     header, payload = core.faults.sent_part(roster.round, header, payload)   # a test's hostile member only
     try:
         started = time.monotonic()
-        reply = await core.channels.stub(address).Contribute(
+        reply = await sent(core.channels.stub(address).Contribute(
             paced(core.upload, ar.chunks(header, payload, core.signer.macs.contribution(header))),
-            timeout=min(deadline.left(0.1), core.transfer_timeout_s()))
+            timeout=min(deadline.left(0.1), core.transfer_timeout_s())))
         took = time.monotonic() - started
         core.deadlines.observe(len(payload), took)
         ctx.bytes_sent += len(payload)
@@ -187,6 +187,8 @@ async def send_shard(core: NetCore, ctx, roster: pb.Roster, j: int, payload: byt
         ctx.unreachable.add(owner)
         core.suspect(owner, e)
         log.warning("round %d: sending shard %d to %s failed: %s", roster.round, j, owner[-6:], describe_rpc_error(e))
+    except EndedEarly as e:   # it answered (a refusal), so it is not unreachable
+        log.warning("round %d: owner %s refused shard %d: %s", roster.round, owner[-6:], j, e)
 
 
 async def fetch_shard(core: NetCore, ctx, roster: pb.Roster, j: int, mine: bytes, deadline: Deadline,
