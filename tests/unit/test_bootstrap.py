@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 
-import hivemind
 import pytest
 from hivemind.utils import get_dht_time
 
@@ -62,7 +61,9 @@ def _closed_port() -> int:
 def test_peer_joins_and_sigterm_exits_cleanly(bootstrap):
     proc, join_address, _ = bootstrap()
     children = descendants(proc.pid)
-    dht = hivemind.DHT(initial_peers=[join_address], host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    # create_dht, not hivemind.DHT: its fork freezes the garbage of earlier tests' gRPC channels and it
+    # has a startup deadline (a bare DHT forked here once waited forever for its ready signal in CI)
+    dht = create_dht(initial_peers=[join_address], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     try:
         wait_for_line(proc, r"\b([1-9]\d*) other DHT peers in the routing table", timeout_s=40)
     finally:
@@ -86,7 +87,7 @@ def test_join_file_holds_the_join_addresses_and_peers_join_through_it(bootstrap,
     assert [p.name for p in join_file.parent.iterdir()] == ["bootstrap.txt"]  # no temp file left
 
     addresses = read_initial_peers_file(str(join_file), 1)
-    dht = hivemind.DHT(initial_peers=list(addresses), host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    dht = create_dht(initial_peers=list(addresses), host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     try:
         wait_for_line(proc, r"\b([1-9]\d*) other DHT peers in the routing table", timeout_s=20)
     finally:
