@@ -31,16 +31,25 @@ from tests.swarm.harness import Swarm  # noqa: E402
 def trained(rows: list[dict], batch: int) -> tuple[float, float]:
     """(samples trained, seconds) over rounds 1 .. n-2 of one peer's rows: a round's samples
     less those it trained ahead during the round before, plus those the next round trained
-    ahead during it."""
-    window = rows[1:-1]
-    samples = sum(r["samples"] - r["steps_ahead"] * batch for r in window) + rows[-1]["steps_ahead"] * batch
-    return samples, sum(r["round_seconds"] for r in window)
+    ahead during it (steps trained while a round's own start barrier waited are its own)."""
+    window = zip(rows[1:-1], rows[2:], strict=True)
+    samples = sum(r["samples"] + (nxt["steps_ahead"] - r["steps_ahead"]) * batch for r, nxt in window)
+    return samples, sum(r["round_seconds"] for r in rows[1:-1])
 
 
 def train_rate(rows: list[dict]) -> float:
     """The train-only samples/s of rounds 1 .. n-2 (a row's train seconds = samples / samples_per_s)."""
     window = [r for r in rows[1:-1] if r["samples_per_s"] > 0]
     return sum(r["samples"] for r in window) / sum(r["samples"] / r["samples_per_s"] for r in window)
+
+
+def phase_means(rows: dict[str, list[dict]]) -> str:
+    """Mean seconds of each phase of a round on the training thread (the rows' phase_seconds), over
+    rounds 1 .. n-2 of every peer."""
+    window = [r["phase_seconds"] for peer in rows.values() for r in peer[1:-1] if r.get("phase_seconds")]
+    if not window:
+        return "no phase times"
+    return "phases s: " + " ".join(f"{k} {statistics.mean(w[k] for w in window):.3f}" for k in window[0])
 
 
 def open_swarm(root: Path, spec: list[str], link: str, mbit: float):
@@ -135,8 +144,8 @@ def main() -> None:
             own = statistics.mean(s / t / train_rate(r) for (s, t), r in
                                   ((trained(r, args.batch_size), r) for r in rows.values()))
             table.append((mode, "loopback" if link == "loopback" else f"{args.mbit:g} Mbit/s", rate, own, avg))
-            print(f"  {link} {mode}: {rate:.0f} samples/s per peer (peers {min(rates):.0f}-{max(rates):.0f})",
-                  flush=True)
+            print(f"  {link} {mode}: {rate:.0f} samples/s per peer (peers {min(rates):.0f}-{max(rates):.0f}); "
+                  f"{phase_means(rows)}", flush=True)
     print("\nutilization = swarm /s over alone /s; 'of own train rate': swarm /s over the same peers' "
           "train-only rate in the same run (blind to steps slowed by averaging work, not to other load)")
     print(f"{'mode':9} {'link':12} {'alone /s':>9} {'swarm /s':>9} {'utilization':>11} {'of own train rate':>17} "

@@ -66,8 +66,9 @@ def dht_tcp_address(host: str, announced: list[str], visible: list[str]) -> str:
 
 
 class PendingRound:
-    """A round handed to the network loop: the one thing of a round that crosses back to the
-    trainer, as a future (a RoundResult, or the keeper's exception, by its deadline)."""
+    """A call handed to the network loop that the trainer polls between steps and reads once: a
+    round (a RoundResult, or the keeper's exception, by its deadline), or a round's start barrier
+    (when training began)."""
 
     def __init__(self, net, fut, deadline: float):
         self.net, self.fut, self.deadline = net, fut, deadline
@@ -320,7 +321,18 @@ class Node:
 
     def begin_round(self, round_: int) -> None:
         """Starts training for `round_` (see NetCore.begin_round: at most a join window's wait)."""
-        self.round_started = self.net.call(self.core.begin_round(round_), self.core.join_window_s() + 15)
+        self.began(self.submit_begin(round_))
+
+    def submit_begin(self, round_: int) -> PendingRound:
+        """begin_round without waiting (--overlap): the trainer trains the round's first steps while
+        the barrier waits for the peers still finishing the round before, polling `done()` between
+        steps; `began` then takes its result. No progress is reported before `began`."""
+        fut = self.net.submit(self.core.begin_round(round_))
+        return PendingRound(self.net, fut, time.monotonic() + self.core.join_window_s() + 15)
+
+    def began(self, pending: PendingRound) -> None:
+        """Waits for the barrier of `submit_begin` (at most what is left of its deadline)."""
+        self.round_started = pending.result()
 
     def report_progress(self, steps: int, samples: int, steps_per_s: float) -> None:
         self.net.loop.call_soon_threadsafe(self.core.set_progress, steps, samples, steps_per_s)
