@@ -211,6 +211,7 @@ class Node:
         if conflicts:
             raise ConfigError("; ".join(conflicts))
         self.core.spec, self.core.spec_hash = spec, spec.hash()
+        self.core.ef.decay = spec.ef_decay   # a member's residual only: an owner's is added whole
         return spec
 
     async def _resolve_spec(self, wanted: RunSpec) -> RunSpec:
