@@ -11,7 +11,7 @@ connections, first steps) and the last round are left out; with --overlap the st
 trained ahead are counted in the round they ran in.
 
     .venv/bin/python bench/utilization.py [--model tiny] [--rounds 4] [--target-steps 800]
-        [--codec fp32] [--mbit 100] [--links loopback capped] [--alone-procs 4]
+        [--codec fp32] [--mbit 100] [--links loopback capped] [--alone-procs 4] [--repeats 1]
 """
 
 from __future__ import annotations
@@ -102,11 +102,13 @@ def main() -> None:
     ap.add_argument("--links", nargs="+", default=["loopback", "capped"], choices=["loopback", "capped"])
     ap.add_argument("--alone-procs", type=int, default=0, help="solo peers training at once for the alone "
                     "rate (0: as many as --peers)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of everything, each with its own alone run")
     ap.add_argument("--timeout-s", type=float, default=900.0, help="the most one run may take")
     ap.add_argument("--log-dir", default="")
     args = ap.parse_args()
-    if args.rounds < 3 or args.peers < 2 or args.target_steps < args.peers:
-        ap.error("need --rounds >= 3 (round 0 and the last are left out), --peers >= 2, --target-steps >= --peers")
+    if args.rounds < 3 or args.peers < 2 or args.target_steps < args.peers or args.repeats < 1:
+        ap.error("need --rounds >= 3 (round 0 and the last are left out), --peers >= 2, --target-steps >= --peers, "
+                 "--repeats >= 1")
     links = list(args.links)
     if "capped" in links:
         from tests.links import LinksUnavailable, check_available
@@ -124,35 +126,39 @@ def main() -> None:
           f"with others: figures are noisy. Logs in {log_root}", flush=True)
 
     per_peer = str(max(1, args.target_steps // args.peers))
-    solo = run(log_root / "alone", [*spec, "--min-peers", "1", "--target-steps", per_peer], "loopback", args.mbit,
-               {f"a{i}": ["--run-id", f"alone-{i}", "--seed", str(i)] for i in range(alone_procs)}, args.timeout_s)
-    # alone: the train-only rate (samples / train seconds, train seconds = samples / samples_per_s)
-    alone = statistics.mean(train_rate(rows) for rows in solo.values())
-    print(f"  alone: {alone:.0f} samples/s per peer", flush=True)
-
-    table = []
-    for link in links:
-        for mode in ("blocking", "overlap"):
-            extra = ["--overlap"] if mode == "overlap" else []
-            rows = run(log_root / f"{link}-{mode}", [*spec, "--min-peers", str(args.peers), "--target-steps",
-                                                     str(args.target_steps), "--run-id", f"ut-{link}-{mode}"],
-                       link, args.mbit, {f"p{i}": ["--seed", str(i), *extra] for i in range(args.peers)},
-                       args.timeout_s)
-            rates = [s / t for s, t in (trained(r, args.batch_size) for r in rows.values())]
-            avg = statistics.mean(r["average_seconds"] for peer in rows.values() for r in peer[1:-1])
-            rate = statistics.mean(rates)
-            own = statistics.mean(s / t / train_rate(r) for (s, t), r in
-                                  ((trained(r, args.batch_size), r) for r in rows.values()))
-            table.append((mode, "loopback" if link == "loopback" else f"{args.mbit:g} Mbit/s", rate, own, avg))
-            print(f"  {link} {mode}: {rate:.0f} samples/s per peer (peers {min(rates):.0f}-{max(rates):.0f}); "
-                  f"{phase_means(rows)}", flush=True)
-    print("\nutilization = swarm /s over alone /s; 'of own train rate': swarm /s over the same peers' "
-          "train-only rate in the same run (blind to steps slowed by averaging work, not to other load)")
-    print(f"{'mode':9} {'link':12} {'alone /s':>9} {'swarm /s':>9} {'utilization':>11} {'of own train rate':>17} "
-          f"{'average s':>9}")
-    for mode, link, rate, own, avg in table:
-        print(f"{mode:9} {link:12} {alone:9.0f} {rate:9.0f} {rate / alone:11.3f} {own:17.3f} {avg:9.2f}")
-
+    table: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    for rep in range(args.repeats):   # each repeat measures its own alone rate first: the load drifts
+        solo = run(log_root / f"alone-{rep}", [*spec, "--min-peers", "1", "--target-steps", per_peer], "loopback",
+                   args.mbit, {f"a{i}": ["--run-id", f"alone-{rep}-{i}", "--seed", str(i)] for i in range(alone_procs)},
+                   args.timeout_s)
+        # alone: the train-only rate (samples / train seconds, train seconds = samples / samples_per_s)
+        alone = statistics.mean(train_rate(rows) for rows in solo.values())
+        print(f"  #{rep} alone: {alone:.0f} samples/s per peer", flush=True)
+        for link in links:
+            for mode in ("blocking", "overlap"):
+                extra = ["--overlap"] if mode == "overlap" else []
+                rows = run(log_root / f"{link}-{mode}-{rep}", [*spec, "--min-peers", str(args.peers), "--target-steps",
+                                                               str(args.target_steps), "--run-id", f"ut-{link}-{mode}"],
+                           link, args.mbit, {f"p{i}": ["--seed", str(i), *extra] for i in range(args.peers)},
+                           args.timeout_s)
+                rates = [s / t for s, t in (trained(r, args.batch_size) for r in rows.values())]
+                avg = statistics.mean(r["average_seconds"] for peer in rows.values() for r in peer[1:-1])
+                rate = statistics.mean(rates)
+                own = statistics.mean(s / t / train_rate(r) for (s, t), r in
+                                      ((trained(r, args.batch_size), r) for r in rows.values()))
+                where = "loopback" if link == "loopback" else f"{args.mbit:g} Mbit/s"
+                table.setdefault((mode, where), []).append((rate / alone, own, avg))
+                print(f"  #{rep} {link} {mode}: {rate:.0f} samples/s per peer (peers {min(rates):.0f}-"
+                      f"{max(rates):.0f}), utilization {rate / alone:.3f}, of own train rate {own:.3f}; "
+                      f"{phase_means(rows)}", flush=True)
+    print(f"\nutilization = swarm /s over alone /s (each repeat's own alone run); 'of own train rate': swarm /s "
+          f"over the same peers' train-only rate in the same run (blind to steps slowed by averaging work, not to "
+          f"other load); mean of {args.repeats} repeat(s) (min-max)")
+    print(f"{'mode':9} {'link':12} {'utilization':>19} {'of own train rate':>19} {'average s':>9}")
+    for (mode, link), runs in table.items():
+        util, own, avg = ([x[i] for x in runs] for i in range(3))
+        print(f"{mode:9} {link:12} {statistics.mean(util):6.3f} ({min(util):.3f}-{max(util):.3f}) "
+              f"{statistics.mean(own):6.3f} ({min(own):.3f}-{max(own):.3f}) {statistics.mean(avg):9.2f}")
 
 if __name__ == "__main__":
     main()
