@@ -2,13 +2,15 @@
 blocking rounds vs --overlap, for a swarm of 4 peers on loopback and, where root and tc are
 there, with every link capped at --mbit (tests/links.py namespaces). Real processes. Not a test.
 
-In the swarm a peer's rate is the samples it trained over the wall seconds of its rounds (the
-sum of round_seconds, averaging included), not the train-only rate of a row. Alone is the
-train-only rate of --alone-procs peers that each train alone (--min-peers 1, a run id each) at
-the same time: by default as many as the swarm has, so that they share the CPU cores as the
-swarm's peers do and the ratio counts what the rounds cost, not the cores. Round 0 (warm-up:
-connections, first steps) and the last round are left out; with --overlap the steps a round
-trained ahead are counted in the round they ran in.
+In the swarm a peer's rate is the samples it trained over the wall seconds of its rounds (from
+the start of round 1 to the row of round n-2, averaging included), not the train-only rate of a
+row. Alone is the train-only rate of --alone-procs peers that each train alone (--min-peers 1, a
+run id each) at the same time: by default as many as the swarm has, so that they share the CPU
+cores as the swarm's peers do and the ratio counts what the rounds cost, not the cores. On a
+machine whose other load drifts between runs that ratio drifts with it, so the same peers' clean
+rate (steps trained with no averaging or barrier under way, in the same run) is a second
+reference. Round 0 (warm-up: connections, first steps) and the last round are left out; with
+--overlap the steps a round trained ahead are counted in the round they ran in.
 
     .venv/bin/python bench/utilization.py [--model tiny] [--rounds 4] [--target-steps 800]
         [--codec fp32] [--mbit 100] [--links loopback capped] [--alone-procs 4] [--repeats 1]
@@ -34,7 +36,17 @@ def trained(rows: list[dict], batch: int) -> tuple[float, float]:
     ahead during it (steps trained while a round's own start barrier waited are its own)."""
     window = zip(rows[1:-1], rows[2:], strict=True)
     samples = sum(r["samples"] + (nxt["steps_ahead"] - r["steps_ahead"]) * batch for r, nxt in window)
-    return samples, sum(r["round_seconds"] for r in rows[1:-1])
+    # from round 1's start to round n-2's row: the gaps between rounds (writing a row) count too
+    return samples, rows[-2]["time"] - (rows[1]["time"] - rows[1]["round_seconds"])
+
+
+def clean_rate(rows: list[dict], batch: int) -> float:
+    """The samples/s of the steps rounds 1 .. n-2 trained with nothing else of the round under way
+    (phase `trained`: after the start barrier, before the hand-over; no step trained ahead): the
+    same peer training alone, under the same load of the machine."""
+    window = rows[1:-1]
+    steps = sum(r["steps"] - r["steps_ahead"] - r.get("steps_at_barrier", 0) for r in window)
+    return steps * batch / sum(r["phase_seconds"]["trained"] for r in window)
 
 
 def train_rate(rows: list[dict]) -> float:
@@ -144,17 +156,18 @@ def main() -> None:
                 rates = [s / t for s, t in (trained(r, args.batch_size) for r in rows.values())]
                 avg = statistics.mean(r["average_seconds"] for peer in rows.values() for r in peer[1:-1])
                 rate = statistics.mean(rates)
-                own = statistics.mean(s / t / train_rate(r) for (s, t), r in
+                own = statistics.mean(s / t / clean_rate(r, args.batch_size) for (s, t), r in
                                       ((trained(r, args.batch_size), r) for r in rows.values()))
                 where = "loopback" if link == "loopback" else f"{args.mbit:g} Mbit/s"
                 table.setdefault((mode, where), []).append((rate / alone, own, avg))
                 print(f"  #{rep} {link} {mode}: {rate:.0f} samples/s per peer (peers {min(rates):.0f}-"
-                      f"{max(rates):.0f}), utilization {rate / alone:.3f}, of own train rate {own:.3f}; "
+                      f"{max(rates):.0f}), utilization {rate / alone:.3f}, of clean train rate {own:.3f}; "
                       f"{phase_means(rows)}", flush=True)
-    print(f"\nutilization = swarm /s over alone /s (each repeat's own alone run); 'of own train rate': swarm /s "
-          f"over the same peers' train-only rate in the same run (blind to steps slowed by averaging work, not to "
-          f"other load); mean of {args.repeats} repeat(s) (min-max)")
-    print(f"{'mode':9} {'link':12} {'utilization':>19} {'of own train rate':>19} {'average s':>9}")
+    print(f"\nutilization = swarm /s over alone /s (each repeat's own alone run); 'of clean train rate': swarm "
+          f"/s over the rate of the same peers' steps trained with no averaging or barrier under way, in the same "
+          f"run (other load on the machine moves both alike; steps slowed by averaging work count as a loss); "
+          f"mean of {args.repeats} repeat(s) (min-max)")
+    print(f"{'mode':9} {'link':12} {'utilization':>19} {'of clean train rate':>19} {'average s':>9}")
     for (mode, link), runs in table.items():
         util, own, avg = ([x[i] for x in runs] for i in range(3))
         print(f"{mode:9} {link:12} {statistics.mean(util):6.3f} ({min(util):.3f}-{max(util):.3f}) "
