@@ -145,6 +145,8 @@ def main() -> None:
     ap.add_argument("--weightings", nargs="+", default=["steps", "samples", "equal"])
     ap.add_argument("--repeats", type=int, default=1, help="runs of every config (model and data seeds differ); "
                     "the table gives the mean and the spread")
+    ap.add_argument("--first-seed", type=int, default=0, help="repeat i runs seed first-seed + i (to add seeds "
+                    "to a table from another invocation)")
     ap.add_argument("--out", default="convergence.png", help="the PNG to write")
     ap.add_argument("--only", nargs="+", default=[], help="run only the configs whose name holds one of these "
                     "words (e.g. 'fp32' sparse int4 reference); the gap column needs '4 peers fp32' among them")
@@ -165,11 +167,11 @@ def main() -> None:
           f"wall times are noisy. Logs in {log_root}", flush=True)
     for rep in range(args.repeats):
         for c in cfgs:
-            root = log_root / f"{slug(c.name)}-{rep}"
+            root = log_root / f"{slug(c.name)}-{args.first_seed + rep}"
             root.mkdir(parents=True, exist_ok=True)
             t = time.monotonic()
-            c.runs.append(run(root, c, args, seed=rep))
-            print(f"  {c.name} #{rep}: {c.runs[-1].rounds} rounds, eval {c.runs[-1].curve[-1][2]:.4f} "
+            c.runs.append(run(root, c, args, seed=args.first_seed + rep))
+            print(f"  {c.name} seed {args.first_seed + rep}: {c.runs[-1].rounds} rounds, eval {c.runs[-1].curve[-1][2]:.4f} "
                   f"({time.monotonic() - t:.0f} s)", flush=True)
     plot(cfgs, args.out, args.model)
     equal = min(r.curve[-1][0] for c in cfgs for r in c.runs)
