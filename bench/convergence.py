@@ -81,7 +81,9 @@ def run(root: Path, cfg: Config, args: argparse.Namespace, seed: int) -> Run:
     if cfg.overlap:
         spec.append("--overlap")
     with LocalSwarm(root) as swarm:
-        procs = [swarm.peer(f"p{i}", [*spec, "--seed", str(seed * 100 + i)],
+        # a fixed key per peer index, so every config's peer i reads the same data (its id picks where)
+        procs = [swarm.peer(f"p{i}", [*spec, "--seed", str(seed * 100 + i), "--identity-file",
+                                      str(args.keys / f"p{i}.key")],
                             {"DILOCO_FAULTS": SLOW} if i >= cfg.peers - cfg.slow else {}) for i in range(cfg.peers)]
         deadline = time.monotonic() + args.timeout_s
         for i, p in enumerate(procs):
@@ -152,6 +154,8 @@ def main() -> None:
                     "words (e.g. 'fp32' sparse int4 reference); the gap column needs '4 peers fp32' among them")
     ap.add_argument("--timeout-s", type=float, default=3600.0, help="the most one config's run may take")
     ap.add_argument("--log-dir", default="", help="keep each run's logs and metrics here (default: a temp folder)")
+    ap.add_argument("--keys", default="", help="the peers' key files (made when missing; default: in the log "
+                    "folder); every config and invocation that shares them reads the same data")
     args = ap.parse_args()
     if args.rounds < 1 or args.repeats < 1 or args.peers < 2 or args.target_steps < args.peers or args.batch_size < 1:
         ap.error("need --rounds >= 1, --repeats >= 1, --peers >= 2, --target-steps >= --peers and --batch-size >= 1")
@@ -162,6 +166,8 @@ def main() -> None:
         args.codecs.insert(0, "fp32")     # the gap column is against fp32
     cfgs = configs(args.codecs, args.weightings, args.peers, args.only)
     log_root = Path(args.log_dir or tempfile.mkdtemp(prefix="convergence-"))
+    args.keys = Path(args.keys) if args.keys else log_root / "keys"
+    args.keys.mkdir(parents=True, exist_ok=True)
     print(f"model {args.model}, {args.rounds} rounds of {args.target_steps} inner steps x batch {args.batch_size} "
           f"({args.target_steps * args.batch_size} samples a round), loopback, 2-core machine shared with others: "
           f"wall times are noisy. Logs in {log_root}", flush=True)
