@@ -49,6 +49,16 @@ def clean_rate(rows: list[dict], batch: int) -> float:
     return steps * batch / sum(r["phase_seconds"]["trained"] for r in window)
 
 
+def busy_share(rows: list[dict], overlap: bool) -> float:
+    """The share of rounds 1 .. n-2's seconds the training thread spent in inner steps (phase_seconds:
+    training to the trigger, steps while averaging, and with --overlap the start barrier, which it
+    trains through): what is left is time it waited, whatever the machine's other load."""
+    window = rows[1:-1]
+    busy = sum(r["phase_seconds"]["trained"] + r["phase_seconds"]["ahead"]
+               + (r["phase_seconds"]["began"] if overlap else 0.0) for r in window)
+    return busy / sum(r["round_seconds"] for r in window)
+
+
 def train_rate(rows: list[dict]) -> float:
     """The train-only samples/s of rounds 1 .. n-2 (a row's train seconds = samples / samples_per_s)."""
     window = [r for r in rows[1:-1] if r["samples_per_s"] > 0]
@@ -158,20 +168,23 @@ def main() -> None:
                 rate = statistics.mean(rates)
                 own = statistics.mean(s / t / clean_rate(r, args.batch_size) for (s, t), r in
                                       ((trained(r, args.batch_size), r) for r in rows.values()))
+                busy = statistics.mean(busy_share(r, mode == "overlap") for r in rows.values())
                 where = "loopback" if link == "loopback" else f"{args.mbit:g} Mbit/s"
-                table.setdefault((mode, where), []).append((rate / alone, own, avg))
+                table.setdefault((mode, where), []).append((rate / alone, own, busy, avg))
                 print(f"  #{rep} {link} {mode}: {rate:.0f} samples/s per peer (peers {min(rates):.0f}-"
-                      f"{max(rates):.0f}), utilization {rate / alone:.3f}, of clean train rate {own:.3f}; "
+                      f"{max(rates):.0f}), utilization {rate / alone:.3f}, of clean train rate {own:.3f}, busy {busy:.3f}; "
                       f"{phase_means(rows)}", flush=True)
     print(f"\nutilization = swarm /s over alone /s (each repeat's own alone run); 'of clean train rate': swarm "
           f"/s over the rate of the same peers' steps trained with no averaging or barrier under way, in the same "
           f"run (other load on the machine moves both alike; steps slowed by averaging work count as a loss); "
+          f"'thread busy': the share of the rounds' seconds the training thread spent in inner steps; "
           f"mean of {args.repeats} repeat(s) (min-max)")
-    print(f"{'mode':9} {'link':12} {'utilization':>19} {'of clean train rate':>19} {'average s':>9}")
+    print(f"{'mode':9} {'link':12} {'utilization':>19} {'of clean train rate':>19} {'thread busy':>19} "
+          f"{'average s':>9}")
     for (mode, link), runs in table.items():
-        util, own, avg = ([x[i] for x in runs] for i in range(3))
-        print(f"{mode:9} {link:12} {statistics.mean(util):6.3f} ({min(util):.3f}-{max(util):.3f}) "
-              f"{statistics.mean(own):6.3f} ({min(own):.3f}-{max(own):.3f}) {statistics.mean(avg):9.2f}")
+        cols = [[x[i] for x in runs] for i in range(4)]
+        print(f"{mode:9} {link:12} " + " ".join(f"{statistics.mean(c):6.3f} ({min(c):.3f}-{max(c):.3f})"
+                                                for c in cols[:3]) + f" {statistics.mean(cols[3]):9.2f}")
 
 if __name__ == "__main__":
     main()
