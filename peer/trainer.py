@@ -198,7 +198,7 @@ class Trainer:
         t0 = time.monotonic() - stats.train_s
         step_s = stats.train_s / stats.steps if stats.steps else 0.0
         if stats.steps:
-            self.node.report_progress(stats.steps, stats.samples, 1.0 / max(step_s, 1e-6))
+            self.node.report_ahead(stats.steps, stats.samples, 1.0 / max(step_s, 1e-6))
         while not self.node.should_stop(stats.steps, step_s):
             t = time.monotonic()
             lr = inner_lr(base_samples + stats.samples * self.node.num_training(r), self.spec.inner_lr,

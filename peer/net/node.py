@@ -338,6 +338,17 @@ class Node:
     def report_progress(self, steps: int, samples: int, steps_per_s: float) -> None:
         self.net.loop.call_soon_threadsafe(self.core.set_progress, steps, samples, steps_per_s)
 
+    def report_ahead(self, steps: int, samples: int, steps_per_s: float) -> None:
+        """Steps of the round trained before it began (--overlap): reported to the round's leader at
+        once, its answer waited for (one round trip, at most PROBE_TIMEOUT_S), so that the trainer
+        decides to stop and join only after the leader heard of them: they may fill the round's target
+        before the next periodic report, and a leader refuses a claim it never saw (validate.join_claim)."""
+        self.report_progress(steps, samples, steps_per_s)
+        try:
+            self.net.call(self.core.ask_for_steps(self.core.round, steps), PROBE_TIMEOUT_S + 1)
+        except TimeoutError:
+            pass
+
     @property
     def spec_hash(self) -> str:
         """The run spec's hash: fixed once the spec is agreed (start_state), read by the trainer."""
