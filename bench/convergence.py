@@ -58,12 +58,12 @@ def slug(name: str) -> str:
 
 
 def configs(codecs: list[str], weightings: list[str], peers: int, only: list[str]) -> list[Config]:
-    """Every config, or (`only`) those whose name contains one of its words."""
+    """Every config, or (`only`) those named by one of its entries, or having it among the words of their name."""
     out = [Config("sync reference", peers=1)]
     out += [Config(f"{peers} peers {c}", peers=peers, codec=c) for c in codecs]
     out.append(Config(f"{peers} peers fp32 overlap", peers=peers, overlap=True))
     out += [Config(f"mixed speed {w}", peers=peers, weighting=w, slow=2) for w in weightings]
-    return [c for c in out if not only or any(word in c.name for word in only)]
+    return [c for c in out if not only or any(word == c.name or word in c.name.split() for word in only)]
 
 
 def run(root: Path, cfg: Config, args: argparse.Namespace, seed: int) -> Run:
@@ -150,8 +150,9 @@ def main() -> None:
     ap.add_argument("--first-seed", type=int, default=0, help="repeat i runs seed first-seed + i (to add seeds "
                     "to a table from another invocation)")
     ap.add_argument("--out", default="convergence.png", help="the PNG to write")
-    ap.add_argument("--only", nargs="+", default=[], help="run only the configs whose name holds one of these "
-                    "words (e.g. 'fp32' sparse int4 reference); the gap column needs '4 peers fp32' among them")
+    ap.add_argument("--only", nargs="+", default=[], help="run only the configs named by one of these, or with "
+                    "one of these among the words of their name (e.g. '4 peers fp32' sparse int4 reference mixed); "
+                    "the gap column needs '4 peers fp32' among them")
     ap.add_argument("--timeout-s", type=float, default=3600.0, help="the most one config's run may take")
     ap.add_argument("--log-dir", default="", help="keep each run's logs and metrics here (default: a temp folder)")
     ap.add_argument("--keys", default="", help="the peers' key files (made when missing; default: in the log "
