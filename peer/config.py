@@ -22,11 +22,11 @@ VERIFY_SHARDS = ("auto", "on", "off")   # auto: on with a robust aggregator and 
 PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{32,64}")   # a base58 libp2p peer id (peer/identity.py)
 MODELS = ("tiny", "small", "base")  # built-in GPT presets; "hf" is a transformers causal LM from a config
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-PROGRESS = ("auto", "on", "off")
+PROGRESS = ("auto", "on", "off")   # --progress: auto = a bar when stderr is a terminal
 # --codec sparse changes these spec defaults (a flag, a config key or DILOCO_* still sets them): SparseLoCo's
 # outer step, where the decayed error-feedback residual stands in for outer momentum. Nesterov's momentum
 # on top of a residual that delivers each value rounds late overshoots (bench/codec_sim.py, ARCHITECTURE 8).
-SPARSE_DEFAULTS = {"outer_lr": 2.0, "outer_momentum": 0.0, "ef_decay": 0.95}   # --progress: auto = a bar when stderr is a terminal
+SPARSE_DEFAULTS = {"outer_lr": 2.0, "outer_momentum": 0.0, "ef_decay": 0.95}
 
 EXIT_OK, EXIT_CRASH, EXIT_CONFIG, EXIT_AUTH, EXIT_INCOMPATIBLE = 0, 1, 2, 3, 4
 
