@@ -1,7 +1,7 @@
 """Tokens/s of a transformers model training alone on this machine, then as a peer of a local
 swarm, and what the swarm costs.
 
-Alone: the trainer's own step (peer.trainer.train_step: same task, loss, AdamW groups) in a
+Alone: the trainer's own step (peer.inner.train_step: same task, loss, AdamW groups) in a
 loop, in --peers processes at once, so they share the machine as the peers will (one alone
 process on an idle machine is printed too). Swarm: a bootstrap node and --peers peer processes on 127.0.0.1
 with rounds of about --round-s seconds of training. Printed per peer: tokens/s while training
@@ -55,9 +55,9 @@ def alone(model_dir: Path, data_dir: Path, args: argparse.Namespace) -> tuple[fl
     """(tokens/s, peak device memory in MiB or None on a CPU) of plain training."""
     import torch
 
+    from peer.inner import optimizer_groups, pick_device, pick_precision, train_step
     from peer.tasks import TaskOptions, make_task
     from peer.tasks.hf import read_model_folder
-    from peer.trainer import optimizer_groups, pick_device, pick_precision, train_step
 
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)

@@ -2,16 +2,18 @@
 blocking rounds vs --overlap, for a swarm of 4 peers on loopback and, where root and tc are
 there, with every link capped at --mbit (tests/links.py namespaces). Real processes. Not a test.
 
-In the swarm a peer's rate is the samples it trained over the wall seconds of its rounds (the
-sum of round_seconds, averaging included), not the train-only rate of a row. Alone is the
-train-only rate of --alone-procs peers that each train alone (--min-peers 1, a run id each) at
-the same time: by default as many as the swarm has, so that they share the CPU cores as the
-swarm's peers do and the ratio counts what the rounds cost, not the cores. Round 0 (warm-up:
-connections, first steps) and the last round are left out; with --overlap the steps a round
-trained ahead are counted in the round they ran in.
+In the swarm a peer's rate is the samples it trained over the wall seconds of its rounds (from
+the start of round 1 to the row of round n-2, averaging included), not the train-only rate of a
+row. Alone is the train-only rate of --alone-procs peers that each train alone (--min-peers 1, a
+run id each) at the same time: by default as many as the swarm has, so that they share the CPU
+cores as the swarm's peers do and the ratio counts what the rounds cost, not the cores. On a
+machine whose other load drifts between runs that ratio drifts with it, so the same peers' clean
+rate (steps trained with no averaging or barrier under way, in the same run) is a second
+reference. Round 0 (warm-up: connections, first steps) and the last round are left out; with
+--overlap the steps a round trained ahead are counted in the round they ran in.
 
     .venv/bin/python bench/utilization.py [--model tiny] [--rounds 4] [--target-steps 800]
-        [--codec fp32] [--mbit 100] [--links loopback capped] [--alone-procs 4]
+        [--codec fp32] [--mbit 100] [--links loopback capped] [--alone-procs 4] [--repeats 1]
 """
 
 from __future__ import annotations
@@ -31,16 +33,45 @@ from tests.swarm.harness import Swarm  # noqa: E402
 def trained(rows: list[dict], batch: int) -> tuple[float, float]:
     """(samples trained, seconds) over rounds 1 .. n-2 of one peer's rows: a round's samples
     less those it trained ahead during the round before, plus those the next round trained
-    ahead during it."""
+    ahead during it (steps trained while a round's own start barrier waited are its own)."""
+    window = zip(rows[1:-1], rows[2:], strict=True)
+    samples = sum(r["samples"] + (nxt["steps_ahead"] - r["steps_ahead"]) * batch for r, nxt in window)
+    # from round 1's start to round n-2's row: the gaps between rounds (writing a row) count too
+    return samples, rows[-2]["time"] - (rows[1]["time"] - rows[1]["round_seconds"])
+
+
+def clean_rate(rows: list[dict], batch: int) -> float:
+    """The samples/s of the steps rounds 1 .. n-2 trained with nothing else of the round under way
+    (phase `trained`: after the start barrier, before the hand-over; no step trained ahead): the
+    same peer training alone, under the same load of the machine."""
     window = rows[1:-1]
-    samples = sum(r["samples"] - r["steps_ahead"] * batch for r in window) + rows[-1]["steps_ahead"] * batch
-    return samples, sum(r["round_seconds"] for r in window)
+    steps = sum(r["steps"] - r["steps_ahead"] - r.get("steps_at_barrier", 0) for r in window)
+    return steps * batch / sum(r["phase_seconds"]["trained"] for r in window)
+
+
+def busy_share(rows: list[dict], overlap: bool) -> float:
+    """The share of rounds 1 .. n-2's seconds the training thread spent in inner steps (phase_seconds:
+    training to the trigger, steps while averaging, and with --overlap the start barrier, which it
+    trains through): what is left is time it waited, whatever the machine's other load."""
+    window = rows[1:-1]
+    busy = sum(r["phase_seconds"]["trained"] + r["phase_seconds"]["ahead"]
+               + (r["phase_seconds"]["began"] if overlap else 0.0) for r in window)
+    return busy / sum(r["round_seconds"] for r in window)
 
 
 def train_rate(rows: list[dict]) -> float:
     """The train-only samples/s of rounds 1 .. n-2 (a row's train seconds = samples / samples_per_s)."""
     window = [r for r in rows[1:-1] if r["samples_per_s"] > 0]
     return sum(r["samples"] for r in window) / sum(r["samples"] / r["samples_per_s"] for r in window)
+
+
+def phase_means(rows: dict[str, list[dict]]) -> str:
+    """Mean seconds of each phase of a round on the training thread (the rows' phase_seconds), over
+    rounds 1 .. n-2 of every peer."""
+    window = [r["phase_seconds"] for peer in rows.values() for r in peer[1:-1] if r.get("phase_seconds")]
+    if not window:
+        return "no phase times"
+    return "phases s: " + " ".join(f"{k} {statistics.mean(w[k] for w in window):.3f}" for k in window[0])
 
 
 def open_swarm(root: Path, spec: list[str], link: str, mbit: float):
@@ -93,11 +124,13 @@ def main() -> None:
     ap.add_argument("--links", nargs="+", default=["loopback", "capped"], choices=["loopback", "capped"])
     ap.add_argument("--alone-procs", type=int, default=0, help="solo peers training at once for the alone "
                     "rate (0: as many as --peers)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of everything, each with its own alone run")
     ap.add_argument("--timeout-s", type=float, default=900.0, help="the most one run may take")
     ap.add_argument("--log-dir", default="")
     args = ap.parse_args()
-    if args.rounds < 3 or args.peers < 2 or args.target_steps < args.peers:
-        ap.error("need --rounds >= 3 (round 0 and the last are left out), --peers >= 2, --target-steps >= --peers")
+    if args.rounds < 3 or args.peers < 2 or args.target_steps < args.peers or args.repeats < 1:
+        ap.error("need --rounds >= 3 (round 0 and the last are left out), --peers >= 2, --target-steps >= --peers, "
+                 "--repeats >= 1")
     links = list(args.links)
     if "capped" in links:
         from tests.links import LinksUnavailable, check_available
@@ -115,35 +148,43 @@ def main() -> None:
           f"with others: figures are noisy. Logs in {log_root}", flush=True)
 
     per_peer = str(max(1, args.target_steps // args.peers))
-    solo = run(log_root / "alone", [*spec, "--min-peers", "1", "--target-steps", per_peer], "loopback", args.mbit,
-               {f"a{i}": ["--run-id", f"alone-{i}", "--seed", str(i)] for i in range(alone_procs)}, args.timeout_s)
-    # alone: the train-only rate (samples / train seconds, train seconds = samples / samples_per_s)
-    alone = statistics.mean(train_rate(rows) for rows in solo.values())
-    print(f"  alone: {alone:.0f} samples/s per peer", flush=True)
-
-    table = []
-    for link in links:
-        for mode in ("blocking", "overlap"):
-            extra = ["--overlap"] if mode == "overlap" else []
-            rows = run(log_root / f"{link}-{mode}", [*spec, "--min-peers", str(args.peers), "--target-steps",
-                                                     str(args.target_steps), "--run-id", f"ut-{link}-{mode}"],
-                       link, args.mbit, {f"p{i}": ["--seed", str(i), *extra] for i in range(args.peers)},
-                       args.timeout_s)
-            rates = [s / t for s, t in (trained(r, args.batch_size) for r in rows.values())]
-            avg = statistics.mean(r["average_seconds"] for peer in rows.values() for r in peer[1:-1])
-            rate = statistics.mean(rates)
-            own = statistics.mean(s / t / train_rate(r) for (s, t), r in
-                                  ((trained(r, args.batch_size), r) for r in rows.values()))
-            table.append((mode, "loopback" if link == "loopback" else f"{args.mbit:g} Mbit/s", rate, own, avg))
-            print(f"  {link} {mode}: {rate:.0f} samples/s per peer (peers {min(rates):.0f}-{max(rates):.0f})",
-                  flush=True)
-    print("\nutilization = swarm /s over alone /s; 'of own train rate': swarm /s over the same peers' "
-          "train-only rate in the same run (blind to steps slowed by averaging work, not to other load)")
-    print(f"{'mode':9} {'link':12} {'alone /s':>9} {'swarm /s':>9} {'utilization':>11} {'of own train rate':>17} "
+    table: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    for rep in range(args.repeats):   # each repeat measures its own alone rate first: the load drifts
+        solo = run(log_root / f"alone-{rep}", [*spec, "--min-peers", "1", "--target-steps", per_peer], "loopback",
+                   args.mbit, {f"a{i}": ["--run-id", f"alone-{rep}-{i}", "--seed", str(i)] for i in range(alone_procs)},
+                   args.timeout_s)
+        # alone: the train-only rate (samples / train seconds, train seconds = samples / samples_per_s)
+        alone = statistics.mean(train_rate(rows) for rows in solo.values())
+        print(f"  #{rep} alone: {alone:.0f} samples/s per peer", flush=True)
+        for link in links:
+            for mode in ("blocking", "overlap"):
+                extra = ["--overlap"] if mode == "overlap" else []
+                rows = run(log_root / f"{link}-{mode}-{rep}", [*spec, "--min-peers", str(args.peers), "--target-steps",
+                                                               str(args.target_steps), "--run-id", f"ut-{link}-{mode}"],
+                           link, args.mbit, {f"p{i}": ["--seed", str(i), *extra] for i in range(args.peers)},
+                           args.timeout_s)
+                rates = [s / t for s, t in (trained(r, args.batch_size) for r in rows.values())]
+                avg = statistics.mean(r["average_seconds"] for peer in rows.values() for r in peer[1:-1])
+                rate = statistics.mean(rates)
+                own = statistics.mean(s / t / clean_rate(r, args.batch_size) for (s, t), r in
+                                      ((trained(r, args.batch_size), r) for r in rows.values()))
+                busy = statistics.mean(busy_share(r, mode == "overlap") for r in rows.values())
+                where = "loopback" if link == "loopback" else f"{args.mbit:g} Mbit/s"
+                table.setdefault((mode, where), []).append((rate / alone, own, busy, avg))
+                print(f"  #{rep} {link} {mode}: {rate:.0f} samples/s per peer (peers {min(rates):.0f}-"
+                      f"{max(rates):.0f}), utilization {rate / alone:.3f}, of clean train rate {own:.3f}, busy {busy:.3f}; "
+                      f"{phase_means(rows)}", flush=True)
+    print(f"\nutilization = swarm /s over alone /s (each repeat's own alone run); 'of clean train rate': swarm "
+          f"/s over the rate of the same peers' steps trained with no averaging or barrier under way, in the same "
+          f"run (other load on the machine moves both alike; steps slowed by averaging work count as a loss); "
+          f"'thread busy': the share of the rounds' seconds the training thread spent in inner steps; "
+          f"mean of {args.repeats} repeat(s) (min-max)")
+    print(f"{'mode':9} {'link':12} {'utilization':>19} {'of clean train rate':>19} {'thread busy':>19} "
           f"{'average s':>9}")
-    for mode, link, rate, own, avg in table:
-        print(f"{mode:9} {link:12} {alone:9.0f} {rate:9.0f} {rate / alone:11.3f} {own:17.3f} {avg:9.2f}")
-
+    for (mode, link), runs in table.items():
+        cols = [[x[i] for x in runs] for i in range(4)]
+        print(f"{mode:9} {link:12} " + " ".join(f"{statistics.mean(c):6.3f} ({min(c):.3f}-{max(c):.3f})"
+                                                for c in cols[:3]) + f" {statistics.mean(cols[3]):9.2f}")
 
 if __name__ == "__main__":
     main()

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from peer.config import EXIT_CONFIG, ConfigError, PeerConfig, RunSpec, validate_peer
+from peer.config import EXIT_CONFIG, SPARSE_DEFAULTS, ConfigError, PeerConfig, RunSpec, validate_peer
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -88,11 +88,13 @@ FLAGS: list[tuple[str, Any, str]] = [
     ("weight-decay", float, "run spec: AdamW weight decay"),
     ("warmup-samples", int, "run spec: global samples of learning-rate warmup"),
     ("total-samples", int, "run spec: global samples at the end of the cosine schedule"),
-    ("outer-lr", float, "run spec: Nesterov outer learning rate (0.7)"),
-    ("outer-momentum", float, "run spec: Nesterov outer momentum (0.9)"),
+    ("outer-lr", float, "run spec: Nesterov outer learning rate (0.7; 2 with --codec sparse)"),
+    ("outer-momentum", float, "run spec: Nesterov outer momentum (0.9; 0 with --codec sparse)"),
     ("codec", str, "run spec: pseudo-gradient codec: fp32, fp16, bf16, int8, int4 or sparse"),
     ("sparse-chunk", int, "run spec: sparse codec: values per chunk (4096)"),
     ("sparse-density", float, "run spec: sparse codec: share of each chunk sent (1/64 = 0.015625)"),
+    ("ef-decay", float, "run spec: lossy codecs: each round a member's error-feedback residual is added "
+                        "times this (1; 0.95 with --codec sparse)"),
     ("weighting", str, "run spec: weight of a contribution: steps, samples or equal"),
     ("aggregator", str, "run spec: how owners reduce shards: mean, or robust to peers that send bad updates: "
                         "trimmed-mean (drops each value's extremes) or centered-clip (clips far updates)"),
@@ -211,6 +213,9 @@ def parse_config(argv: list[str] | None = None) -> tuple[PeerConfig, set[str]]:
     _model_and_tokenizer_files(peer_kw, spec_kw)
     if peer_kw.get("run_secret_file"):
         peer_kw["run_secret"] = _read_secret_file(peer_kw.pop("run_secret_file"), bool(peer_kw.get("run_secret")))
+    explicit = set(spec_kw)
+    if spec_kw.get("codec") == "sparse":   # the codec's own defaults, never a conflict with the run
+        spec_kw = {**SPARSE_DEFAULTS, **spec_kw}
     cfg = PeerConfig(**peer_kw, spec=RunSpec(**spec_kw))
     validate_peer(cfg)
     if cfg.tls_ca:   # the files checked now (exit 2); their CA's fingerprint is the run spec's
@@ -218,8 +223,8 @@ def parse_config(argv: list[str] | None = None) -> tuple[PeerConfig, set[str]]:
 
         ca = load(cfg.tls_cert, cfg.tls_key, cfg.tls_ca).ca_sha256
         cfg = dataclasses.replace(cfg, spec=dataclasses.replace(cfg.spec, tls_ca=ca))
-        spec_kw["tls_ca"] = ca
-    return cfg, set(spec_kw)
+        explicit.add("tls_ca")
+    return cfg, explicit
 
 
 def _read_secret_file(path: str, also_given: bool) -> str:

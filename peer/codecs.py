@@ -327,7 +327,9 @@ class ErrorFeedback:
 
     A member sends shard [a, b): t = ef.compensate(a, x, numel); p = codec.encode(t); when the round
     applied and the shard's header lists this peer as a contributor: ef.update(a, t, decode(p), numel).
-    Slices of other shards keep their residual.
+    Slices of other shards keep their residual. With decay < 1 (the run's ef_decay) the residual counts
+    decay x itself in t: work left out for many rounds fades instead of piling up behind inner steps
+    that, starting from the global state, do it again.
 
     An owner re-encodes its reduced shards the same way but commits with ef.update_owned(round, ...).
     Its residual is meaningful only on the ranges it owned in the last round it committed: the first
@@ -337,17 +339,19 @@ class ErrorFeedback:
     it is dropped, never re-added rounds later).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, decay: float = 1.0) -> None:
         self._residual: torch.Tensor | None = None
         self._owned_round: int | None = None  # the round of the last update_owned
+        self.decay = decay   # the run's ef_decay for a member's residual (SparseLoCo's beta); 1 for an owner's
 
     def compensate(self, start: int, x: torch.Tensor, numel: int) -> torch.Tensor:
-        """x + residual[start:start + len(x)] as a new tensor, or x itself before the first update.
-        Never mutates x."""
+        """x + decay * residual[start:start + len(x)] as a new tensor (the product one float32
+        rounding, the sum another), or x itself before the first update. Never mutates x."""
         end = self._check_slice(start, x, numel)
         if self._residual is None:
             return x
-        return torch.add(x, self._residual[start:end])
+        kept = self._residual[start:end] if self.decay == 1.0 else torch.mul(self._residual[start:end], self.decay)
+        return torch.add(x, kept)
 
     def update(self, start: int, target: torch.Tensor, decoded: torch.Tensor, numel: int) -> None:
         """residual[start:start + len(target)] = target - decoded (what the encode lost); the rest stays."""

@@ -27,6 +27,10 @@ PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{32,64}")   # a base58 libp2p peer id
 MODELS = ("tiny", "small", "base")  # built-in GPT presets; "hf" is a transformers causal LM from a config
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PROGRESS = ("auto", "on", "off")   # --progress: auto = a bar when stderr is a terminal
+# --codec sparse changes these spec defaults (a flag, a config key or DILOCO_* still sets them): SparseLoCo's
+# outer step, where the decayed error-feedback residual stands in for outer momentum. Nesterov's momentum
+# on top of a residual that delivers each value rounds late overshoots (bench/codec_sim.py, ARCHITECTURE 8).
+SPARSE_DEFAULTS = {"outer_lr": 2.0, "outer_momentum": 0.0, "ef_decay": 0.95}
 
 EXIT_OK, EXIT_CRASH, EXIT_CONFIG, EXIT_AUTH, EXIT_INCOMPATIBLE = 0, 1, 2, 3, 4
 
@@ -60,6 +64,7 @@ class RunSpec:
     codec: str = "int8"
     sparse_chunk: int = 4096        # sparse codec: values per chunk of the flat shard
     sparse_density: float = 1 / 64  # sparse codec: share of each chunk sent (top-k by magnitude)
+    ef_decay: float = 1.0           # lossy codecs: a member's error-feedback residual x this each round it is added
     weighting: str = "steps"        # what a peer's weight counts: inner steps, samples, or 1
     aggregator: str = "mean"        # how an owner reduces a shard: weighted mean, or robust to lying peers
     trim_fraction: float = 0.2      # trimmed-mean: share of the total weight dropped at each end, per value
@@ -186,6 +191,8 @@ def validate_spec(s: RunSpec) -> None:
     _check(isinstance(s.sparse_density, (int, float)) and 0 < s.sparse_density <= 1
            and round(s.sparse_chunk * s.sparse_density) >= 1, "sparse_density", s.sparse_density,
            "a number in (0, 1] that keeps at least one value per --sparse-chunk")
+    _check(isinstance(s.ef_decay, (int, float)) and 0 < s.ef_decay <= 1, "ef_decay", s.ef_decay,
+           "a number in (0, 1] (1 = the residual is added whole)")
     _check(s.stale_work in STALE_WORK, "stale_work", s.stale_work, f"one of {', '.join(STALE_WORK)}")
     _check(s.aggregator in AGGREGATORS, "aggregator", s.aggregator,
            f"one of {', '.join(AGGREGATORS)} (see README: robust aggregation)")

@@ -18,71 +18,24 @@ import numpy as np
 import torch
 
 from peer.checkpoint import Checkpoint, latest, save_round
-from peer.config import ConfigError, PeerConfig, RunSpec
+from peer.config import PeerConfig, RunSpec
 from peer.faults import FaultPlan
+from peer.inner import (
+    autocast,
+    optimizer_groups,
+    pick_device,
+    pick_precision,
+    task_options,
+    train_step,
+)
 from peer.net.node import MAX_CARRY_ROUNDS, Node, Outcome, PendingRound
 from peer.outer import GlobalState, assign_flat_, flatten_params, pseudo_gradient
 from peer.progress import RoundBar, estimate, wants_bar
-from peer.tasks import Task, TaskOptions, inner_lr, make_task, to_device
+from peer.tasks import Task, inner_lr, make_task, to_device
 
 log = logging.getLogger(__name__)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return torch.device(name)
-
-
-def pick_precision(name: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype (float32: no autocast). auto: bf16 on a GPU that has it, else fp16 on a
-    GPU, fp32 on a CPU (where bf16 autocast is slower than fp32)."""
-    if name == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bfloat16; "
-                          "use --precision fp16 or auto")
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def task_options(cfg: PeerConfig, spec: RunSpec, peer_key: str) -> TaskOptions:
-    return TaskOptions(model=spec.model, model_config=spec.model_config, model_seed=spec.model_seed,
-                       seq_len=spec.seq_len, tokenizer_hash=spec.tokenizer_hash, model_path=cfg.model_path,
-                       tokenizer_path=cfg.tokenizer, data=cfg.data, eval_data=cfg.eval_data,
-                       text_field=cfg.text_field, batch_size=cfg.batch_size, eval_batches=cfg.eval_batches,
-                       peer_key=peer_key)
-
-
-def autocast(device: torch.device, amp_dtype: torch.dtype) -> torch.autocast:
-    """Autocast to amp_dtype (--precision); off for float32."""
-    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
-
-
-def train_step(task: Task, model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-               batches: list, device: torch.device, amp_dtype: torch.dtype) -> float:
-    """One optimizer step on the mean loss of `batches` (gradient accumulation: each micro-batch's
-    loss / len(batches) is backpropagated in turn); autocast to amp_dtype unless float32, the
-    scaler's loss scaling for float16. Returns the mean loss."""
-    opt.zero_grad(set_to_none=True)
-    total = torch.zeros((), device=device)
-    for batch in batches:
-        with autocast(device, amp_dtype):
-            loss = task.loss(model, to_device(batch, device))
-        scaler.scale(loss / len(batches)).backward()
-        total += loss.detach().float()
-    scaler.step(opt)
-    scaler.update()
-    return total.item() / len(batches)
-
-
-def optimizer_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
-    """AdamW groups as nanoGPT makes them: matrices (and embeddings) decay; biases and norms do not."""
-    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+# a round's phases on the training thread, each named by the mark that ends it (metrics: phase_seconds)
+PHASES = ("start", "began", "trained", "submitted", "ahead", "result", "adopted", "evaluated")
 
 
 @dataclass
@@ -125,6 +78,9 @@ class Trainer:
         self.rounds_run = 0   # rounds this process ran (--eval-every counts them)
         self.ahead: RoundStats | None = None   # --overlap: steps of the next round done while one averaged
         self.steps_ahead = 0   # of the round being trained: how many of its steps were done ahead
+        self.steps_at_barrier = 0   # ... and how many while its start barrier waited (--overlap)
+        self.last_steps = 0   # of the last round trained: the most steps --overlap trains ahead
+        self.phases: dict[str, float] = {}   # the last round's seconds per phase (PHASES)
         self.carry: tuple[torch.Tensor, float, int] | None = None  # (delta, weight, origin round)
         self.show_bar = wants_bar(cfg.progress, cfg.log_level)   # a progress bar per round on a terminal
         self.bar: RoundBar | None = None
@@ -242,7 +198,7 @@ class Trainer:
         t0 = time.monotonic() - stats.train_s
         step_s = stats.train_s / stats.steps if stats.steps else 0.0
         if stats.steps:
-            self.node.report_progress(stats.steps, stats.samples, 1.0 / max(step_s, 1e-6))
+            self.node.report_ahead(stats.steps, stats.samples, 1.0 / max(step_s, 1e-6))
         while not self.node.should_stop(stats.steps, step_s):
             t = time.monotonic()
             lr = inner_lr(base_samples + stats.samples * self.node.num_training(r), self.spec.inner_lr,
@@ -279,16 +235,13 @@ class Trainer:
         every = self.cfg.eval_every
         return last or (every > 0 and rounds_done % every == 0)
 
-    def train_while_averaging(self, pending: PendingRound, r: int, state: GlobalState, steps: int,
-                              ) -> tuple[torch.Tensor | None, RoundStats | None]:
-        """--overlap: keeps A = L (the anchor) and trains on while the round averages, at most as
-        many steps as the round had (one round in flight), polling the round between steps.
-        Returns the anchor and the steps done (None, None when the result came first)."""
-        if pending.done():
-            return None, None
-        anchor, ahead = self.local_params().clone(), RoundStats()
-        t0 = time.monotonic()
-        while ahead.steps < max(1, steps):
+    def train_ahead(self, pending: PendingRound, r: int, state: GlobalState, cap: int, ahead: RoundStats
+                    ) -> RoundStats:
+        """--overlap: inner steps added to `ahead` (steps of the next round, reported when it begins)
+        while `pending` runs on the loop, polled between steps, until it is done or `ahead` holds
+        `cap` steps (one round in flight at most)."""
+        t0 = time.monotonic() - ahead.train_s
+        while ahead.steps < cap:
             self.faults.hit("overlap_step", r)
             if pending.done():
                 break
@@ -300,19 +253,45 @@ class Trainer:
                 ahead.loss_sum += self.inner_step(ahead)
             ahead.steps += 1
         ahead.train_s = time.monotonic() - t0
+        return ahead
+
+    def train_while_averaging(self, pending: PendingRound, r: int, state: GlobalState, steps: int,
+                              ) -> tuple[torch.Tensor | None, RoundStats | None]:
+        """--overlap: keeps A = L (the anchor) and trains on while the round averages, at most as
+        many steps as the round had (one round in flight), polling the round between steps.
+        Returns the anchor and the steps done (None, None when the result came first)."""
+        if pending.done():
+            return None, None
+        anchor = self.local_params().clone()
+        ahead = self.train_ahead(pending, r, state, max(1, steps), RoundStats())
         if ahead.steps == 0:
             return None, None
         return anchor, ahead
 
+    def begin(self, r: int, state: GlobalState, ahead: RoundStats | None) -> RoundStats | None:
+        """The round's start barrier (Node.begin_round). --overlap: while it waits, trains on (the
+        round's first steps, added to `ahead`) up to the last round's steps in flight."""
+        pending = self.node.submit_begin(r)
+        in_flight = ahead.steps if ahead else 0
+        if self.cfg.overlap and self.last_steps > in_flight:
+            more = self.train_ahead(pending, r, state, self.last_steps, ahead or RoundStats())
+            self.steps_at_barrier = more.steps - in_flight
+            ahead = more if more.steps else ahead
+        self.node.began(pending)
+        return ahead
+
     def one_round(self, state: GlobalState, last: bool = False) -> GlobalState:
         r, t0 = state.round, time.monotonic()
-        self.node.begin_round(r)
         ahead, self.ahead = self.ahead, None
+        self.steps_ahead, self.steps_at_barrier = (ahead.steps if ahead else 0), 0
+        ahead = self.begin(r, state, ahead)
+        marks = {"start": t0, "began": time.monotonic()}
         self.bar = RoundBar(r) if self.show_bar else None
         anchor = None
         try:  # the bar goes before the round's line is logged, and on any exit
-            self.steps_ahead = ahead.steps if ahead else 0
             stats = self.train_until_trigger(r, state.global_samples, ahead)
+            self.last_steps = stats.steps
+            marks["trained"] = time.monotonic()
             self.faults.hit("before_average", r)
             delta = pseudo_gradient(state.theta, self.local_params())
             fresh = self.weight_of(stats)
@@ -325,9 +304,12 @@ class Trainer:
             lie = self.faults.claim_factor(r)   # 1 unless a test makes this peer forge its claim
             pending = self.node.submit_round(r, sent, weight * lie, int(stats.samples * lie),
                                              (carried[0] * lie, carried[1]))   # read, never written
+            marks["submitted"] = time.monotonic()
             if self.cfg.overlap and weight > 0:
                 anchor, self.ahead = self.train_while_averaging(pending, r, state, stats.steps)
+            marks["ahead"] = time.monotonic()
             result = pending.result()
+            marks["result"] = time.monotonic()
         finally:
             if self.bar is not None:
                 self.bar.close()
@@ -341,7 +323,10 @@ class Trainer:
         avg_s = time.monotonic() - t_avg
         self.dump(r, state, delta, weight, outcome, new_state)
         self.rounds_run += 1
+        marks["adopted"] = time.monotonic()
         eval_loss = self.evaluate() if self.due_for_eval(self.rounds_run, last) else float("nan")
+        marks["evaluated"] = time.monotonic()
+        self.phases = {b: round(marks[b] - marks[a], 4) for a, b in zip(PHASES, PHASES[1:], strict=False)}
         self.report(r, stats, weight, outcome, new_state, eval_loss, time.monotonic() - t0, avg_s)
         if new_state.round != r and new_state.round % self.cfg.checkpoint_every == 0:
             self.save_checkpoint(f"after round {r}")
@@ -386,7 +371,7 @@ class Trainer:
                  f"; dropped {dropped}" if dropped else "")
         row = {"round": r, "peer_id": self.node.peer_id, "outcome": o.kind, "group_size": group,
                "weight": weight, "total_weight": o.total_weight, "steps": stats.steps,
-               "steps_ahead": self.steps_ahead, "samples": stats.samples,
+               "steps_ahead": self.steps_ahead, "steps_at_barrier": self.steps_at_barrier, "samples": stats.samples,
                "loss": _num(stats.loss), "eval_loss": _num(eval_loss), "samples_per_s": sps,
                "tokens": stats.tokens, "tokens_per_s": tps, "device_max_memory_mb": self.device_memory_mb(),
                "bytes_sent": o.bytes_sent, "bytes_received": o.bytes_received, "round_seconds": round_s,
@@ -395,7 +380,7 @@ class Trainer:
                "owners": list(o.roster.owners) if o.roster is not None else [],
                "shard_bounds": list(o.roster.shard_bounds) if o.roster is not None else [],
                "contributors": o.contributors, "dropped": o.dropped, "drop_reasons": dict(o.drop_reasons),
-               "divergences": self.divergences, "time": time.time()}
+               "divergences": self.divergences, "phase_seconds": self.phases, "time": time.time()}
         self.node.report_round(row)   # handed over: never changed after this
         if not self.cfg.metrics_file:
             return

@@ -66,8 +66,9 @@ def dht_tcp_address(host: str, announced: list[str], visible: list[str]) -> str:
 
 
 class PendingRound:
-    """A round handed to the network loop: the one thing of a round that crosses back to the
-    trainer, as a future (a RoundResult, or the keeper's exception, by its deadline)."""
+    """A call handed to the network loop that the trainer polls between steps and reads once: a
+    round (a RoundResult, or the keeper's exception, by its deadline), or a round's start barrier
+    (when training began)."""
 
     def __init__(self, net, fut, deadline: float):
         self.net, self.fut, self.deadline = net, fut, deadline
@@ -215,6 +216,7 @@ class Node:
         if conflicts:
             raise ConfigError("; ".join(conflicts))
         self.core.spec, self.core.spec_hash = spec, spec.hash()
+        self.core.ef.decay = spec.ef_decay   # a member's residual only: an owner's is added whole
         return spec
 
     async def _resolve_spec(self, wanted: RunSpec) -> RunSpec:
@@ -327,10 +329,32 @@ class Node:
 
     def begin_round(self, round_: int) -> None:
         """Starts training for `round_` (see NetCore.begin_round: at most a join window's wait)."""
-        self.round_started = self.net.call(self.core.begin_round(round_), self.core.join_window_s() + 15)
+        self.began(self.submit_begin(round_))
+
+    def submit_begin(self, round_: int) -> PendingRound:
+        """begin_round without waiting (--overlap): the trainer trains the round's first steps while
+        the barrier waits for the peers still finishing the round before, polling `done()` between
+        steps; `began` then takes its result. No progress is reported before `began`."""
+        fut = self.net.submit(self.core.begin_round(round_))
+        return PendingRound(self.net, fut, time.monotonic() + self.core.join_window_s() + 15)
+
+    def began(self, pending: PendingRound) -> None:
+        """Waits for the barrier of `submit_begin` (at most what is left of its deadline)."""
+        self.round_started = pending.result()
 
     def report_progress(self, steps: int, samples: int, steps_per_s: float) -> None:
         self.net.loop.call_soon_threadsafe(self.core.set_progress, steps, samples, steps_per_s)
+
+    def report_ahead(self, steps: int, samples: int, steps_per_s: float) -> None:
+        """Steps of the round trained before it began (--overlap): reported to the round's leader at
+        once, its answer waited for (one round trip, at most PROBE_TIMEOUT_S), so that the trainer
+        decides to stop and join only after the leader heard of them: they may fill the round's target
+        before the next periodic report, and a leader refuses a claim it never saw (validate.join_claim)."""
+        self.report_progress(steps, samples, steps_per_s)
+        try:
+            self.net.call(self.core.ask_for_steps(self.core.round, steps), PROBE_TIMEOUT_S + 1)
+        except TimeoutError:
+            pass
 
     @property
     def spec_hash(self) -> str:

@@ -66,6 +66,18 @@ def test_spec_conflicts_name_the_runs_value():
     assert RunSpec().hash() != RunSpec(aggregator="trimmed-mean").hash()   # every peer reduces alike
 
 
+def test_sparse_brings_its_outer_defaults_which_flags_still_set():
+    cfg, explicit = parse_config(["--codec", "sparse"])
+    assert (cfg.spec.outer_lr, cfg.spec.outer_momentum, cfg.spec.ef_decay) == (2.0, 0.0, 0.95)
+    assert explicit == {"codec"}, "a codec's defaults are no conflict with a run that set others"
+    cfg, explicit = parse_config(["--codec", "sparse", "--outer-momentum", "0.9", "--ef-decay", "1"])
+    assert (cfg.spec.outer_lr, cfg.spec.outer_momentum, cfg.spec.ef_decay) == (2.0, 0.9, 1.0)
+    cfg, _ = parse_config(["--codec", "int4"])
+    assert (cfg.spec.outer_lr, cfg.spec.outer_momentum, cfg.spec.ef_decay) == (0.7, 0.9, 1.0)
+    with pytest.raises(ConfigError, match="--ef-decay: 0.0 is not valid; expected a number in"):
+        parse_config(["--ef-decay", "0"])
+
+
 def test_aggregator_flags_reach_the_spec():
     cfg, explicit = parse_config(["--aggregator", "centered-clip", "--clip-tau", "2", "--clip-iters", "5"])
     assert (cfg.spec.aggregator, cfg.spec.clip_tau, cfg.spec.clip_iters) == ("centered-clip", 2.0, 5)

@@ -162,6 +162,18 @@ def test_error_feedback_makes_the_applied_sum_follow_the_meant_sum(name: str) ->
     assert errors[1] < errors[0] / 2, errors
 
 
+def test_error_feedback_decay_scales_the_residual_it_adds() -> None:
+    codec, numel = get_codec(SPARSE), 4096
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(5))
+    whole, decayed = ErrorFeedback(), ErrorFeedback(decay=0.5)
+    for ef in (whole, decayed):
+        ef.update(0, x, codec.decode(codec.encode(x), numel), numel)
+    residual = whole.residual()
+    assert torch.equal(whole.compensate(0, x, numel), torch.add(x, residual))
+    assert torch.equal(decayed.compensate(0, x, numel), torch.add(x, torch.mul(residual, 0.5)))
+    assert torch.equal(decayed.residual(), residual), "compensating changes no residual"
+
+
 def sharded_bound(name: str, x: torch.Tensor, bounds: list[int]) -> torch.Tensor:
     """bound() of a tensor encoded shard by shard (blocks and chunks start at each shard's start)."""
     return torch.cat([bound(name, x[a:b].contiguous()) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])

@@ -2,7 +2,8 @@
 fixed data seed, so runs can be compared byte for byte. When each round's result arrives before
 the next step would start (a test fault sleeps before every step taken while a round averages),
 the states of an overlapping run are the blocking run's, round by round; without that sleep the
-peer trains steps of the next round while one averages and the run still trains."""
+peer trains steps of the next round while one averages (and while the next round's start barrier
+waits) and the run still trains."""
 
 from __future__ import annotations
 
@@ -38,13 +39,15 @@ def test_a_result_before_the_next_step_gives_the_blocking_bytes_and_overlap_trai
     waited, _ = solo_run(tmp_path, "waited", "--overlap", faults=late_step)
     assert [r["outcome"] for r in blocking] == ["applied"] * 4
     assert [r["steps_ahead"] for r in waited] == [0] * 4, "every result came before the next step"
+    assert [r["steps_at_barrier"] for r in waited] == [0] * 4, "every barrier ended before the next step"
     assert [(r["state_round"], r["digest"]) for r in waited] == [(r["state_round"], r["digest"]) for r in blocking]
 
     overlapped, log = solo_run(tmp_path, "overlapped", "--overlap")
     assert [r["outcome"] for r in overlapped] == ["applied"] * 4
     ahead = [r["steps_ahead"] for r in overlapped]
     assert ahead[0] == 0 and any(a > 0 for a in ahead[1:]), ahead
-    assert all(a <= r["steps"] for a, r in zip(ahead[1:], overlapped, strict=False)), "one round in flight at most"
+    early = [r["steps_ahead"] + r["steps_at_barrier"] for r in overlapped]   # trained before the round began
+    assert all(a <= r["steps"] for a, r in zip(early[1:], overlapped, strict=False)), "one round in flight at most"
     assert f"{max(ahead)} ahead" in log
     assert overlapped[-1]["digest"] != blocking[-1]["digest"], "the steps trained ahead are in the state"
     assert overlapped[-1]["eval_loss"] < overlapped[0]["eval_loss"], [r["eval_loss"] for r in overlapped]

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from peer.inner import optimizer_groups, pick_precision, train_step
 from peer.outer import flatten_params
 from peer.tasks import Task, TaskError, TaskOptions, load_user_task, make_task
-from peer.trainer import optimizer_groups, pick_precision, train_step
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
