@@ -9,6 +9,7 @@ import glob
 import numpy as np
 import pytest
 
+from peer.net.validate import CLAIM_CAP, lower_median
 from tests.swarm.harness import Swarm
 
 RUN = ["--model", "tiny", "--codec", "fp32", "--target-steps", "150", "--max-round-seconds", "30",
@@ -42,6 +43,14 @@ def swarm(tmp_path_factory):
         s.stop_all()
 
 
+def applied(weights: list[float]) -> list[float]:
+    """The weights a roster applies: each claim at most CLAIM_CAP x the group's lower median. On a loaded
+    machine one peer can get most of the CPU for a round (125 of 150 steps, the other two 11 and 14 in one
+    CI run), and the cap then counts it at 4 x 14: by design, so the recomputation uses the rule too."""
+    cap = CLAIM_CAP * lower_median(weights)
+    return [min(w, cap) for w in weights]
+
+
 def _dumps(swarm: Swarm, r: int) -> dict[str, dict]:
     out = {}
     for path in glob.glob(str(swarm.dump_dir / f"*.r{r}.npz")):
@@ -60,7 +69,7 @@ def test_every_round_recomputed_in_float64(swarm):
         assert all(np.array_equal(thetas[0], t) for t in thetas), f"round {r}: peers start from different theta"
         contributors = sorted(dumps[next(iter(dumps))]["contributors"].tolist())
         assert contributors == sorted(dumps), f"round {r}: contributors {contributors} != members {sorted(dumps)}"
-        w = np.array([float(dumps[p]["weight"]) for p in contributors])
+        w = np.array(applied([float(dumps[p]["weight"]) for p in contributors]))
         deltas = np.stack([dumps[p]["delta"].astype(np.float64) for p in contributors])
         avg = (w[:, None] * deltas).sum(0) / w.sum()
         theta = thetas[0].astype(np.float64)
@@ -83,7 +92,7 @@ def test_digests_equal_and_weights_add_up(swarm):
         for n in names:
             assert rows[n][r]["group_size"] == group, (r, n, rows[n][r])
             assert rows[n][r]["outcome"] == "applied"
-        total = sum(rows[n][r]["weight"] for n in names) + (late[r]["weight"] if group == 4 else 0)
+        total = sum(applied([rows[n][r]["weight"] for n in names] + ([late[r]["weight"]] if group == 4 else [])))
         assert rows["a"][r]["total_weight"] == pytest.approx(total)
 
 
