@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -277,6 +278,9 @@ def main() -> None:
     ap.add_argument("--shard-sizing", nargs="+", default=["rate"], help="our run spec's shard_sizing values, each a step")
     ap.add_argument("--backends", nargs="*", default=[], help="hivemind and/or gloo")
     args = ap.parse_args()
+    # SIGTERM (the driver's stop) unwinds through the finally blocks below: with the default action the
+    # worker died at once and hivemind's averager process, forked from it, lived on as an orphan
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     logging.basicConfig(level=os.environ.get("ALLREDUCE_LOG", "WARNING").upper(), stream=sys.stderr,
                         format=f"%(asctime)s p{args.index} %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(1)

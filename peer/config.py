@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # 2: signed calls and records, chunk and reply MACs in private runs, the spec's tls_ca, shard payload
-# digests in BLAKE3-256 (were SHA-256): a peer of 1 cannot join a run of 2; it is told so, exit 4,
-# instead of failing at its first call
+# digests and state digests in BLAKE3-256 (were SHA-256): a peer of 1 cannot join a run of 2; it is
+# told so, exit 4, instead of failing at its first call
 PROTOCOL_VERSION = 2
 CODECS = ("fp32", "fp16", "bf16", "int8", "int4", "sparse")
 WEIGHTINGS = ("steps", "samples", "equal")

@@ -1,5 +1,5 @@
 """Global state over the wire: a snapshot the trainer hands over after each round, served in
-chunks of byte ranges, and the download a newcomer makes from several donors at once (sha256-
+chunks of byte ranges, and the download a newcomer makes from several donors at once (digest-
 checked, never pickled). Runs on the network loop; hashing and unpacking go to an executor."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class StateSnapshot:
     """One round's global state as bytes: theta then momentum, float32 little-endian. The bytes
     are the state's own tensors when they lie in one buffer in that order (outer_step makes
     them so; GlobalState tensors are never changed in place, so sharing them is safe), else one
-    copy. The header's sha256 is the state's digest (outer.digest: a sha256 over round,
+    copy. The header's sha256 is the state's digest (outer.digest: BLAKE3 over round,
     global_samples and these bytes), hashed once per state, also by the downloader."""
 
     header: pb.StateHeader

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 import subprocess
 import sys
 from pathlib import Path
 
+import blake3
 import pytest
 import torch
 
@@ -84,7 +84,7 @@ def test_flatten_and_assign_round_trip() -> None:
 def test_digest_covers_every_field() -> None:
     theta, momentum = randn(1000, seed=5), randn(1000, seed=6)
     base = digest(theta, momentum, round=7, global_samples=123_456)
-    manual = hashlib.sha256(
+    manual = blake3.blake3(
         struct.pack("<qq", 7, 123_456) + theta.numpy().tobytes() + momentum.numpy().tobytes()
     )
     assert base == manual.hexdigest()
