@@ -31,10 +31,14 @@ CHANNEL_OPTIONS = [
     # a long fat link; the windows themselves are not fixed by hand, since grpcio exposes no
     # per-stream window option other than the probe.
     ("grpc.http2.bdp_probe", 1),
-    # Keepalive: a ping after 10 s without traffic, a dead peer noticed 5 s later (before a
-    # transfer timeout), also between calls so a cached channel to a dead peer fails fast.
+    # Keepalive: a ping after 10 s without traffic, a dead peer noticed 20 s later, also between
+    # calls so a cached channel to a dead peer fails. gRPC also sets TCP_USER_TIMEOUT to this
+    # timeout (gRFC A18): sent bytes unacknowledged that long (or a zero window) close the
+    # connection. At 5 s a peer on a 25 Mbit/s link among 100 Mbit/s ones lost its parts to
+    # "recvmsg: Connection timed out" (bench/allreduce.py --slow-peer); 20 s is gRPC's default.
+    # A dead peer mid-transfer is still dropped by the transfer's own deadline.
     ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),  # servers accept our keepalive pings
