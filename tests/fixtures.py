@@ -125,3 +125,16 @@ def store_as_future(dht, identity, key: str, value, subkey: str | None = None):
 def store_as(dht, identity, key: str, value, subkey: str | None = None, timeout_s: float = 10.0) -> bool:
     """store_as_future, waited for (from a thread that is not the DHT's)."""
     return bool(store_as_future(dht, identity, key, value, subkey).result(timeout=timeout_s))
+
+
+async def pump(src, dst, transform=None) -> None:
+    """Copies a TCP stream (asyncio reader to writer) until it ends or breaks, each read through
+    `transform` when given (the test proxies' byte pump); closes `dst` after."""
+    try:
+        while data := await src.read(65536):
+            dst.write(transform(data) if transform is not None else data)
+            await dst.drain()
+    except OSError:
+        pass
+    finally:
+        dst.close()

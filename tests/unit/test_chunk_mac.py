@@ -30,7 +30,7 @@ from peer.net.replay import replay
 from peer.net.round import roster_hash
 from peer.net.server import start_server
 from peer.outer import GlobalState, outer_step
-from tests.fixtures import identity
+from tests.fixtures import identity, pump
 
 pytestmark = pytest.mark.timeout(60)
 SECRET = "a-long-run-secret-0123456789"
@@ -84,20 +84,15 @@ class Tamper:
     async def _pipe(self, reader, writer) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
 
-        async def copy(src, dst, tamper: bool) -> None:
-            run = 0
-            try:
-                while data := await src.read(65536):
-                    if tamper:
-                        data, run = self._flip(data, run)
-                    dst.write(data)
-                    await dst.drain()
-            except OSError:
-                pass
-            finally:
-                dst.close()
+        run = 0
 
-        await asyncio.gather(copy(reader, up_writer, self.up), copy(up_reader, writer, not self.up))
+        def tamper(data: bytes) -> bytes:
+            nonlocal run
+            data, run = self._flip(data, run)
+            return data
+
+        await asyncio.gather(pump(reader, up_writer, tamper if self.up else None),
+                             pump(up_reader, writer, None if self.up else tamper))
 
 
 def marked_payload(num_chunks: int = 4) -> bytes:

@@ -21,7 +21,7 @@ from peer.net import announce, reach, swarm
 from peer.net.core import NetCore
 from peer.net.server import start_server
 from tests.fixtures import channels as signed_channels
-from tests.fixtures import identity
+from tests.fixtures import identity, pump
 
 pytestmark = pytest.mark.timeout(60)
 S = pb.DialResult
@@ -66,17 +66,7 @@ class Counting:
             writer.close()
             return
 
-        async def copy(src, dst) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except OSError:
-                pass
-            finally:
-                dst.close()
-
-        await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer))
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
 
 
 def test_dial_back_reaches_the_caller_over_a_fresh_connection_and_names_each_failure():
