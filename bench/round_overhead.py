@@ -55,8 +55,9 @@ async def one_round(state: GlobalState, params: list[torch.Tensor], host: torch.
                     codec, ef: ErrorFeedback, owner_ef: ErrorFeedback, others: list[bytes], log: UpdateLog,
                     gen: torch.Generator, scratch: torch.Tensor) -> tuple[GlobalState, dict[str, float]]:
     """One round's host work; returns the new state and seconds per part."""
-    k = len(roster.owners)
+    k, n = len(roster.members), len(roster.owners)
     b = roster.shard_bounds
+    mine = [j for j in range(n) if roster.owners[j] == roster.owners[0]]   # this peer's pieces (round.pieces)
     with torch.no_grad():   # training moved the model: a small step away from the state
         for p in params:
             p.add_(torch.randn(p.shape, generator=gen), alpha=1e-3)
@@ -71,15 +72,17 @@ async def one_round(state: GlobalState, params: list[torch.Tensor], host: torch.
     local = timed("model -> host buffer", flatten_params, params, host)
     delta = timed("pseudo-gradient", pseudo_gradient, state.theta, local)
     encoded = timed("encode own shards", ar.encode_shards, delta, roster, codec, ef)
-    # the shard this peer owns (shard 0): the k members' contributions arrive and are decoded
-    contributions = [encoded[0][0]] + [others[0]] * (k - 1)
-    received = [timed("decode contributions", codec.decode, c, b[1] - b[0]) for c in contributions]
-    shard = ar.OwnedShard(roster, 0, codec)
-    items = [(m.weight, x) for m, x in zip(roster.members, received, strict=True)]
-    own_payload, pending = timed("reduce + re-encode owned", shard._reduce_encode, items, owner_ef)
-    results = [own_payload] + others[1:]
+    # the shards this peer owns: the k members' contributions arrive and are decoded, reduced, re-encoded
+    results, pending = list(others), []
+    for j in mine:
+        contributions = [encoded[j][0]] + [others[j]] * (k - 1)
+        received = [timed("decode contributions", codec.decode, c, b[j + 1] - b[j]) for c in contributions]
+        shard = ar.OwnedShard(roster, j, codec)
+        items = [(m.weight, x) for m, x in zip(roster.members, received, strict=True)]
+        results[j], residual = timed("reduce + re-encode owned", shard._reduce_encode, items, owner_ef)
+        pending.append(residual)
     avg = timed("decode results", torch.empty, b[-1])   # as member.run_round: each shard into its slice
-    for j in range(k):
+    for j in range(n):
         timed("decode results", codec.decode, results[j], b[j + 1] - b[j], avg[b[j]:b[j + 1]])
     theta, momentum = timed("outer step", outer_step, state.theta, state.momentum, avg, LR, MOMENTUM,
                              scratch)
@@ -88,7 +91,7 @@ async def one_round(state: GlobalState, params: list[torch.Tensor], host: torch.
 
     def settle():
         ar.apply_residuals(ef, codec, [u for _, u in encoded])
-        ar.apply_residuals(owner_ef, codec, [pending])
+        ar.apply_residuals(owner_ef, codec, pending)
         log.add(state.round, True, codec.name, list(b), results, 64, new.digest())
     timed("residuals + update log", settle)
     timed("state snapshot", StateSnapshot.of, new, "bench")
@@ -124,7 +127,7 @@ async def main() -> None:
     for _ in range(args.rounds):
         roster = make_roster(state.round, "peer0", members, codec.name, args.numel)
         b = roster.shard_bounds
-        others = [codec.encode(torch.randn(b[j + 1] - b[j], generator=gen).mul_(1e-3)) for j in range(args.members)]
+        others = [codec.encode(torch.randn(b[j + 1] - b[j], generator=gen).mul_(1e-3)) for j in range(len(roster.owners))]
         copy_s.append(clone_seconds(state.theta))
         state, parts = await one_round(state, params, host, roster, codec, ef, owner_ef, others, log, gen,
                                        scratch)

@@ -15,8 +15,9 @@ from typing import Any
 
 # 2: signed calls and records, chunk and reply MACs in private runs, the spec's tls_ca, shard payload
 # digests and state digests in BLAKE3-256 (were SHA-256): a peer of 1 cannot join a run of 2; it is
-# told so, exit 4, instead of failing at its first call
-PROTOCOL_VERSION = 2
+# told so, exit 4, instead of failing at its first call. 3: a roster lists an owner once per piece of
+# its range (peer.net.round.pieces), which a peer of 2 refuses as "owners are not distinct"
+PROTOCOL_VERSION = 3
 CODECS = ("fp32", "fp16", "bf16", "int8", "int4", "sparse")
 WEIGHTINGS = ("steps", "samples", "equal")
 STALE_WORK = ("drop", "carry")

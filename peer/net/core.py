@@ -61,7 +61,7 @@ class RoundCtx:
     tally: Tally | None = None   # as the round's leader: the members' progress reports
     bytes_sent: int = 0
     bytes_received: int = 0
-    send_rates: list[float] = field(default_factory=list)   # bytes/s of each shard stream we sent
+    send_rates: dict[str, tuple[int, float]] = field(default_factory=dict)   # owner -> (bytes, s) of our parts to it
     accepted: set[tuple[int, bool]] = field(default_factory=set)   # (shard, to its backup) that took our part
 
 

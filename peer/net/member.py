@@ -88,38 +88,48 @@ async def run_round(core: NetCore, r: int, delta: torch.Tensor, weight: float, s
 
 async def send_and_fetch(core: NetCore, ctx, roster: pb.Roster, delta: torch.Tensor, deadline: Deadline,
                          avg: torch.Tensor) -> tuple[list, list]:
-    """The pipelined butterfly of one member: encodes shard after shard (executor), starting
-    with the one after our own so members do not all begin at owner 0; each shard's send
-    starts as soon as it is encoded, and its GetShard as soon as that send is done (the owner
-    holds the call until the shard is reduced), which decodes it into its slice of `avg`. Our
-    sends together measure our upload rate (core.upload_meter: their rates summed). Returns the (payload, residual)
-    per shard and the fetch results (a ShardResult or the exception) in shard order."""
+    """The pipelined butterfly of one member. Encodes shard after shard (executor) in send_order;
+    to each owner its pieces go one after another (a chain per owner, the chains at once), so
+    every owner has the whole of its first piece early, reduces and serves it while the later
+    pieces still come in. Each shard's GetShard starts once our part of it is sent (the owner
+    holds the call until the shard is reduced) and, from there, once our own pieces up to the
+    same piece index have all their parts (own_parts_in); it decodes the result into its slice
+    of `avg`. Our chains together measure our upload rate (core.upload_meter: their rates
+    summed). Returns the (payload, residual) per shard and the fetch results (a ShardResult or
+    the exception) in shard order."""
     codec = get_codec(roster.codec)
     n = len(roster.owners)
     if delta.numel() != roster.numel:
         raise ValueError(f"round {roster.round}: the delta has {delta.numel()} values, the roster {roster.numel}")
-    first = next((i + 1 for i, o in enumerate(roster.owners) if o == core.peer_id), 0)
     encoded: list = [None] * n
     sends: list = [None] * n
     fetches: list = [None] * n
     b = roster.shard_bounds
 
+    async def send_after(before: asyncio.Future | None, j: int) -> None:
+        if before is not None:
+            await asyncio.wait([before])   # its outcome is its own: a failed piece does not stop the next
+        await send_parts(core, ctx, roster, j, encoded[j][0], deadline)
+
     async def fetch_after_send(j: int) -> ar.ShardResult:
         await sends[j]
-        await own_parts_in(ctx)
+        await own_parts_in(ctx, roster, ar.piece_index(roster, j))
         return await fetch_shard(core, ctx, roster, j, encoded[j][0], deadline, avg[b[j]:b[j + 1]])
 
     loop = asyncio.get_running_loop()
+    last: dict[str, asyncio.Future] = {}   # owner -> our latest send to it
     try:
-        for j in [(first + i) % n for i in range(n)]:
+        for j in send_order(roster, core.peer_id):
             encoded[j] = await loop.run_in_executor(None, ar.encode_shard, delta, roster, codec, core.ef, j)
-            sends[j] = asyncio.ensure_future(send_parts(core, ctx, roster, j, encoded[j][0], deadline))
+            owner = roster.owners[j]
+            sends[j] = last[owner] = asyncio.ensure_future(send_after(last.get(owner), j))
             fetches[j] = asyncio.ensure_future(fetch_after_send(j))
         await asyncio.gather(*sends)
-        # our uplink: the streams ran at once, so their rates add up; a stream slowed by its
-        # receiver's downlink lowers only its own part (the total bytes over the slowest stream's
+        # our uplink: the chains ran at once, so their rates add up; a chain slowed by its
+        # receiver's downlink lowers only its own part (the total bytes over the slowest chain's
         # time would charge our uplink with the slowest receiver)
-        core.upload_meter.observe_rate(sum(ctx.send_rates), ctx.bytes_sent)
+        core.upload_meter.observe_rate(sum(sent / took for sent, took in ctx.send_rates.values() if took > 0),
+                                       ctx.bytes_sent)
         core.faults.hit("after_send", roster.round)
         results = await asyncio.gather(*fetches, return_exceptions=True)
     finally:
@@ -129,14 +139,23 @@ async def send_and_fetch(core: NetCore, ctx, roster: pb.Roster, delta: torch.Ten
     return encoded, list(results)
 
 
-async def own_parts_in(ctx) -> None:
-    """Returns once every shard we own has all its parts in (or is reduced without some): the
-    reduce-scatter comes first on our downlink. Reduced shards pulled meanwhile would share it with
-    the parts still coming to us, and the later our shard is whole the later its own all-gather
-    starts; on capped links that skew, not the bytes, is what made rounds slow (one owner serving
-    its late shard alone while the other links idle)."""
-    for shard in list(ctx.owned.values()):
-        if not shard.all_in.is_set() and not shard.result.done():
+def send_order(roster: pb.Roster, me: str) -> list[int]:
+    """The order a member encodes and starts its sends in: first pieces first (piece index, then
+    owner), the owners starting with the one after us, so members do not all begin at the same owner."""
+    owners = list(dict.fromkeys(roster.owners))
+    first = owners.index(me) + 1 if me in owners else 0
+    rank = {o: (i - first) % len(owners) for i, o in enumerate(owners)}
+    return sorted(range(len(roster.owners)), key=lambda j: (ar.piece_index(roster, j), rank[roster.owners[j]]))
+
+
+async def own_parts_in(ctx, roster: pb.Roster, piece: int) -> None:
+    """Returns once every shard we own up to piece index `piece` has all its parts in (or is
+    reduced without some): the reduce-scatter of a piece comes first on our downlink. Reduced
+    shards pulled meanwhile would share it with the parts still coming to us, and the later our
+    piece is whole the later its own all-gather starts; on capped links that skew, not the bytes,
+    is what made rounds slow (one owner serving its late shard alone while the other links idle)."""
+    for j, shard in list(ctx.owned.items()):
+        if ar.piece_index(roster, j) <= piece and not shard.all_in.is_set() and not shard.result.done():
             all_in = asyncio.ensure_future(shard.all_in.wait())
             try:   # the result's own future: waited on, never cancelled nor its exception taken here
                 await asyncio.wait([all_in, shard.result], return_when=asyncio.FIRST_COMPLETED)
@@ -177,8 +196,9 @@ async def send_shard(core: NetCore, ctx, roster: pb.Roster, j: int, payload: byt
         took = time.monotonic() - started
         core.deadlines.observe(len(payload), took)
         ctx.bytes_sent += len(payload)
-        if not backup and len(payload) >= MIN_SAMPLE_BYTES and took > 0:
-            ctx.send_rates.append(len(payload) / took)
+        if not backup and len(payload) >= MIN_SAMPLE_BYTES and took > 0:   # one chain per owner
+            sent_before, took_before = ctx.send_rates.get(owner, (0, 0.0))
+            ctx.send_rates[owner] = (sent_before + len(payload), took_before + took)
         if not reply.accepted:
             log.warning("round %d: owner %s refused shard %d: %s", roster.round, owner[-6:], j, reply.reason)
         else:

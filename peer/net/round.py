@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from peer._proto import peer_pb2 as pb
+from peer.codecs import get_codec
 from peer.net import validate
 from peer.net.verify import OwnerRule
 
@@ -34,6 +35,8 @@ def leader_rank(run_id: str, round_: int, peer_id: str) -> str:
 SHARD_ALIGN = 4096     # shard bounds are multiples of this many values, so codec blocks and chunks line up
 SLOW_FRACTION = 8      # a serving member whose upload rate is under 1/8 of the median owns no shard
 RATE_UNIT_BPS = 1024   # rates count in whole KiB/s: the plan is integer arithmetic, the same everywhere
+PIECE_BYTES = 2 << 20  # an owner's range is cut into pieces of about this many encoded bytes, at most
+                       # validate.MAX_PIECES of them: each is reduced and served on its own (see pieces)
 
 
 def shard_plan(numel: int, peers: list[str], rates: list[float], align: int = SHARD_ALIGN
@@ -73,6 +76,27 @@ def shard_plan(numel: int, peers: list[str], rates: list[float], align: int = SH
     return owners, bounds
 
 
+def pieces(owners: list[str], bounds: list[int], encoded_size, align: int = SHARD_ALIGN,
+           piece_bytes: int | None = None) -> tuple[list[str], list[int]]:
+    """Cuts every owner's range of a shard plan into pieces, each one shard of the roster (so the
+    same owner is listed once per piece, its pieces next to each other): ceil(its encoded bytes /
+    piece_bytes, PIECE_BYTES by default) of them, at most validate.MAX_PIECES, of nearly equal
+    size in units of `align` values. A piece is reduced as soon as every member's part of it is in and served at once, so the
+    all-gather of an owner's first pieces overlaps the reduce-scatter of its last ones and a round
+    costs about one transfer of the pieces more than the bandwidth bound, not the skew of whole
+    shards (ARCHITECTURE.md section 4). `encoded_size(numel)`: the codec's bytes for numel values.
+    Pure and integer-only, like shard_plan."""
+    piece_bytes = piece_bytes or PIECE_BYTES
+    out_owners, out_bounds = [], [0]
+    for owner, start, end in zip(owners, bounds, bounds[1:], strict=False):
+        units = max(1, (end - start) // align)
+        count = max(1, min(validate.MAX_PIECES, units, -(-encoded_size(end - start) // piece_bytes)))
+        for i in range(1, count + 1):
+            out_owners.append(owner)
+            out_bounds.append(end if i == count else start + (units * i // count) * align)
+    return out_owners, out_bounds
+
+
 def roster_hash(r: pb.Roster) -> str:
     body = {
         "round": r.round, "leader": r.leader, "codec": r.codec, "numel": r.numel,
@@ -94,7 +118,7 @@ def make_roster(round_: int, leader: str, members: list[pb.Member], codec: str, 
     if not serving:
         raise ValueError("no serving member may own a shard (--trusted-owners: none of them joined)")
     rates = [m.upload_bps if sizing == "rate" else 0.0 for m in serving]   # no rate known: equal shards
-    owners, bounds = shard_plan(numel, [m.peer_id for m in serving], rates)
+    owners, bounds = pieces(*shard_plan(numel, [m.peer_id for m in serving], rates), get_codec(codec).encoded_size)
     r = pb.Roster(round=round_, leader=leader, members=members, owners=owners, codec=codec, numel=numel,
                   shard_bounds=bounds)
     r.hash = roster_hash(r)

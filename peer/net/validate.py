@@ -8,6 +8,7 @@ options (client.MAX_MESSAGE_BYTES). Runs on the network loop."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import grpc
 import torch
@@ -85,6 +86,7 @@ def numbers(message) -> None:
                          f"{type(message).__name__}.{name} is {value!r}: expected a finite number in [{low:g}, {high:g}]")
 
 
+MAX_PIECES = 8   # shards one owner may hold in a roster (peer.net.round.pieces): bounds a leader's cut
 MAX_TEXT = 512   # characters of a string field (ids, hashes, addresses, codec names); free-text `reason`s aside
 
 
@@ -208,8 +210,11 @@ def roster(r: pb.Roster, numel: int, codec: str, me: str, trusted: list[str] | N
     if me not in ids:
         return "we are not among its members"
     serving = {m.peer_id for m in r.members if not m.client_mode}
-    if not r.owners or set(r.owners) - serving or len(r.owners) != len(set(r.owners)):
-        return "owners are not distinct serving members"
+    runs = [o for i, o in enumerate(r.owners) if i == 0 or r.owners[i - 1] != o]   # each owner's pieces, together
+    if not r.owners or set(r.owners) - serving or len(runs) != len(set(runs)):
+        return "owners are not serving members, each listed once for its pieces in a row"
+    if max(Counter(r.owners).values()) > MAX_PIECES:
+        return f"an owner holds more than {MAX_PIECES} pieces"
     if trusted and set(r.owners) - set(trusted):
         return f"owners {sorted(o[-6:] for o in set(r.owners) - set(trusted))} are not among the run's --trusted-owners"
     b = list(r.shard_bounds)
