@@ -61,7 +61,8 @@ class RoundCtx:
     tally: Tally | None = None   # as the round's leader: the members' progress reports
     bytes_sent: int = 0
     bytes_received: int = 0
-    send_rates: dict[str, tuple[int, float]] = field(default_factory=dict)   # owner -> (bytes, s) of our parts to it
+    # owner -> (bytes, first start, last end) of our parts to it (a chain of pieces: member.send_and_fetch)
+    send_rates: dict[str, tuple[int, float, float]] = field(default_factory=dict)
     accepted: set[tuple[int, bool]] = field(default_factory=set)   # (shard, to its backup) that took our part
 
 

@@ -106,10 +106,16 @@ async def send_and_fetch(core: NetCore, ctx, roster: pb.Roster, delta: torch.Ten
     fetches: list = [None] * n
     b = roster.shard_bounds
 
-    async def send_after(before: asyncio.Future | None, j: int) -> None:
-        if before is not None:
-            await asyncio.wait([before])   # its outcome is its own: a failed piece does not stop the next
-        await send_parts(core, ctx, roster, j, encoded[j][0], deadline)
+    async def send_after(before: tuple[asyncio.Future, asyncio.Event] | None, j: int) -> None:
+        if before is not None:   # the previous piece's bytes are all handed to gRPC, or that send ended
+            # (its outcome is its own: a failed piece does not stop the next); not its reply: the
+            # owner's check of it and a round trip would leave the chain idle
+            written = asyncio.ensure_future(before[1].wait())
+            try:
+                await asyncio.wait([before[0], written], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                written.cancel()
+        await send_parts(core, ctx, roster, j, encoded[j][0], deadline, written=events[j])
 
     async def fetch_after_send(j: int) -> ar.ShardResult:
         await sends[j]
@@ -117,19 +123,21 @@ async def send_and_fetch(core: NetCore, ctx, roster: pb.Roster, delta: torch.Ten
         return await fetch_shard(core, ctx, roster, j, encoded[j][0], deadline, avg[b[j]:b[j + 1]])
 
     loop = asyncio.get_running_loop()
-    last: dict[str, asyncio.Future] = {}   # owner -> our latest send to it
+    last: dict[str, tuple[asyncio.Future, asyncio.Event]] = {}   # owner -> our latest send to it
+    events = [asyncio.Event() for _ in range(n)]   # set once shard j's part is written
     try:
         for j in send_order(roster, core.peer_id):
             encoded[j] = await loop.run_in_executor(None, ar.encode_shard, delta, roster, codec, core.ef, j)
             owner = roster.owners[j]
-            sends[j] = last[owner] = asyncio.ensure_future(send_after(last.get(owner), j))
+            sends[j] = asyncio.ensure_future(send_after(last.get(owner), j))
+            last[owner] = (sends[j], events[j])
             fetches[j] = asyncio.ensure_future(fetch_after_send(j))
         await asyncio.gather(*sends)
         # our uplink: the chains ran at once, so their rates add up; a chain slowed by its
         # receiver's downlink lowers only its own part (the total bytes over the slowest chain's
         # time would charge our uplink with the slowest receiver)
-        core.upload_meter.observe_rate(sum(sent / took for sent, took in ctx.send_rates.values() if took > 0),
-                                       ctx.bytes_sent)
+        core.upload_meter.observe_rate(sum(sent / (end - began) for sent, began, end in ctx.send_rates.values()
+                                           if end > began), ctx.bytes_sent)
         core.faults.hit("after_send", roster.round)
         results = await asyncio.gather(*fetches, return_exceptions=True)
     finally:
@@ -163,20 +171,32 @@ async def own_parts_in(ctx, roster: pb.Roster, piece: int) -> None:
                 all_in.cancel()
 
 
-async def send_parts(core: NetCore, ctx, roster: pb.Roster, j: int, payload: bytes, deadline: Deadline) -> None:
+async def send_parts(core: NetCore, ctx, roster: pb.Roster, j: int, payload: bytes, deadline: Deadline,
+                     written: asyncio.Event | None = None) -> None:
     """Our part of shard j to its owner, and with --verify-shards to its backup owner as well
-    (at once: the two streams share our uplink)."""
+    (at once: the two streams share our uplink); `written` is set once the owner's copy is written."""
     if owner_side.verifying(core) and ar.backup_owner(roster, j):
-        await asyncio.gather(send_shard(core, ctx, roster, j, payload, deadline),
+        await asyncio.gather(send_shard(core, ctx, roster, j, payload, deadline, written=written),
                              send_shard(core, ctx, roster, j, payload, deadline, backup=True))
     else:
-        await send_shard(core, ctx, roster, j, payload, deadline)
+        await send_shard(core, ctx, roster, j, payload, deadline, written=written)
+
+
+async def written_then(chunks, written: asyncio.Event | None):
+    """The chunks of a stream; `written` is set once gRPC asked past the last (all handed to it)."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        if written is not None:
+            written.set()
 
 
 async def send_shard(core: NetCore, ctx, roster: pb.Roster, j: int, payload: bytes, deadline: Deadline,
-                     backup: bool = False) -> None:
+                     backup: bool = False, written: asyncio.Event | None = None) -> None:
     """Streams one shard to its owner (or its backup owner); a failure is logged and leaves
-    the shard without us (ctx.accepted records where it was taken)."""
+    the shard without us (ctx.accepted records where it was taken). `written`: set once the
+    stream's bytes are all handed to gRPC (a send chain's next piece may start then)."""
     owner = ar.backup_owner(roster, j) if backup else roster.owners[j]
     header = ar.contribution_header(roster, core.peer_id, j, get_codec(roster.codec), payload, backup)
     if owner == core.peer_id:
@@ -191,14 +211,15 @@ async def send_shard(core: NetCore, ctx, roster: pb.Roster, j: int, payload: byt
     try:
         started = time.monotonic()
         reply = await sent(core.channels.stub(address).Contribute(
-            paced(core.upload, ar.chunks(header, payload, core.signer.macs.contribution(header))),
+            written_then(paced(core.upload, ar.chunks(header, payload, core.signer.macs.contribution(header))),
+                         written),
             timeout=min(deadline.left(0.1), core.transfer_timeout_s())))
         took = time.monotonic() - started
         core.deadlines.observe(len(payload), took)
         ctx.bytes_sent += len(payload)
         if not backup and len(payload) >= MIN_SAMPLE_BYTES and took > 0:   # one chain per owner
-            sent_before, took_before = ctx.send_rates.get(owner, (0, 0.0))
-            ctx.send_rates[owner] = (sent_before + len(payload), took_before + took)
+            sent_before, began = ctx.send_rates.get(owner, (0, started))[:2]
+            ctx.send_rates[owner] = (sent_before + len(payload), min(began, started), started + took)
         if not reply.accepted:
             log.warning("round %d: owner %s refused shard %d: %s", roster.round, owner[-6:], j, reply.reason)
         else:
