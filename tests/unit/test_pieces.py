@@ -86,7 +86,7 @@ async def start_cores(codec: str, n: int = 3):
     spec = RunSpec(model="tiny", codec=codec)
     cores, servers, members = [], [], []
     for i in range(n):
-        core = NetCore(None, PeerConfig(run_id="pieces"), identity())  # type: ignore[arg-type]
+        core = NetCore(None, PeerConfig(run_id="pieces", timeout_floor_s=2.0), identity())  # type: ignore[arg-type]
         core.spec, core.spec_hash, core.round = spec, spec.hash(), 1
         server, port = await start_server(core, "127.0.0.1", 0)
         cores.append(core)
@@ -134,6 +134,50 @@ def test_a_butterfly_with_pieces_over_real_grpc_gives_every_member_the_same_exac
             bound = 1e-6 if codec == "fp32" else 0.05 * float(exact.abs().max())   # int8: twice a blockwise scale
             assert float((avgs[0].double() - exact).abs().max()) <= bound
             assert all(torch.equal(avgs[0], a) for a in avgs[1:])
+        finally:
+            for server in servers:
+                await server.stop(None)
+            for core in cores:
+                await core.channels.close()
+
+    asyncio.run(body())
+
+
+def test_a_dead_owners_pieces_are_reduced_again_by_the_next_other_owner(monkeypatch):
+    """An owner that is gone when the round starts: every one of its pieces is reduced again by its
+    backup (the next other owner), without it; the others' pieces after the transfer timeout."""
+    monkeypatch.setattr(round_, "PIECE_BYTES", get_codec("fp32").encoded_size(SHARD_ALIGN))
+    numel = 3 * 3 * SHARD_ALIGN
+
+    async def body():
+        cores, servers, members = await start_cores("fp32")
+        try:
+            roster = make_roster(1, cores[0].peer_id, members, "fp32", numel)
+            dead = roster.owners[0]
+            alive = [c for c in cores if c.peer_id != dead]
+            await servers[[c.peer_id for c in cores].index(dead)].stop(None)
+            deltas = {c.peer_id: torch.randn(numel, generator=torch.Generator().manual_seed(i))
+                      for i, c in enumerate(cores)}
+            avgs = {c.peer_id: torch.empty(numel) for c in alive}
+            for core in alive:
+                core.ctx(1).roster.set_result(roster)
+                owner_side.own_shards(core, core.ctx(1), roster)
+            done = await asyncio.gather(*[
+                member.send_and_fetch(c, c.ctx(1), roster, deltas[c.peer_id], Deadline(40), avgs[c.peer_id])
+                for c in alive])
+            backup = ar.backup_owner(roster, 0)
+            for _, results in done:
+                assert all(isinstance(res, ar.ShardResult) for res in results), results
+                for j, res in enumerate(results):
+                    assert sorted(res.header.contributors) == sorted(c.peer_id for c in alive)
+                    assert res.header.backup == (roster.owners[j] == dead)
+            assert roster.owners[:3] == [dead] * 3 and backup not in ("", dead)
+            weights = {m.peer_id: m.weight for m in roster.members}
+            exact = sum(weights[c.peer_id] * deltas[c.peer_id].double() for c in alive) / sum(
+                weights[c.peer_id] for c in alive)
+            a, b = avgs.values()
+            assert torch.equal(a, b) and float((a.double() - exact).abs().max()) <= 1e-6
+            assert all(dead in c.ctx(1).unreachable for c in alive)
         finally:
             for server in servers:
                 await server.stop(None)
