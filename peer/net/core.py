@@ -1,7 +1,7 @@
 """The peer's network state and the round protocol's leader side, all on the network loop:
 progress in the DHT and the view of the swarm, readiness, the round-start barrier, the
-trigger (Progress leases), Join / Commit / Progress / GetState / GetUpdates handlers (the
-owner side is owner.py, a member's round member.py, the next state keeper.py). Never blocks:
+trigger (Progress leases), the Progress / GetState / GetUpdates handlers (Join and Commit are
+group.py, the owner side owner.py, a member's round member.py, the next state keeper.py). Never blocks:
 big tensor work goes to an executor."""
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from hivemind.utils import get_dht_time
 from peer import tlsfiles
 from peer._proto import peer_pb2 as pb
 from peer.codecs import ErrorFeedback, get_codec
-from peer.config import PeerConfig, RunSpec, trusted_owners, verifies_shards, wire_codec
+from peer.config import PeerConfig, RunSpec, verifies_shards, wire_codec
 from peer.faults import FaultPlan
 from peer.identity import Identity
 from peer.net import allreduce as ar
-from peer.net import swarm, validate
+from peer.net import swarm
 from peer.net.auth import Signer, Verifier
 from peer.net.client import Channels, Reject, describe_rpc_error
 from peer.net.deadlines import Deadlines
@@ -30,10 +30,10 @@ from peer.net.limits import CallerLimits
 from peer.net.loop import Deadline
 from peer.net.reach import DialBackService, Reachability
 from peer.net.replay import KEEP_ROUNDS, UpdateLog
-from peer.net.round import ClosedElsewhere, LeaderGroup, Tally, check_member, leader_rank, roster_hash
+from peer.net.round import LeaderGroup, Tally, leader_rank
 from peer.net.state_sync import StateSnapshot
 from peer.net.upload import RateMeter, UploadCap, cap_bps, upload_estimate
-from peer.net.verify import OwnerRule, Suspects
+from peer.net.verify import Suspects
 
 log = logging.getLogger(__name__)
 REFRESH_S = 0.5
@@ -353,169 +353,7 @@ class NetCore:
             raise Reject(grpc.StatusCode.FAILED_PRECONDITION,
                          f"this peer is in run {self.run_id} spec {self.spec_hash}, not {run_id} {spec_hash}")
 
-    async def handle_join(self, req: pb.JoinRequest) -> pb.JoinReply:
-        self.check_run(req.run_id, req.spec_hash)
-        r = req.round
-        if r < self.round:  # we finished round r already: it closed
-            return pb.JoinReply(status=pb.JoinReply.CLOSED, current_round=self.round,
-                                reason=f"this peer is at round {self.round} already")
-        if r > self.round + 1:
-            return pb.JoinReply(status=pb.JoinReply.WRONG_ROUND, current_round=self.round)
-        best = self.candidates(r, set(req.skip))
-        if best and best[0][0] != self.peer_id:
-            return pb.JoinReply(status=pb.JoinReply.REDIRECT, redirect_peer_id=best[0][0],
-                                redirect_address=best[0][1], current_round=self.round)
-        why = check_member(req.member, r) or self.check_claim(req.member, r) or self.check_suspect(req.member, r)
-        if why:
-            log.warning("round %d: rejected Join of %s: %s", r, req.member.peer_id[-6:], why)
-            return pb.JoinReply(status=pb.JoinReply.REJECTED, reason=why, current_round=self.round)
-        ctx = self.ctx(r)
-        assert ctx is not None
-        if ctx.roster.done() and (ctx.group is None or not ctx.group.closed):
-            # we are a member of a group another leader closed: a second group would split the round
-            return pb.JoinReply(status=pb.JoinReply.CLOSED, current_round=self.round,
-                                reason=f"round {r} closed (led by {ctx.roster.result().leader[-6:]})")
-        if ctx.group is None:
-            ctx.group = LeaderGroup(r, self.peer_id, wire_codec(self.spec), self.numel,
-                                    owners=OwnerRule.of(self.spec, self.suspects.reducers(r)),
-                                    sizing=self.spec.shard_sizing)
-        group = ctx.group
-        if group.closed:
-            return pb.JoinReply(status=pb.JoinReply.CLOSED, current_round=self.round, reason="round closed")
-        group.add(req.member)
-        window = self.join_window_s()
-        deadline = Deadline(window + 10)
-        while True:
-            if self.swarm_round() > r and not group.closed:  # the swarm finished round r without this group
-                group.fail(ClosedElsewhere(f"the swarm at round {self.swarm_round()}"))
-                break  # (checked first: the members who moved on are no longer expected, a group of us alone is)
-            if group.maybe_close(self.expected_members(r), window):
-                break
-            missing = group.window_over(self.expected_members(r), window)
-            if missing and not group.probed and not group.probing:
-                group.probing = True
-                try:
-                    other = await self.group_elsewhere(r, missing)
-                finally:
-                    group.probe_done()
-                if other and not group.closed:
-                    log.info("round %d: %s are in a group led by %s; closing ours without forming it",
-                             r, ", ".join(p[-6:] for p in sorted(missing)), other[-6:])
-                    group.fail(ClosedElsewhere(f"its group is led by {other[-6:]}"))
-            if deadline.expired():
-                raise TimeoutError(f"round {r}: group did not close")
-            best = self.candidates(r, set(req.skip))
-            if best and best[0][0] != self.peer_id:  # our view now knows a better leader: hand over
-                group.members.pop(req.member.peer_id, None)
-                return pb.JoinReply(status=pb.JoinReply.REDIRECT, redirect_peer_id=best[0][0],
-                                    redirect_address=best[0][1], current_round=self.round)
-            # woken by a join, the close or a probe's end; the view and the window are rechecked at
-            # least every WAKE_S (a refreshed view may change who is expected)
-            until_window = group.close_in(window)   # past it, only a probe's end or a view changes things
-            await group.changed(min(WAKE_S, until_window if until_window > 0 else WAKE_S, deadline.left()))
-        try:
-            roster = await group.roster
-        except ClosedElsewhere as e:
-            return pb.JoinReply(status=pb.JoinReply.CLOSED, current_round=self.round,
-                                reason=f"round {r} closed elsewhere ({e})")
-        except RuntimeError as e:   # LeaderGroup.maybe_close failed it: no serving or no trusted owner joined
-            return pb.JoinReply(status=pb.JoinReply.CLOSED, current_round=self.round,
-                                reason=f"round {r} closed without a roster ({e})")
-        if req.member.peer_id not in {m.peer_id for m in roster.members}:
-            return pb.JoinReply(status=pb.JoinReply.CLOSED, current_round=self.round, reason="round closed")
-        return pb.JoinReply(status=pb.JoinReply.OK, roster=roster)
-
-    def check_claim(self, m: pb.Member, r: int) -> str:
-        """Why a joiner's claimed work is not backed by what it published (validate.join_claim)."""
-        if m.peer_id == self.peer_id:
-            return ""
-        record = self.view.get(m.peer_id)
-        ctx = self.rounds.get(r)
-        tally = ctx.tally if ctx is not None else None
-        return validate.join_claim(m, r, record if record is not None and record.fresh() else None,
-                                   tally.reports.get(m.peer_id) if tally else None,
-                                   tally.allowed.get(m.peer_id) if tally else None, self.spec.weighting)
-
-    def check_suspect(self, m: pb.Member, r: int) -> str:
-        """Why a joiner is kept out of round r ("" when it is not): it sent the two reducers of a shard
-        different parts in a recent round (--verify-shards; peer.net.verify)."""
-        if m.peer_id in self.suspects.contributors(r):
-            return (f"it sent the two reducers of a shard different parts; kept out until round "
-                    f"{self.suspects.until[m.peer_id]}")
-        return ""
-
-    async def join_round(self, r: int, member: pb.Member, deadline: Deadline) -> pb.Roster | None:
-        """Asks the round's leader to admit us; None when the round closed without us."""
-        skip: set[str] = set()
-        redirect: tuple[str, str] | None = None
-        while not deadline.expired():
-            ahead = self.swarm_round()
-            if ahead > r:  # a peer finished round r already: joining now would split the swarm
-                log.info("round %d: the swarm is at round %d already; catching up", r, ahead)
-                return None
-            cands = self.candidates(r, skip)
-            target = redirect or (cands[0] if cands else None)
-            redirect = None
-            if target is None:
-                await asyncio.sleep(0.2)
-                continue
-            req = pb.JoinRequest(run_id=self.run_id, round=r, spec_hash=self.spec_hash, member=member,
-                                 skip=sorted(skip))
-            try:
-                if target[0] == self.peer_id:
-                    reply = await self.handle_join(req)
-                else:  # a short probe first: a stopped leader costs seconds, not the join window
-                    await self.channels.stub(target[1]).Health(pb.HealthRequest(), timeout=PROBE_TIMEOUT_S)
-                    reply = await self.channels.stub(target[1]).Join(
-                        req, timeout=min(deadline.left(0.1), self.join_window_s() + 15))
-            except grpc.aio.AioRpcError as e:
-                log.warning("round %d: leader %s at %s did not answer Join (%s); passing it over",
-                            r, target[0][-6:], target[1], describe_rpc_error(e))
-                self.suspect(target[0], e)
-                skip.add(target[0])
-                continue
-            if reply.status == pb.JoinReply.OK:
-                roster = reply.roster
-                why = ("its hash is not its content's" if roster.hash != roster_hash(roster) or roster.round != r
-                       else validate.roster(roster, self.numel, wire_codec(self.spec), self.peer_id,
-                                            trusted_owners(self.spec)))
-                if not why:
-                    return roster
-                log.warning("round %d: leader %s sent a roster we cannot use (%s); passing it over", r,
-                            target[0][-6:], why)
-                skip.add(target[0])
-                continue
-            if reply.status == pb.JoinReply.REDIRECT and reply.redirect_peer_id not in skip:
-                redirect = (reply.redirect_peer_id, reply.redirect_address)
-            elif reply.status == pb.JoinReply.CLOSED or reply.current_round > r:
-                log.info("round %d: leader %s says the round closed without us (%s)", r, target[0][-6:],
-                         reply.reason or f"it is at round {reply.current_round}")
-                return None
-            elif reply.status == pb.JoinReply.REJECTED:
-                raise RuntimeError(f"round {r}: leader {target[0][-6:]} rejected us: {reply.reason}")
-            else:
-                await asyncio.sleep(0.2)
-        raise TimeoutError(f"round {r}: no leader admitted us before the deadline")
-
-    # ---- commit, state, updates, health: see owner.py for the shards' owner side --------------
-    async def handle_commit(self, req: pb.CommitRequest) -> pb.CommitReply:
-        ctx = self.ctx(req.round)
-        if ctx is None or ctx.group is None or not ctx.group.closed or ctx.group.roster.exception() is not None:
-            raise Reject(grpc.StatusCode.FAILED_PRECONDITION, f"round {req.round}: this peer leads no group")
-        group = ctx.group
-        if group.roster.result().hash != req.roster_hash:
-            raise Reject(grpc.StatusCode.FAILED_PRECONDITION, f"round {req.round}: unknown roster")
-        if req.peer_id not in {m.peer_id for m in group.roster.result().members}:
-            raise Reject(grpc.StatusCode.PERMISSION_DENIED, f"round {req.round}: {req.peer_id[-6:]} is not a member")
-        group.add_report(req)
-        self.faults.hit("leader_commit", req.round)
-        deadline = Deadline(self.transfer_timeout_s() + 10)
-        while not group.maybe_decide(self.transfer_timeout_s()):
-            if deadline.expired():
-                raise TimeoutError(f"round {req.round}: no commit decision")
-            await group.changed(min(group.decide_in(self.transfer_timeout_s()), deadline.left()))
-        return await group.decision
-
+    # ---- state, updates, health: Join and Commit are group.py, the shards' owner side owner.py ----
     def set_snapshot(self, snap: StateSnapshot | None) -> None:
         """Serves `snap` from now on. Older states stay for the downloads that began on them:
         the one before, and those asked for in the last PIN_S seconds, at most KEEP_ROUNDS back
@@ -584,22 +422,6 @@ class NetCore:
         leader = ctx.roster.result().leader if ctx is not None and ctx.roster.done() else ""
         return pb.HealthReply(peer_id=self.peer_id, run_id=self.run_id, round=self.round, spec_hash=self.spec_hash,
                               group_leader=leader, time=get_dht_time())
-
-    async def group_elsewhere(self, r: int, missing: set[str]) -> str:
-        """The leader of another group of round `r` that some of `missing` belong to, or ""."""
-        addrs = [rec.addr for p, rec in self.view.items() if p in missing and rec.addr][:3]
-
-        async def ask(addr: str) -> str:
-            try:
-                h = await self.channels.stub(addr).Health(pb.HealthRequest(), timeout=GROUP_PROBE_TIMEOUT_S)
-            except grpc.aio.AioRpcError:
-                return ""
-            if h.round > r:  # it finished round r already
-                return h.peer_id
-            return h.group_leader if h.round == r and h.group_leader not in ("", self.peer_id) else ""
-
-        found = [x for x in await asyncio.gather(*(ask(a) for a in addrs)) if x]
-        return found[0] if found else ""
 
     def join_window_s(self) -> float:
         """The join window in force, from the slowest inner step of the live peers and ours.

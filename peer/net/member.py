@@ -14,8 +14,8 @@ import torch
 from peer._proto import peer_pb2 as pb
 from peer.codecs import get_codec
 from peer.net import allreduce as ar
+from peer.net import group, swarm, validate, verify
 from peer.net import owner as owner_side
-from peer.net import swarm, validate, verify
 from peer.net.chunkmac import MacError
 from peer.net.client import EndedEarly, describe_rpc_error, sent
 from peer.net.core import NetCore
@@ -42,7 +42,7 @@ async def run_round(core: NetCore, r: int, delta: torch.Tensor, weight: float, s
     if time.monotonic() - core.viewed_at > swarm.FRESH_S:  # we might believe we are alone
         return Outcome("excluded", reason=f"no view of the swarm for {time.monotonic() - core.viewed_at:.0f} s")
     try:
-        roster = await core.join_round(r, member, deadline)
+        roster = await group.join_round(core, r, member, deadline)
     except (TimeoutError, RuntimeError) as e:
         return Outcome("excluded", reason=str(e))
     if roster is None:
@@ -397,7 +397,7 @@ async def commit(core: NetCore, roster: pb.Roster, report: pb.CommitRequest, dea
     decision in time means this peer does not apply)."""
     try:
         if roster.leader == core.peer_id:
-            return await asyncio.wait_for(core.handle_commit(report), deadline.left(0.1)), True
+            return await asyncio.wait_for(group.handle_commit(core, report), deadline.left(0.1)), True
         address = next((m.address for m in roster.members if m.peer_id == roster.leader), "")
         if not address:
             address = next(a for p, a in core.candidates(roster.round, set()) if p == roster.leader)

@@ -192,7 +192,7 @@ class LeaderGroup:
 
     def maybe_close(self, expected: set[str], window_s: float) -> bool:
         """Closes when every expected live peer joined, or the join window has passed and the
-        missing ones were asked whether they are in another group (see NetCore.handle_join)."""
+        missing ones were asked whether they are in another group (see group.handle_join)."""
         if self.closed or self.first_join_at is None:
             return self.closed
         waited = time.monotonic() - self.first_join_at

@@ -10,7 +10,7 @@ import grpc
 
 from peer._proto import peer_pb2 as pb
 from peer._proto import peer_pb2_grpc
-from peer.net import auth, owner, validate, wire
+from peer.net import auth, group, owner, validate, wire
 from peer.net.auth import AuthInterceptor
 from peer.net.client import CHANNEL_OPTIONS, SERVICE, Reject, server_credentials
 from peer.net.linktest import LinkTests
@@ -47,7 +47,7 @@ class Servicer(peer_pb2_grpc.PeerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _short(f"{what}: {e}"))
 
     async def Join(self, request: pb.JoinRequest, context):
-        return await self._guard(context, "Join", self.core.handle_join(request), request)
+        return await self._guard(context, "Join", group.handle_join(self.core, request), request)
 
     async def Contribute(self, request_iterator, context):
         return await self._guard(context, "Contribute", owner.handle_contribute(self.core, _signed_stream(
@@ -60,7 +60,7 @@ class Servicer(peer_pb2_grpc.PeerServicer):
         self.core.faults.hit("served_shard", request.round)
 
     async def Commit(self, request: pb.CommitRequest, context):
-        return await self._guard(context, "Commit", self.core.handle_commit(request), request)
+        return await self._guard(context, "Commit", group.handle_commit(self.core, request), request)
 
     async def GetState(self, request: pb.StateRequest, context):
         snapshot = await self._guard(context, "GetState", self.core.handle_get_state(request), request)

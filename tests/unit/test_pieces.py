@@ -16,13 +16,12 @@ from peer._proto import peer_pb2 as pb
 from peer.codecs import get_codec
 from peer.config import PeerConfig, RunSpec
 from peer.net import allreduce as ar
-from peer.net import member
+from peer.net import member, validate
 from peer.net import owner as owner_side
 from peer.net import round as round_
-from peer.net import validate
 from peer.net.core import NetCore
 from peer.net.loop import Deadline
-from peer.net.round import SHARD_ALIGN, make_roster, pieces, roster_hash, shard_plan
+from peer.net.round import SHARD_ALIGN, make_roster, pieces, shard_plan
 from peer.net.server import start_server
 from tests.fixtures import identity
 
