@@ -58,6 +58,17 @@ def test_small_shards_stay_whole_and_large_ones_have_at_most_max_pieces():
     assert pieces(*shard_plan(BASE_NUMEL, ["a", "b"], [0.0, 0.0]), int8.encoded_size)[0] == ["a"] * 4 + ["b"] * 4
 
 
+def test_pieces_follow_the_slowest_link_so_a_fast_one_keeps_whole_shards():
+    assert round_.piece_size([0.0, float("nan")]) == round_.PIECE_BYTES        # nothing measured yet
+    assert round_.piece_size([3.1e6, 12.5e6, 0.0]) == round_.PIECE_BYTES       # 25 Mbit/s: 2 MiB pieces
+    assert round_.piece_size([12.5e6, 12.5e6]) == int(12.5e6 * round_.PIECE_S)  # 100 Mbit/s: 3.1 MB
+    members = [pb.Member(peer_id=p, address=f"127.0.0.1:{i + 1}", weight=1.0, samples=1, upload_bps=rate)
+               for i, (p, rate) in enumerate(zip("abcd", [2e9, 1e9, 1.5e9, 3e9], strict=True))]
+    assert len(make_roster(3, "a", members, "fp32", BASE_NUMEL).owners) == 4   # loopback: one shard an owner
+    members[2].upload_bps = 3.1e6
+    assert len(make_roster(3, "a", members, "fp32", BASE_NUMEL).owners) > 20
+
+
 def test_a_roster_with_pieces_is_accepted_and_a_leader_that_interleaves_or_overcuts_is_refused():
     members = [pb.Member(peer_id=p, address=f"127.0.0.1:{i + 1}", weight=1.0, samples=1) for i, p in enumerate("abc")]
     r = make_roster(3, "a", members, "fp32", BASE_NUMEL)
