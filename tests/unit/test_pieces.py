@@ -8,6 +8,7 @@ member ends with the exact weighted mean, bitwise equal on all of them, with int
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 import torch
@@ -92,18 +93,26 @@ def test_the_backup_of_a_piece_is_the_next_other_owner_and_first_pieces_are_sent
     assert member.send_order(r, "z") == [0, 3, 5, 1, 4, 2]   # a client-mode member starts at the first owner
 
 
-async def start_cores(codec: str, n: int = 3):
+@contextlib.asynccontextmanager
+async def swarm_of(codec: str, n: int = 3):
+    """n real cores, each with its real gRPC server on loopback, at round 1 of one run; and their Members."""
     spec = RunSpec(model="tiny", codec=codec)
     cores, servers, members = [], [], []
-    for i in range(n):
-        core = NetCore(None, PeerConfig(run_id="pieces", timeout_floor_s=2.0), identity())  # type: ignore[arg-type]
-        core.spec, core.spec_hash, core.round = spec, spec.hash(), 1
-        server, port = await start_server(core, "127.0.0.1", 0)
-        cores.append(core)
-        servers.append(server)
-        members.append(pb.Member(peer_id=core.peer_id, address=f"127.0.0.1:{port}", weight=float(i + 1),
-                                 samples=4 * (i + 1)))
-    return cores, servers, members
+    try:
+        for i in range(n):
+            core = NetCore(None, PeerConfig(run_id="pieces", timeout_floor_s=2.0), identity())  # type: ignore[arg-type]
+            core.spec, core.spec_hash, core.round = spec, spec.hash(), 1
+            cores.append(core)
+            server, port = await start_server(core, "127.0.0.1", 0)
+            servers.append(server)
+            members.append(pb.Member(peer_id=core.peer_id, address=f"127.0.0.1:{port}", weight=float(i + 1),
+                                     samples=4 * (i + 1)))
+        yield cores, servers, members
+    finally:
+        for server in servers:
+            await server.stop(None)
+        for core in cores:
+            await core.channels.close()
 
 
 @pytest.mark.parametrize("codec", ["fp32", "int8"])
@@ -113,8 +122,7 @@ def test_a_butterfly_with_pieces_over_real_grpc_gives_every_member_the_same_exac
     numel = 3 * 4 * SHARD_ALIGN + 1000                      # 3 owners with 4 pieces each, a ragged end
 
     async def body():
-        cores, servers, members = await start_cores(codec)
-        try:
+        async with swarm_of(codec) as (cores, _, members):
             roster = make_roster(1, cores[0].peer_id, members, codec, numel)
             assert len(roster.owners) == 12 and len(set(roster.owners)) == 3
             arrivals: dict[str, list[int]] = {}   # owner's log: "sender" -> shards in the order they came
@@ -144,11 +152,6 @@ def test_a_butterfly_with_pieces_over_real_grpc_gives_every_member_the_same_exac
             bound = 1e-6 if codec == "fp32" else 0.05 * float(exact.abs().max())   # int8: twice a blockwise scale
             assert float((avgs[0].double() - exact).abs().max()) <= bound
             assert all(torch.equal(avgs[0], a) for a in avgs[1:])
-        finally:
-            for server in servers:
-                await server.stop(None)
-            for core in cores:
-                await core.channels.close()
 
     asyncio.run(body())
 
@@ -160,8 +163,7 @@ def test_a_dead_owners_pieces_are_reduced_again_by_the_next_other_owner(monkeypa
     numel = 3 * 3 * SHARD_ALIGN
 
     async def body():
-        cores, servers, members = await start_cores("fp32")
-        try:
+        async with swarm_of("fp32") as (cores, servers, members):
             roster = make_roster(1, cores[0].peer_id, members, "fp32", numel)
             dead = roster.owners[0]
             alive = [c for c in cores if c.peer_id != dead]
@@ -188,10 +190,5 @@ def test_a_dead_owners_pieces_are_reduced_again_by_the_next_other_owner(monkeypa
             a, b = avgs.values()
             assert torch.equal(a, b) and float((a.double() - exact).abs().max()) <= 1e-6
             assert all(dead in c.ctx(1).unreachable for c in alive)
-        finally:
-            for server in servers:
-                await server.stop(None)
-            for core in cores:
-                await core.channels.close()
 
     asyncio.run(body())
