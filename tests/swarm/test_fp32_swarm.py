@@ -4,13 +4,11 @@ test recomputes every round in float64."""
 
 from __future__ import annotations
 
-import glob
-
 import numpy as np
 import pytest
 
-from peer.net.validate import CLAIM_CAP, lower_median
 from tests.swarm.harness import Swarm
+from tests.swarm.recompute import applied, check_rounds
 
 RUN = ["--model", "tiny", "--codec", "fp32", "--target-steps", "150", "--max-round-seconds", "30",
        "--min-peers", "3", "--batch-size", "4", "--eval-batches", "2", "--outer-lr", "0.7",
@@ -43,41 +41,8 @@ def swarm(tmp_path_factory):
         s.stop_all()
 
 
-def applied(weights: list[float]) -> list[float]:
-    """The weights a roster applies: each claim at most CLAIM_CAP x the group's lower median. On a loaded
-    machine one peer can get most of the CPU for a round (125 of 150 steps, the other two 11 and 14 in one
-    CI run), and the cap then counts it at 4 x 14: by design, so the recomputation uses the rule too."""
-    cap = CLAIM_CAP * lower_median(weights)
-    return [min(w, cap) for w in weights]
-
-
-def _dumps(swarm: Swarm, r: int) -> dict[str, dict]:
-    out = {}
-    for path in glob.glob(str(swarm.dump_dir / f"*.r{r}.npz")):
-        with np.load(path) as z:
-            out[path.split("/")[-1].split(".r")[0]] = {k: z[k] for k in z.files}
-    return out
-
-
 def test_every_round_recomputed_in_float64(swarm):
-    momentum = None
-    for r in range(ROUNDS):
-        dumps = _dumps(swarm, r)
-        dumps = {p: d for p, d in dumps.items() if bool(d["applied"])}
-        assert len(dumps) >= 3, f"round {r}: only {len(dumps)} peers applied it"
-        thetas = [d["theta"] for d in dumps.values()]
-        assert all(np.array_equal(thetas[0], t) for t in thetas), f"round {r}: peers start from different theta"
-        contributors = sorted(dumps[next(iter(dumps))]["contributors"].tolist())
-        assert contributors == sorted(dumps), f"round {r}: contributors {contributors} != members {sorted(dumps)}"
-        w = np.array(applied([float(dumps[p]["weight"]) for p in contributors]))
-        deltas = np.stack([dumps[p]["delta"].astype(np.float64) for p in contributors])
-        avg = (w[:, None] * deltas).sum(0) / w.sum()
-        theta = thetas[0].astype(np.float64)
-        momentum = avg if momentum is None else 0.9 * momentum + avg
-        expected = theta - 0.7 * (avg + 0.9 * momentum)
-        for peer, d in dumps.items():
-            err = np.abs(d["new_theta"].astype(np.float64) - expected).max() / np.abs(expected).max()
-            assert err < 1e-6, f"round {r}: {peer} is {err:.2e} (relative) off the float64 recomputation"
+    check_rounds(swarm, ROUNDS, min_applied=3)
 
 
 def test_digests_equal_and_weights_add_up(swarm):
