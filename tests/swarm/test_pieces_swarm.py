@@ -47,10 +47,10 @@ def test_each_piece_crosses_the_wire_once_each_way(swarm):
             b, owners = row["shard_bounds"], row["owners"]
             mine = [j for j, o in enumerate(owners) if o == row["peer_id"]]
             others = [j for j in range(len(owners)) if j not in mine]
-            values = lambda js: sum(b[j + 1] - b[j] for j in js)  # noqa: E731
+            ours, theirs = (sum(b[j + 1] - b[j] for j in js) for js in (mine, others))   # values
             # our parts of the others' pieces go out, and each of our pieces to the 2 other members
-            assert row["bytes_sent"] == 4 * (values(others) + 2 * values(mine)), (name, row["round"])
-            assert row["bytes_received"] == 4 * (2 * values(mine) + values(others)), (name, row["round"])
+            assert row["bytes_sent"] == 4 * (theirs + 2 * ours), (name, row["round"])
+            assert row["bytes_received"] == 4 * (2 * ours + theirs), (name, row["round"])
 
 
 def test_every_round_recomputed_in_float64(swarm):
