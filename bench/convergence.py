@@ -166,6 +166,9 @@ def main() -> None:
     if "fp32" not in args.codecs:
         args.codecs.insert(0, "fp32")     # the gap column is against fp32
     cfgs = configs(args.codecs, args.weightings, args.peers, args.only)
+    if not cfgs:
+        names = [c.name for c in configs(args.codecs, args.weightings, args.peers, [])]
+        ap.error(f"--only {' '.join(map(repr, args.only))} names no config; the configs: {', '.join(names)}")
     log_root = Path(args.log_dir or tempfile.mkdtemp(prefix="convergence-"))
     args.keys = Path(args.keys) if args.keys else log_root / "keys"
     args.keys.mkdir(parents=True, exist_ok=True)
