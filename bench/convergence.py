@@ -194,7 +194,8 @@ def main() -> None:
     for c in cfgs:
         loss, wall = statistics.mean(losses[c.name]), statistics.mean(r.wall_s for r in c.runs)
         print(f"{c.name:26} {loss:9.4f} {min(losses[c.name]):7.4f}-{max(losses[c.name]):7.4f} {wall:7.1f} "
-              f"{sum(r.rounds for r in c.runs) / len(c.runs):6.1f} {100 * (loss - ref) / ref:+10.2f}%")
+              f"{sum(r.rounds for r in c.runs) / len(c.runs):6.1f} "
+              + (f"{100 * (loss - ref) / ref:+10.2f}%" if fp32 else f"{'-':>11}"))   # fp32 not run (--only)
 
 
 if __name__ == "__main__":
