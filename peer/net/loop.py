@@ -37,6 +37,18 @@ class Deadline:
         return d
 
 
+async def set_or_done(event: asyncio.Event, future: asyncio.Future) -> None:
+    """Returns once `event` is set or `future` is done, whichever first. `future` is only watched:
+    never cancelled, nor its result or exception taken (its owner does that)."""
+    if event.is_set() or future.done():
+        return
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait([waiter, future], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+
+
 def _new_loop() -> asyncio.AbstractEventLoop:
     try:
         import uvloop

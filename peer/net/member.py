@@ -19,7 +19,7 @@ from peer.net import owner as owner_side
 from peer.net.chunkmac import MacError
 from peer.net.client import EndedEarly, describe_rpc_error, sent
 from peer.net.core import NetCore
-from peer.net.loop import Deadline
+from peer.net.loop import Deadline, set_or_done
 from peer.net.round import Outcome, drop_reasons
 from peer.net.upload import MIN_SAMPLE_BYTES, paced
 
@@ -110,11 +110,7 @@ async def send_and_fetch(core: NetCore, ctx, roster: pb.Roster, delta: torch.Ten
         if before is not None:   # the previous piece's bytes are all handed to gRPC, or that send ended
             # (its outcome is its own: a failed piece does not stop the next); not its reply: the
             # owner's check of it and a round trip would leave the chain idle
-            written = asyncio.ensure_future(before[1].wait())
-            try:
-                await asyncio.wait([before[0], written], return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                written.cancel()
+            await set_or_done(before[1], before[0])
         await send_parts(core, ctx, roster, j, encoded[j][0], deadline, written=events[j])
 
     async def fetch_after_send(j: int) -> ar.ShardResult:
@@ -163,12 +159,8 @@ async def own_parts_in(ctx, roster: pb.Roster, piece: int) -> None:
     piece is whole the later its own all-gather starts; on capped links that skew, not the bytes,
     is what made rounds slow (one owner serving its late shard alone while the other links idle)."""
     for j, shard in list(ctx.owned.items()):
-        if ar.piece_index(roster, j) <= piece and not shard.all_in.is_set() and not shard.result.done():
-            all_in = asyncio.ensure_future(shard.all_in.wait())
-            try:   # the result's own future: waited on, never cancelled nor its exception taken here
-                await asyncio.wait([all_in, shard.result], return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                all_in.cancel()
+        if ar.piece_index(roster, j) <= piece:
+            await set_or_done(shard.all_in, shard.result)
 
 
 async def send_parts(core: NetCore, ctx, roster: pb.Roster, j: int, payload: bytes, deadline: Deadline,

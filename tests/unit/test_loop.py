@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from peer.net import loop as loop_module
-from peer.net.loop import NetLoop
+from peer.net.loop import NetLoop, set_or_done
 
 
 @pytest.fixture
@@ -57,3 +57,19 @@ def test_a_call_past_its_limit_is_cancelled_and_says_so(net, monkeypatch):
         return True
 
     assert net.call(was_cancelled(), 10)
+
+
+def test_set_or_done_returns_at_the_first_and_leaves_the_future_alone():
+    async def body():
+        event, future = asyncio.Event(), asyncio.get_running_loop().create_future()
+        waiting = asyncio.ensure_future(set_or_done(event, future))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        event.set()
+        await asyncio.wait_for(waiting, 1)
+        assert not future.done(), "the watched future is not cancelled"
+        future.set_exception(RuntimeError("its owner takes this"))
+        await asyncio.wait_for(set_or_done(asyncio.Event(), future), 1)   # a done future returns at once
+        assert isinstance(future.exception(), RuntimeError)
+
+    asyncio.run(body())
