@@ -79,16 +79,14 @@ def shard_plan(numel: int, peers: list[str], rates: list[float], align: int = SH
 
 
 def pieces(owners: list[str], bounds: list[int], encoded_size, align: int = SHARD_ALIGN,
-           piece_bytes: int | None = None) -> tuple[list[str], list[int]]:
+           piece_bytes: int = PIECE_BYTES) -> tuple[list[str], list[int]]:
     """Cuts every owner's range of a shard plan into pieces, each one shard of the roster (so the
     same owner is listed once per piece, its pieces next to each other): ceil(its encoded bytes /
-    piece_bytes, PIECE_BYTES by default) of them, at most validate.MAX_PIECES, of nearly equal
-    size in units of `align` values. A piece is reduced as soon as every member's part of it is in and served at once, so the
-    all-gather of an owner's first pieces overlaps the reduce-scatter of its last ones and a round
-    costs about one transfer of the pieces more than the bandwidth bound, not the skew of whole
-    shards (ARCHITECTURE.md section 4). `encoded_size(numel)`: the codec's bytes for numel values.
-    Pure and integer-only, like shard_plan."""
-    piece_bytes = piece_bytes or PIECE_BYTES
+    piece_bytes) of them (piece_size), at most validate.MAX_PIECES, of nearly equal size in units
+    of `align` values. A piece is reduced as soon as every member's part of it is in, and served at
+    once, so the all-gather of an owner's first pieces overlaps the reduce-scatter of its last
+    ones (ARCHITECTURE.md section 5, steps 6-8). `encoded_size(numel)`: the codec's bytes for
+    numel values. Pure and integer-only, like shard_plan."""
     out_owners, out_bounds = [], [0]
     for owner, start, end in zip(owners, bounds, bounds[1:], strict=False):
         units = max(1, (end - start) // align)
