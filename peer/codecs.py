@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 _F32_LE = np.dtype("<f4")
+_SLAB = 1 << 18   # values per pass of the int8/int4 quantizer: a 1 MiB scratch that stays in cache
 
 
 class CodecError(ValueError):
@@ -206,7 +207,7 @@ class Int8Codec(Codec):
 
     def _unpack(self, data: memoryview, numel: int) -> torch.Tensor:
         q = torch.from_numpy(np.frombuffer(data, dtype=np.int8).copy())
-        if bool((q == -128).any()):
+        if numel and int(q.min()) == -128:   # a min pass: a tenth of a (q == -128) mask's
             raise CodecError(f"int8 payload: {int((q == -128).sum())} values are -128, expected [-127, 127]")
         return q
 
@@ -226,14 +227,19 @@ class Int8Codec(Codec):
         q = torch.empty(numel, dtype=torch.int8)
         for start, blocks, size in self._parts(numel):
             xb = x[start:start + blocks * size].view(blocks, size)
-            lo, hi = torch.aminmax(xb, dim=1)
-            absmax = torch.maximum(hi, torch.neg(lo)).abs_()   # max |x| per block; abs_: never -0.0
-            sb = torch.div(absmax, float(self.Q_MAX), out=scales[start // self.BLOCK:start // self.BLOCK + blocks])
+            sb = scales[start // self.BLOCK:start // self.BLOCK + blocks]
+            # max |x| per block; amax and amin are each a tenth of aminmax(dim=1); abs_: never -0.0
+            torch.maximum(xb.amax(dim=1), xb.amin(dim=1).neg_(), out=sb).abs_().div_(float(self.Q_MAX))
             if bool((sb > self.MAX_SCALE).any()):
                 raise ValueError(f"{self.name} codec: |x| too large (block scale above {self.MAX_SCALE:.3g})")
             safe = torch.where(sb > 0, sb, torch.ones_like(sb)).unsqueeze(1)
-            qb = torch.div(xb, safe).round_().clamp_(-self.Q_MAX, self.Q_MAX)
-            q[start:start + blocks * size].view(blocks, size).copy_(qb)
+            qb = q[start:start + blocks * size].view(blocks, size)
+            rows = max(1, _SLAB // size)   # a slab at a time through one scratch buffer: no shard-sized temporaries
+            scratch = torch.empty(min(rows, blocks), size, dtype=torch.float32)
+            for r in range(0, blocks, rows):
+                s = scratch[:min(rows, blocks - r)]
+                torch.div(xb[r:r + rows], safe[r:r + rows], out=s).round_().clamp_(-self.Q_MAX, self.Q_MAX)
+                qb[r:r + rows].copy_(s)
         return _f32_bytes(scales) + self._pack(q)
 
     def _decode(self, data: memoryview, numel: int, out: torch.Tensor) -> torch.Tensor:
@@ -247,7 +253,9 @@ class Int8Codec(Codec):
             if bool(zero.any()) and bool((qb[zero] != 0).any()):
                 raise CodecError(f"{self.name} payload: {int((qb[zero] != 0).sum())} nonzero values in blocks "
                                  "with scale 0")
-            torch.mul(qb, sb.unsqueeze(1), out=out[start:start + blocks * size].view(blocks, size))
+            # widen, then scale in place: the same float32 product as mul(qb, sb), without its 5x slower
+            # mixed-dtype kernel
+            out[start:start + blocks * size].view(blocks, size).copy_(qb).mul_(sb.unsqueeze(1))
         return out
 
     def _check_scales(self, scales: torch.Tensor) -> None:
@@ -274,7 +282,7 @@ class Int4Codec(Int8Codec):
         return -(-numel // 2)
 
     def _pack(self, q: torch.Tensor) -> bytes:
-        u = (q.numpy().astype(np.int16) + 8).astype(np.uint8)
+        u = (q.numpy() + np.int8(8)).view(np.uint8)   # q in [-7, 7]: no overflow
         if u.size % 2:
             u = np.concatenate([u, np.zeros(1, np.uint8)])
         return (u[0::2] | (u[1::2] << 4)).tobytes()
@@ -285,10 +293,10 @@ class Int4Codec(Int8Codec):
         u[0::2], u[1::2] = b & 0x0F, b >> 4
         if numel % 2 and u[-1] != 0:
             raise CodecError("int4 payload: the padding nibble after the last value is not zero")
-        u = u[:numel]
-        if bool((u == 0).any()):
-            raise CodecError(f"int4 payload: {int((u == 0).sum())} values are -8, expected [-7, 7]")
-        return torch.from_numpy(u.astype(np.int8) - 8)
+        q = torch.from_numpy(u[:numel]).view(torch.int8)   # the nibbles, 0 to 15
+        if numel and int(q.min()) == 0:
+            raise CodecError(f"int4 payload: {int((q == 0).sum())} values are -8, expected [-7, 7]")
+        return q.sub_(8)
 
 
 CODECS: dict[str, Codec] = {codec.name: codec
@@ -359,7 +367,7 @@ class ErrorFeedback:
         _check_same_shape(start, target, decoded)
         if self._residual is None:
             self._residual = torch.zeros(numel, dtype=torch.float32)
-        self._residual[start:end] = torch.sub(target, decoded)
+        torch.sub(target, decoded, out=self._residual[start:end])   # target is never the residual's memory
 
     def update_owned(self, round_: int, start: int, target: torch.Tensor, decoded: torch.Tensor,
                      numel: int) -> None:

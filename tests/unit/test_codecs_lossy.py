@@ -92,6 +92,30 @@ def test_sparse_keeps_the_largest_values_of_each_chunk_with_their_sign() -> None
     assert y[[3, 9, 17, 20, 33, 39]].tolist() == [-5.0, 2.5, 1.0, 1.0, 1.0, -2.0]
 
 
+def test_sparse_picks_by_magnitude_then_lower_index_across_many_chunks() -> None:
+    """The selection runs in slabs of rows and ranks only rows with a tie across the cut; against a
+    plain per-chunk ranking (|x| descending, then index), on chunks with and without such ties."""
+    chunk, k = 64, 4
+    codec = SparseCodec(chunk=chunk, k=k)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(5000 * chunk + 37, generator=gen)   # more rows than one slab, and a short last chunk
+    rows = x[:5000 * chunk].view(5000, chunk)
+    rows[::7] = 0.0                                    # all tied
+    rows[1::7, :10] = 2.5                              # ten tied for four places
+    rows[2::7, :3], rows[2::7, 40:42] = 3.0, -2.0      # three clear, then two tied for the fourth
+    rows[3::7, 5] = -0.0                               # a lone -0.0 among random values
+    y = codec.decode(codec.encode(x), x.numel())
+    for start in range(0, x.numel(), chunk):
+        part = x[start:start + chunk]
+        ranked = sorted(range(part.numel()), key=lambda i: (-abs(float(part[i])), i))[:k]
+        kept = sorted(start + i for i in ranked)
+        got = (y[start:start + chunk].nonzero().flatten() + start).tolist()
+        assert set(got) <= set(kept), f"chunk at {start}: kept {got}, expected among {kept}"
+        # a kept value may decode to 0 only when it is 0 (its chunk's scale is 0)
+        assert all(float(x[i]) == 0.0 for i in set(kept) - set(got)), f"chunk at {start}"
+    assert codec.encode(x) == codec.encode(x.clone())
+
+
 def test_sparse_decode_rejects_bad_indices_and_scales() -> None:
     codec = SparseCodec(chunk=16, k=2)
     x = torch.arange(1.0, 41.0)
