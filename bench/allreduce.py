@@ -9,7 +9,8 @@ seeds; with our lossy codecs the error feedback carries over rounds as in a peer
 error is a round's real one, not one encoding's; "err round 0" is one encoding's), and the
 share (%, median) of the state the last peer's shards held (with --slow-peer, the slow one), the
 workers' peak RSS so far (monotonic over a worker's life: a backend run later shows only a
-higher peak; it includes the bench's own deltas and exact mean).
+higher peak; it includes the bench's own deltas and exact mean), and for ours "join s", the
+slowest peer's DHT refresh and group agreement before its first shard moves (median).
 
 --net netns puts each peer in its own network namespace, a veth to a bridge, both directions
 capped with tc tbf at --mbit (tests/links.py), bytes read from the namespace's eth0 (all a
@@ -204,7 +205,8 @@ def bound_s(step: str, run: Run) -> float | None:
 
 HEADER = (f"{'backend':22} {'k':>2} {'MiB':>4} {'median s':>9} {'min s':>7} {'max s':>7} {'cpu s/peer':>10} "
           f"{'sent MB/peer':>12} "
-          f"{'err round 0':>11} {'max abs err':>11} {'same':>5} {'failed':>6} {'peak GB':>7} {'last owns':>9}")
+          f"{'err round 0':>11} {'max abs err':>11} {'same':>5} {'failed':>6} {'peak GB':>7} {'last owns':>9} "
+          f"{'join s':>6}")
 
 
 def print_run(run: Run, label: str) -> None:
@@ -228,6 +230,9 @@ def print_run(run: Run, label: str) -> None:
                 f" {max(p['rss'] for r in rounds for p in r) / 1e9:7.2f}")
         owned = [r[-1]["owned"] for r in rounds if "owned" in r[-1]]
         line += f" {100 * statistics.median(owned):9.1f}" if owned else f" {'-':>9}"
+        # ours: the DHT refresh and group agreement before the first shard moves (the slowest peer's)
+        joins = [max(p["refresh_s"] + p["join_s"] for p in r) for r in rounds if "join_s" in r[0]]
+        line += f" {statistics.median(joins):6.3f}" if joins else f" {'-':>6}"
         bound = bound_s(step, run)
         if bound is not None:
             line += f" {bound:8.3f} {med / bound:7.2f}"
