@@ -12,13 +12,22 @@ rate (steps trained with no averaging or barrier under way, in the same run) is 
 reference. Round 0 (warm-up: connections, first steps) and the last round are left out; with
 --overlap the steps a round trained ahead are counted in the round they ran in.
 
+--accelerator-ms MS makes every inner step also wait MS milliseconds off the CPU (the test fault
+plan's sleep at each inner step, and before each step trained ahead with --overlap), solo and swarm
+peers alike: a peer whose steps run on an accelerator, so that the round's host work (codecs,
+gRPC, digests) does not take the cores its training needs, as it does when 4 CPU-trained peers
+share 2 cores. The sleep before a step trained ahead is also slept once when the round's result is
+already in: at most one step's worth per round against overlap.
+
     .venv/bin/python bench/utilization.py [--model tiny] [--rounds 4] [--target-steps 800]
         [--codec fp32] [--mbit 100] [--links loopback capped] [--alone-procs 4] [--repeats 1]
+        [--accelerator-ms 0]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -91,13 +100,22 @@ def open_swarm(root: Path, spec: list[str], link: str, mbit: float):
     return swarm, close or swarm.stop_all
 
 
-def run(root: Path, spec: list[str], link: str, mbit: float, peers: dict[str, list[str]], timeout_s: float) -> dict:
-    """Starts `peers` (name -> extra flags), waits for each to exit 0, returns name -> rows."""
+def accelerator_env(ms: float) -> dict[str, str]:
+    """The environment that makes a peer's every inner step wait `ms` off the CPU (none for 0)."""
+    if ms <= 0:
+        return {}
+    wait = {"action": "sleep", "seconds": ms / 1000}
+    return {"DILOCO_FAULTS": json.dumps([{"point": "inner_step", **wait}, {"point": "overlap_step", **wait}])}
+
+
+def run(root: Path, spec: list[str], link: str, mbit: float, peers: dict[str, list[str]], timeout_s: float,
+        env: dict[str, str]) -> dict:
+    """Starts `peers` (name -> extra flags) with `env`, waits for each to exit 0, returns name -> rows."""
     root.mkdir(parents=True, exist_ok=True)
     swarm, close = open_swarm(root, spec, link, mbit)
     try:
         for name, extra in peers.items():
-            swarm.start_peer(name, extra)
+            swarm.start_peer(name, extra, env)
         deadline = time.monotonic() + timeout_s
         for name in peers:
             try:
@@ -125,12 +143,14 @@ def main() -> None:
     ap.add_argument("--alone-procs", type=int, default=0, help="solo peers training at once for the alone "
                     "rate (0: as many as --peers)")
     ap.add_argument("--repeats", type=int, default=1, help="runs of everything, each with its own alone run")
+    ap.add_argument("--accelerator-ms", type=float, default=0.0, help="every inner step also waits this many ms "
+                    "off the CPU, as on an accelerator (0: CPU training only)")
     ap.add_argument("--timeout-s", type=float, default=900.0, help="the most one run may take")
     ap.add_argument("--log-dir", default="")
     args = ap.parse_args()
-    if args.rounds < 3 or args.peers < 2 or args.target_steps < args.peers or args.repeats < 1:
+    if args.rounds < 3 or args.peers < 2 or args.target_steps < args.peers or args.repeats < 1 or args.accelerator_ms < 0:
         ap.error("need --rounds >= 3 (round 0 and the last are left out), --peers >= 2, --target-steps >= --peers, "
-                 "--repeats >= 1")
+                 "--repeats >= 1, --accelerator-ms >= 0")
     links = list(args.links)
     if "capped" in links:
         from tests.links import LinksUnavailable, check_available
@@ -144,15 +164,18 @@ def main() -> None:
     spec = ["--model", args.model, "--codec", args.codec, "--batch-size", str(args.batch_size),
             "--max-rounds", str(args.rounds), "--eval-batches", "0", "--join-window-s", "3", "--model-seed", "0"]
     print(f"utilization: model {args.model}, {args.codec}, {args.peers} peers, {args.rounds} rounds of "
-          f"{args.target_steps} inner steps; alone = {alone_procs} solo peers at once; 2-core machine shared "
+          f"{args.target_steps} inner steps"
+          + (f", each step also {args.accelerator_ms:g} ms off the CPU (an accelerator)" if args.accelerator_ms else "")
+          + f"; alone = {alone_procs} solo peers at once; 2-core machine shared "
           f"with others: figures are noisy. Logs in {log_root}", flush=True)
 
     per_peer = str(max(1, args.target_steps // args.peers))
+    env = accelerator_env(args.accelerator_ms)
     table: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     for rep in range(args.repeats):   # each repeat measures its own alone rate first: the load drifts
         solo = run(log_root / f"alone-{rep}", [*spec, "--min-peers", "1", "--target-steps", per_peer], "loopback",
                    args.mbit, {f"a{i}": ["--run-id", f"alone-{rep}-{i}", "--seed", str(i)] for i in range(alone_procs)},
-                   args.timeout_s)
+                   args.timeout_s, env)
         # alone: the train-only rate (samples / train seconds, train seconds = samples / samples_per_s)
         alone = statistics.mean(train_rate(rows) for rows in solo.values())
         print(f"  #{rep} alone: {alone:.0f} samples/s per peer", flush=True)
@@ -162,7 +185,7 @@ def main() -> None:
                 rows = run(log_root / f"{link}-{mode}-{rep}", [*spec, "--min-peers", str(args.peers), "--target-steps",
                                                                str(args.target_steps), "--run-id", f"ut-{link}-{mode}"],
                            link, args.mbit, {f"p{i}": ["--seed", str(i), *extra] for i in range(args.peers)},
-                           args.timeout_s)
+                           args.timeout_s, env)
                 rates = [s / t for s, t in (trained(r, args.batch_size) for r in rows.values())]
                 avg = statistics.mean(r["average_seconds"] for peer in rows.values() for r in peer[1:-1])
                 rate = statistics.mean(rates)
