@@ -1,5 +1,9 @@
 """The host work one peer does per round outside training and the wire, part by part, as a
-multiple of one plain copy of the state (`theta.clone()`, timed in the same run). Calls the
+multiple of one plain copy of the state, timed in the same run two ways: `theta.clone()` (new
+memory: for a state this size the allocator may hand out fresh pages, whose first touch costs
+more than the copy, or reuse freed ones, so this unit moves up to 3 x with what ran before) and
+`held.copy_(theta)` into memory already touched (one pass at memory speed: the stricter, steady
+unit). Every part's own new tensors pay the same first-touch cost as the clone. Calls the
 functions a peer calls, in its order, on a state of --numel values (the `base` preset's
 size by default): the model's parameters to the host buffer, the pseudo-gradient, encoding
 this member's shards (with its error-feedback residual), decoding the k contributions to the
@@ -42,6 +46,16 @@ def clone_seconds(theta: torch.Tensor, repeats: int = 5) -> float:
         copy = theta.clone()
         times.append(time.perf_counter() - t)
         del copy
+    return statistics.median(times)
+
+
+def held_copy_seconds(theta: torch.Tensor, held: torch.Tensor, repeats: int = 5) -> float:
+    """One copy of theta into `held` (theta's size, touched before): a pass at memory speed."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        held.copy_(theta)
+        times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 
@@ -123,26 +137,28 @@ async def main() -> None:
     log = UpdateLog()
     scratch = torch.empty(args.numel)   # the keeper's recycled outer-step intermediate
     rows: list[dict[str, float]] = []
-    copy_s = []
+    copy_s, held_s = [], []
+    held = torch.zeros(args.numel)
     for _ in range(args.rounds):
         roster = make_roster(state.round, "peer0", members, codec.name, args.numel)
         b = roster.shard_bounds
         others = [codec.encode(torch.randn(b[j + 1] - b[j], generator=gen).mul_(1e-3)) for j in range(len(roster.owners))]
         copy_s.append(clone_seconds(state.theta))
+        held_s.append(held_copy_seconds(state.theta, held))
         state, parts = await one_round(state, params, host, roster, codec, ef, owner_ef, others, log, gen,
                                        scratch)
         rows.append(parts)
-    copy = statistics.median(copy_s)
+    copy, held_copy = statistics.median(copy_s), statistics.median(held_s)
     print(f"{args.numel} values ({4 * args.numel / 1e6:.1f} MB of theta), k = {args.members}, {codec.name}, "
-          f"{torch.get_num_threads()} torch threads, median of {args.rounds} rounds; one copy "
-          f"(theta.clone()) = {copy * 1e3:.1f} ms; shared machine: figures are noisy")
-    print(f"{'part':28} {'ms':>9} {'copies':>7}")
+          f"{torch.get_num_threads()} torch threads, median of {args.rounds} rounds; one copy: theta.clone() "
+          f"= {copy * 1e3:.1f} ms, into held memory = {held_copy * 1e3:.1f} ms; shared machine: figures are noisy")
+    print(f"{'part':28} {'ms':>9} {'clones':>7} {'held copies':>11}")
     total = 0.0
     for name in rows[0]:
         s = statistics.median(r[name] for r in rows)
         total += s
-        print(f"{name:28} {s * 1e3:9.1f} {s / copy:7.2f}")
-    print(f"{'total':28} {total * 1e3:9.1f} {total / copy:7.2f}")
+        print(f"{name:28} {s * 1e3:9.1f} {s / copy:7.2f} {s / held_copy:11.2f}")
+    print(f"{'total':28} {total * 1e3:9.1f} {total / copy:7.2f} {total / held_copy:11.2f}")
 
 
 if __name__ == "__main__":
