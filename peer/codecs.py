@@ -151,15 +151,32 @@ class _CastCodec(Codec):
     def encoded_size(self, numel: int) -> int:
         return 2 * numel
 
-    def _encode(self, x: torch.Tensor) -> bytes:
+    def _cast(self, x: torch.Tensor) -> torch.Tensor:
+        """x cast to DTYPE (a new tensor); ValueError where a value overflows it."""
         y = x.to(self.DTYPE)
         if not all_finite(y):
             raise ValueError(f"{self.name} codec: |x| up to {float(x.abs().max()):.3g} overflows {self.name}; "
                              "pick --codec bf16, int8 or fp32")
-        return y.view(torch.int16).numpy().astype("<i2", copy=False).tobytes()
+        return y
+
+    def _encode(self, x: torch.Tensor) -> bytes:
+        return self._cast(x).view(torch.int16).numpy().astype("<i2", copy=False).tobytes()
+
+    def encode_view(self, x: torch.Tensor) -> bytes | memoryview:
+        """The cast's own memory, read-only (a new tensor nothing else holds), without encode's copy
+        of it into bytes."""
+        if sys.byteorder != "little":
+            return self.encode(x)
+        _check_input(x)
+        return memoryview(self._cast(x).view(torch.int16).numpy()).cast("B").toreadonly()
 
     def _decode(self, data: memoryview, numel: int, out: torch.Tensor) -> torch.Tensor:
-        raw = torch.from_numpy(np.frombuffer(data, dtype="<i2").astype(np.int16))
+        if numel and sys.byteorder == "little":
+            with warnings.catch_warnings():   # a read-only view is fine: the values are only read
+                warnings.simplefilter("ignore", UserWarning)
+                raw = torch.frombuffer(data, dtype=torch.int16)   # widened straight from the payload
+        else:
+            raw = torch.from_numpy(np.frombuffer(data, dtype="<i2").astype(np.int16))
         out.copy_(raw.view(self.DTYPE))
         if not all_finite(out):
             raise CodecError(f"{self.name} payload has {int((~torch.isfinite(out)).sum())} non-finite values")

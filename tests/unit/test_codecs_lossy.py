@@ -66,6 +66,18 @@ def test_round_trip_within_the_stated_bound(name: str, kind: str) -> None:
         assert not bool(y.any())
 
 
+@pytest.mark.parametrize("name", ["fp32", *LOSSY])
+@pytest.mark.parametrize("numel", [0, 1, 4097])
+def test_encode_view_holds_the_bytes_of_encode_and_decodes_the_same(name: str, numel: int) -> None:
+    """What members and owners send (encode_view, a view for fp32, fp16 and bf16) is encode's bytes,
+    and decoding the view (as an owner decodes its own part) gives the same values."""
+    codec = get_codec(name)
+    x = signal("heavy", numel) / 1e3
+    data, view = codec.encode(x), codec.encode_view(x)
+    assert bytes(view) == data
+    assert torch.equal(codec.decode(view, numel).view(torch.int32), codec.decode(data, numel).view(torch.int32))
+
+
 @pytest.mark.parametrize("name", LOSSY)
 @pytest.mark.parametrize("numel", [0, 1, 2, 63, 64, 65, 4095, 4096, 4097, 8192 + 5])
 def test_sizes_match_encodings(name: str, numel: int) -> None:
