@@ -1,8 +1,8 @@
 """The peer's network state and the round protocol's leader side, all on the network loop:
 progress in the DHT and the view of the swarm, readiness, the round-start barrier, the
 trigger (Progress leases), the Progress / GetState / GetUpdates handlers (Join and Commit are
-group.py, the owner side owner.py, a member's round member.py, the next state keeper.py). Never blocks:
-big tensor work goes to an executor."""
+group.py, the owner side owner.py, a member's round member.py with scatter.py and gather.py, the
+next state keeper.py). Never blocks: big tensor work goes to an executor."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from peer._proto import peer_pb2 as pb
 from peer.codecs import get_codec
 from peer.config import PeerConfig, RunSpec
 from peer.net import allreduce as ar
-from peer.net import member
+from peer.net import gather, scatter
 from peer.net import owner as owner_side
 from peer.net.auth import derived_key
 from peer.net.chunkmac import ChunkMacs, MacError
@@ -144,10 +144,10 @@ def test_a_byte_flipped_in_a_later_chunk_of_a_part_is_refused(secret, caplog):
         owner, sender, roster, proxy, close = await pair(secret, up=True)
         try:
             with caplog.at_level(logging.WARNING):
-                await member.send_shard(sender, sender.ctx(1), roster, 0, marked_payload(), Deadline(30))
+                await scatter.send_shard(sender, sender.ctx(1), roster, 0, marked_payload(), Deadline(30))
             assert proxy.flipped
             assert (0, False) not in sender.ctx(1).accepted and sender.peer_id not in owner.ctx(1).owned[0].received
-            said = [r.getMessage() for r in caplog.records if r.name == "peer.net.member"]
+            said = [r.getMessage() for r in caplog.records if r.name == "peer.net.scatter"]
             assert len(said) == 1 and "round 1: sending shard 0" in said[0], said
             if secret:   # refused at the changed chunk, before the payload's hash is even complete
                 heard = [r.getMessage() for r in caplog.records if r.name == "peer.net.owner"]
@@ -168,10 +168,10 @@ def test_a_byte_flipped_in_a_later_chunk_of_a_reduced_shard_is_refused(secret):
     async def body():
         owner, sender, roster, proxy, close = await pair(secret, up=False)
         try:
-            await member.send_shard(sender, sender.ctx(1), roster, 0, marked_payload(), Deadline(30))
+            await scatter.send_shard(sender, sender.ctx(1), roster, 0, marked_payload(), Deadline(30))
             assert (0, False) in sender.ctx(1).accepted, "the part went up untouched"
             with pytest.raises(RuntimeError) as e:
-                await member.pull_shard(sender, roster, 0, owner.peer_id, 20.0)
+                await gather.pull_shard(sender, roster, 0, owner.peer_id, 20.0)
             assert proxy.flipped
             if secret:
                 assert f"round 1: shard 0 from {owner.peer_id[-6:]}: chunk 3 fails its MAC" in str(e.value)
