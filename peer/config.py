@@ -16,13 +16,13 @@ from typing import Any
 # 2: signed calls and records, chunk and reply MACs in private runs, the spec's tls_ca, shard payload
 # digests and state digests in BLAKE3-256 (were SHA-256): a peer of 1 cannot join a run of 2; it is
 # told so, exit 4, instead of failing at its first call. 3: a roster lists an owner once per piece of
-# its range (peer.net.round.pieces), which a peer of 2 refuses as "owners are not distinct"
+# its range (peer.net.shardmap.pieces), which a peer of 2 refuses as "owners are not distinct"
 PROTOCOL_VERSION = 3
 CODECS = ("fp32", "fp16", "bf16", "int8", "int4", "sparse")
 WEIGHTINGS = ("steps", "samples", "equal")
 STALE_WORK = ("drop", "carry")
 AGGREGATORS = ("mean", "trimmed-mean", "centered-clip")   # peer/aggregate.py
-SHARD_SIZINGS = ("rate", "equal")   # peer/net/round.py shard_plan: by measured upload rate, or equal
+SHARD_SIZINGS = ("rate", "equal")   # peer/net/shardmap.py shard_plan: by measured upload rate, or equal
 VERIFY_SHARDS = ("auto", "on", "off")   # auto: on with a robust aggregator and no trusted owners
 PEER_ID = re.compile(r"[1-9A-HJ-NP-Za-km-z]{32,64}")   # a base58 libp2p peer id (peer/identity.py)
 MODELS = ("tiny", "small", "base")  # built-in GPT presets; "hf" is a transformers causal LM from a config

@@ -261,14 +261,14 @@ def contribution_header(roster: pb.Roster, sender: str, shard: int, codec: Codec
 
 def backup_owner(roster: pb.Roster, shard: int) -> str:
     """Who reduces shard `shard` again when its owner dies: the owner of the next shard owned by
-    another peer, cyclically (an owner's pieces are next to each other: peer.net.round.pieces); ""
+    another peer, cyclically (an owner's pieces are next to each other: peer.net.shardmap.pieces); ""
     when the roster has a single owner."""
     n, owner = len(roster.owners), roster.owners[shard]
     return next((roster.owners[(shard + i) % n] for i in range(1, n) if roster.owners[(shard + i) % n] != owner), "")
 
 
 def piece_index(roster: pb.Roster, shard: int) -> int:
-    """Which of its owner's pieces shard `shard` is: 0 for the first (peer.net.round.pieces)."""
+    """Which of its owner's pieces shard `shard` is: 0 for the first (peer.net.shardmap.pieces)."""
     owner, i = roster.owners[shard], 0
     while shard - i > 0 and roster.owners[shard - i - 1] == owner:
         i += 1

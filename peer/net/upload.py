@@ -1,6 +1,6 @@
 """This peer's uplink: the `--max-upload-mbit` cap on what it sends (a token bucket every
 outgoing shard and state stream of the process draws from, on the network loop) and the
-measured upload rate it publishes, which the round's leader sizes its shard by (round.py
+measured upload rate it publishes, which the round's leader sizes its shard by (shardmap.py
 `shard_plan`). The bucket sleeps until enough tokens exist (no polling); waiting is
 cancellable, so a call's deadline still ends it."""
 

@@ -86,7 +86,7 @@ def numbers(message) -> None:
                          f"{type(message).__name__}.{name} is {value!r}: expected a finite number in [{low:g}, {high:g}]")
 
 
-MAX_PIECES = 8   # shards one owner may hold in a roster (peer.net.round.pieces): bounds a leader's cut
+MAX_PIECES = 8   # shards one owner may hold in a roster (peer.net.shardmap.pieces): bounds a leader's cut
 MAX_TEXT = 512   # characters of a string field (ids, hashes, addresses, codec names); free-text `reason`s aside
 
 

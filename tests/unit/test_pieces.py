@@ -1,4 +1,4 @@
-"""Pieces (peer.net.round.pieces): each owner's range of a large shard plan is cut into a few
+"""Pieces (peer.net.shardmap.pieces): each owner's range of a large shard plan is cut into a few
 shards of the roster, reduced and served one by one, so an owner's all-gather of its first pieces
 overlaps the reduce-scatter of its last ones. The cut itself (pure, aligned, bounded, accepted by
 members only in its one shape), the backup owner and send order it implies, and a whole butterfly
@@ -17,13 +17,13 @@ from peer._proto import peer_pb2 as pb
 from peer.codecs import get_codec
 from peer.config import PeerConfig, RunSpec
 from peer.net import allreduce as ar
-from peer.net import member, validate
+from peer.net import member, shardmap, validate
 from peer.net import owner as owner_side
-from peer.net import round as round_
 from peer.net.core import NetCore
 from peer.net.loop import Deadline
-from peer.net.round import SHARD_ALIGN, make_roster, pieces, shard_plan
+from peer.net.round import make_roster
 from peer.net.server import start_server
+from peer.net.shardmap import SHARD_ALIGN, pieces, shard_plan
 from tests.fixtures import identity
 
 pytestmark = pytest.mark.timeout(60)
@@ -44,7 +44,7 @@ def test_an_owners_range_is_cut_into_aligned_pieces_of_about_the_piece_size():
         mine = [j for j, p in enumerate(cut_owners) if p == o]
         assert mine == list(range(mine[0], mine[-1] + 1)), "an owner's pieces are next to each other"
         assert (cut[mine[0]], cut[mine[-1] + 1]) == (start, end)
-        assert len(mine) == -(-fp32_bytes(end - start) // round_.PIECE_BYTES) == 7   # 14.4 MB / 2 MiB
+        assert len(mine) == -(-fp32_bytes(end - start) // shardmap.PIECE_BYTES) == 7   # 14.4 MB / 2 MiB
         sizes = [cut[j + 1] - cut[j] for j in mine]
         assert max(sizes) - min(sizes) < 2 * SHARD_ALIGN   # whole units; the last owner ends ragged
 
@@ -60,9 +60,9 @@ def test_small_shards_stay_whole_and_large_ones_have_at_most_max_pieces():
 
 
 def test_pieces_follow_the_slowest_link_so_a_fast_one_keeps_whole_shards():
-    assert round_.piece_size([0.0, float("nan")]) == round_.PIECE_BYTES        # nothing measured yet
-    assert round_.piece_size([3.1e6, 12.5e6, 0.0]) == round_.PIECE_BYTES       # 25 Mbit/s: 2 MiB pieces
-    assert round_.piece_size([12.5e6, 12.5e6]) == int(12.5e6 * round_.PIECE_S)  # 100 Mbit/s: 3.1 MB
+    assert shardmap.piece_size([0.0, float("nan")]) == shardmap.PIECE_BYTES        # nothing measured yet
+    assert shardmap.piece_size([3.1e6, 12.5e6, 0.0]) == shardmap.PIECE_BYTES       # 25 Mbit/s: 2 MiB pieces
+    assert shardmap.piece_size([12.5e6, 12.5e6]) == int(12.5e6 * shardmap.PIECE_S)  # 100 Mbit/s: 3.1 MB
     members = [pb.Member(peer_id=p, address=f"127.0.0.1:{i + 1}", weight=1.0, samples=1, upload_bps=rate)
                for i, (p, rate) in enumerate(zip("abcd", [2e9, 1e9, 1.5e9, 3e9], strict=True))]
     assert len(make_roster(3, "a", members, "fp32", BASE_NUMEL).owners) == 4   # loopback: one shard an owner
@@ -118,7 +118,7 @@ async def swarm_of(codec: str, n: int = 3):
 @pytest.mark.parametrize("codec", ["fp32", "int8"])
 def test_a_butterfly_with_pieces_over_real_grpc_gives_every_member_the_same_exact_mean(codec, monkeypatch):
     # one unit a piece: a test-sized state cut like a large one
-    monkeypatch.setattr(round_, "PIECE_BYTES", get_codec(codec).encoded_size(SHARD_ALIGN))
+    monkeypatch.setattr(shardmap, "PIECE_BYTES", get_codec(codec).encoded_size(SHARD_ALIGN))
     numel = 3 * 4 * SHARD_ALIGN + 1000                      # 3 owners with 4 pieces each, a ragged end
 
     async def body():
@@ -159,7 +159,7 @@ def test_a_butterfly_with_pieces_over_real_grpc_gives_every_member_the_same_exac
 def test_a_dead_owners_pieces_are_reduced_again_by_the_next_other_owner(monkeypatch):
     """An owner that is gone when the round starts: every one of its pieces is reduced again by its
     backup (the next other owner), without it; the others' pieces after the transfer timeout."""
-    monkeypatch.setattr(round_, "PIECE_BYTES", get_codec("fp32").encoded_size(SHARD_ALIGN))
+    monkeypatch.setattr(shardmap, "PIECE_BYTES", get_codec("fp32").encoded_size(SHARD_ALIGN))
     numel = 3 * 3 * SHARD_ALIGN
 
     async def body():

@@ -1,4 +1,4 @@
-"""Uneven links: shard bounds follow the members' upload rates (round.shard_plan), a far slower
+"""Uneven links: shard bounds follow the members' upload rates (shardmap.shard_plan), a far slower
 peer owns no shard, and the --max-upload-mbit token bucket never lets more through than its
 rate allows (its accounting, checked on an injected clock: nothing here is timed)."""
 
@@ -10,7 +10,8 @@ import pytest
 from peer._proto import peer_pb2 as pb
 from peer.config import ConfigError, PeerConfig, validate_peer
 from peer.net import swarm
-from peer.net.round import SHARD_ALIGN, SLOW_FRACTION, make_roster, roster_hash, shard_plan
+from peer.net.round import make_roster, roster_hash
+from peer.net.shardmap import SHARD_ALIGN, SLOW_FRACTION, shard_plan
 from peer.net.upload import RateMeter, UploadCap, cap_bps, paced, upload_estimate
 
 IDS = ["a", "b", "c", "d"]
