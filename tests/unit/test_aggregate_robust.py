@@ -15,7 +15,8 @@ from peer.codecs import ErrorFeedback, Fp32Codec
 from peer.config import RunSpec
 from peer.net import allreduce as ar
 from peer.net.owner import aggregator_of
-from peer.net.round import SHARD_ALIGN, make_roster
+from peer.net.round import make_roster
+from peer.net.shardmap import SHARD_ALIGN
 
 pytestmark = pytest.mark.timeout(120)
 
