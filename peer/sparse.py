@@ -17,16 +17,28 @@ MAX_CHUNK = 1 << 20
 _SLAB = 1 << 18   # values per pass of the selection: a 1 MiB scratch of |x| that stays in cache
 
 
+def _container(bits: int) -> int:
+    """Bytes of the smallest unsigned integer holding `bits` bits (MAX_CHUNK's indices: 20)."""
+    return 1 if bits <= 8 else 2 if bits <= 16 else 4
+
+
 def _pack_bits(values: np.ndarray, bits: int) -> bytes:
-    """values (non-negative, < 2**bits) as a little-endian bit stream of `bits` bits each."""
-    shifts = np.arange(bits, dtype=np.int64)
-    matrix = ((values.astype(np.int64)[:, None] >> shifts) & 1).astype(np.uint8)
-    return np.packbits(matrix.reshape(-1), bitorder="little").tobytes()
+    """values (non-negative, < 2**bits) as a little-endian bit stream of `bits` bits each: each
+    value's little-endian bytes unpacked to bits (bit i in column i), the first `bits` columns packed
+    again, all in uint8 (a tenth of the memory traffic of shifting int64 copies)."""
+    size = _container(bits)
+    raw = values.astype(f"<u{size}").view(np.uint8).reshape(-1, size)
+    matrix = np.unpackbits(raw, axis=1, bitorder="little")
+    return np.packbits(matrix[:, :bits], bitorder="little").tobytes()
 
 
 def _unpack_bits(data: memoryview, count: int, bits: int) -> np.ndarray:
-    flat = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count * bits, bitorder="little")
-    return flat.reshape(count, bits).astype(np.int64) @ (np.int64(1) << np.arange(bits, dtype=np.int64))
+    """The `count` values of `bits` bits each of a _pack_bits stream, as int64."""
+    size = _container(bits)
+    matrix = np.zeros((count, 8 * size), dtype=np.uint8)
+    matrix[:, :bits] = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count * bits,
+                                     bitorder="little").reshape(count, bits)
+    return np.packbits(matrix, axis=1, bitorder="little").view(f"<u{size}").reshape(count).astype(np.int64)
 
 
 class SparseCodec(Codec):
