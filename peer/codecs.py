@@ -90,6 +90,12 @@ class Codec(ABC):
         view is in use (a shard of a hand-over delta, a fresh mean)."""
         return self.encode(x)
 
+    def encode_decoded(self, x: torch.Tensor) -> tuple[bytes | memoryview, torch.Tensor]:
+        """encode_view(x) and the new tensor its bytes decode to (x itself for an exact codec): what
+        the encoder's error feedback needs. A codec may build the decoding while it encodes."""
+        payload = self.encode_view(x)
+        return payload, x if self.EXACT else self.decode(payload, x.numel())
+
     def decode_view(self, data: bytearray | memoryview, numel: int) -> torch.Tensor:
         """decode(data, numel); a codec whose bytes are the values themselves (fp32 on a little-endian
         machine) returns a tensor over `data`'s memory instead of a copy (checked the same way):

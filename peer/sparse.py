@@ -11,7 +11,7 @@ import math
 import numpy as np
 import torch
 
-from peer.codecs import Codec, CodecError, _f32_bytes, _f32_from
+from peer.codecs import Codec, CodecError, _check_input, _f32_bytes, _f32_from
 
 MAX_CHUNK = 1 << 20
 _SLAB = 1 << 18   # values per pass of the selection: a 1 MiB scratch of |x| that stays in cache
@@ -118,10 +118,24 @@ class SparseCodec(Codec):
         return chosen.nonzero()[:, 1].view(-1, k)
 
     def _encode(self, x: torch.Tensor) -> bytes:
+        return self._encode_kept(x)[0]
+
+    def encode_decoded(self, x: torch.Tensor) -> tuple[bytes, torch.Tensor]:
+        """encode(x) and its decoding, built from the values kept (the same float32 ops as _decode),
+        without unpacking and checking our own bytes."""
+        _check_input(x)
+        payload, positions, values = self._encode_kept(x)
+        decoded = torch.zeros(x.numel(), dtype=torch.float32)
+        if positions.numel():
+            decoded[positions] = values
+        return payload, decoded
+
+    def _encode_kept(self, x: torch.Tensor) -> tuple[bytes, torch.Tensor, torch.Tensor]:
+        """The payload, and the flat positions of the kept values with what each decodes to."""
         numel = x.numel()
         chunks, _, last = self._layout(numel)
         if chunks == 0:
-            return b""
+            return b"", torch.empty(0, dtype=torch.int64), torch.empty(0)
         full = chunks - 1 if last < self.chunk else chunks
         parts = []
         if full:
@@ -129,15 +143,20 @@ class SparseCodec(Codec):
         if full < chunks:
             parts.append(self._select(x[full * self.chunk:], 1, last, min(self.k, last)))
         scales = torch.cat([v.abs().amax(dim=1) for _, v in parts])
-        codes, indices, offset = [], [], 0
+        codes, indices, positions, decoded, offset = [], [], [], [], 0
         for idx, v in parts:
             s = scales[offset:offset + v.shape[0]]
-            offset += v.shape[0]
             big = torch.abs(v) > torch.mul(s, 0.75)[:, None]
-            codes.append(((v < 0).to(torch.int64) | (big.to(torch.int64) << 1)).reshape(-1))
+            negative = v < 0
+            codes.append((negative.to(torch.int64) | (big.to(torch.int64) << 1)).reshape(-1))
             indices.append(idx.reshape(-1))
-        return (_f32_bytes(scales) + _pack_bits(torch.cat(indices).numpy(), self.index_bits)
-                + _pack_bits(torch.cat(codes).numpy(), 2))
+            positions.append((idx + (torch.arange(v.shape[0]) + offset)[:, None] * self.chunk).reshape(-1))
+            magnitude = torch.where(big, s[:, None], torch.mul(s, 0.5)[:, None])   # as _decode computes it
+            decoded.append(torch.where(negative, torch.neg(magnitude), magnitude).reshape(-1))
+            offset += v.shape[0]
+        payload = (_f32_bytes(scales) + _pack_bits(torch.cat(indices).numpy(), self.index_bits)
+                   + _pack_bits(torch.cat(codes).numpy(), 2))
+        return payload, torch.cat(positions), torch.cat(decoded)
 
     def _decode(self, data: memoryview, numel: int, out: torch.Tensor) -> torch.Tensor:
         chunks, kept, last = self._layout(numel)

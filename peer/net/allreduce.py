@@ -204,8 +204,7 @@ class OwnedShard:
         if self.lie != 1.0:
             mean = mean * self.lie
         target = mean if self.codec.EXACT else ef.compensate(start, mean, numel)
-        payload = self.codec.encode_view(target)   # fp32: the mean's own bytes (nothing else holds it)
-        decoded = target if self.codec.EXACT else self.codec.decode(payload, target.numel())
+        payload, decoded = self.codec.encode_decoded(target)   # fp32: the mean's own bytes (nothing else holds it)
         return payload, ResidualUpdate(start, numel, target, decoded, owner_round=self.roster.round)
 
 
@@ -235,9 +234,9 @@ def encode_shard(delta: torch.Tensor, roster: pb.Roster, codec: Codec, ef: Error
     b = roster.shard_bounds
     # an exact codec leaves no residual: the slice itself is sent (error feedback has nothing to add)
     target = delta[b[j]:b[j + 1]] if codec.EXACT else ef.compensate(b[j], delta[b[j]:b[j + 1]], roster.numel)
-    payload = codec.encode_view(target)   # fp32: a view of the delta's slice (a hand-over: nobody changes it)
-    # decoded here, not at commit on the network loop; an exact codec loses nothing: target itself
-    decoded = target if codec.EXACT else codec.decode(payload, target.numel())
+    # fp32: a view of the delta's slice (a hand-over: nobody changes it), and target itself as its
+    # decoding (it loses nothing); a lossy codec's decoding is made here, not at commit on the loop
+    payload, decoded = codec.encode_decoded(target)
     return payload, ResidualUpdate(b[j], roster.numel, target, decoded)
 
 

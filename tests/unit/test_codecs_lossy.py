@@ -68,14 +68,19 @@ def test_round_trip_within_the_stated_bound(name: str, kind: str) -> None:
 
 @pytest.mark.parametrize("name", ["fp32", *LOSSY])
 @pytest.mark.parametrize("numel", [0, 1, 4097])
-def test_encode_view_holds_the_bytes_of_encode_and_decodes_the_same(name: str, numel: int) -> None:
-    """What members and owners send (encode_view, a view for fp32, fp16 and bf16) is encode's bytes,
-    and decoding the view (as an owner decodes its own part) gives the same values."""
+def test_encode_view_and_encode_decoded_hold_the_bytes_of_encode_and_decode_the_same(name: str, numel: int) -> None:
+    """What members and owners send (encode_decoded's payload: encode_view, a view for fp32, fp16 and
+    bf16) is encode's bytes; decoding the view (as an owner decodes its own part) and the decoding
+    encode_decoded builds for error feedback (sparse: from the values it kept) are decode's values."""
     codec = get_codec(name)
     x = signal("heavy", numel) / 1e3
+    x[: numel // 3] = 0.0                     # a run of zeros: ties across sparse's cut, zero int blocks
     data, view = codec.encode(x), codec.encode_view(x)
     assert bytes(view) == data
-    assert torch.equal(codec.decode(view, numel).view(torch.int32), codec.decode(data, numel).view(torch.int32))
+    decoded = codec.decode(data, numel).view(torch.int32)
+    assert torch.equal(codec.decode(view, numel).view(torch.int32), decoded)
+    payload, own = codec.encode_decoded(x)
+    assert bytes(payload) == data and torch.equal(own.view(torch.int32), decoded)
 
 
 @pytest.mark.parametrize("name", LOSSY)
