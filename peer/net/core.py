@@ -114,6 +114,9 @@ class NetCore:
         self._viewed = asyncio.Event()       # set (and replaced) after every view refresh
         self._progress_task: asyncio.Task | None = None
         self.gone: dict[str, float] = {}     # peers whose process is gone (refused us): until when to skip them
+        # the round and the serving members (peer id -> address) of the last roster we were in: leader
+        # candidates of the next round even when the DHT lost their records (candidates)
+        self.last_group: tuple[int, dict[str, str]] = (-1, {})
         self.suspects = Suspects()           # peers a --verify-shards mismatch pointed at (verify.py)
 
     # ---- progress, view and trigger -------------------------------------------------------
@@ -334,19 +337,34 @@ class NetCore:
     # ---- group agreement -----------------------------------------------------------------
     def candidates(self, round_: int, skip: set[str]) -> list[tuple[str, str]]:
         """Leader candidates for `round_` (peer id, address), best first: fresh serving peers
-        in this round or just finishing the one before."""
+        in this round or just finishing the one before; and the serving members of our group of
+        the round before whose records we do not see (a DHT that is slow to store or to answer
+        must not make two peers that just averaged together each lead a group of its own: two
+        states of one round). A member that is gone costs one Health probe (join_round)."""
         found = {r.peer_id: r.addr for r in self.live_peers()
                  if round_ - 1 <= r.round <= round_ and not r.client and r.addr}
+        found |= self.unseen_last_group(round_)
         if not self.client_mode and round_ - 1 <= self.round <= round_:
             found[self.peer_id] = self.address
         ranked = sorted(found, key=lambda p: leader_rank(self.run_id, round_, p))
         return [(p, found[p]) for p in ranked if p not in skip]
 
     def expected_members(self, round_: int) -> set[str]:
+        """Whom a leader of `round_` waits for: ready live peers in it, and us. Not the last group's
+        members we do not see (candidates): a leader admits only joiners whose record it sees."""
         out = {r.peer_id for r in self.live_peers(round_) if r.ready()}
         if self.round == round_:
             out.add(self.peer_id)
         return out
+
+    def unseen_last_group(self, round_: int) -> dict[str, str]:
+        """The serving members (peer id -> address) of our group of round `round_` - 1 with no fresh
+        record in the view and not known gone."""
+        last_round, last = self.last_group
+        if last_round != round_ - 1:
+            return {}
+        now, seen = time.monotonic(), {r.peer_id for r in self.view.values() if r.fresh()}
+        return {p: a for p, a in last.items() if p != self.peer_id and p not in seen and self.gone.get(p, 0.0) < now}
 
     def check_run(self, run_id: str, spec_hash: str) -> None:
         if run_id != self.run_id or spec_hash != self.spec_hash:

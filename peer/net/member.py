@@ -51,6 +51,7 @@ async def run_round(core: NetCore, r: int, delta: torch.Tensor, weight: float, s
         return Outcome("excluded", reason=f"round {r} is no longer current")
     if not ctx.roster.done():
         ctx.roster.set_result(roster)
+    core.last_group = (r, {m.peer_id: m.address for m in roster.members if not m.client_mode and m.address})
     owner_side.own_shards(core, ctx, roster)
     core.faults.hit("after_join", r)
     avg = torch.empty(roster.numel, dtype=torch.float32)   # each reduced shard is decoded into its slice
