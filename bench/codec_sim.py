@@ -29,8 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from peer.aggregate import weighted_mean  # noqa: E402
-from peer.codecs import ErrorFeedback, get_codec  # noqa: E402
+from peer.codecs import get_codec  # noqa: E402
 from peer.config import SPARSE_DEFAULTS, RunSpec, wire_codec  # noqa: E402
+from peer.feedback import ErrorFeedback  # noqa: E402
 from peer.inner import optimizer_groups, train_step  # noqa: E402
 from peer.net.shardmap import shard_plan  # noqa: E402
 from peer.outer import assign_flat_, flatten_params, outer_step  # noqa: E402

@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from peer._proto import peer_pb2 as pb  # noqa: E402
-from peer.codecs import ErrorFeedback, get_codec  # noqa: E402
+from peer.codecs import get_codec  # noqa: E402
+from peer.feedback import ErrorFeedback  # noqa: E402
 from peer.net import allreduce as ar  # noqa: E402
 from peer.net.replay import UpdateLog  # noqa: E402
 from peer.net.round import make_roster  # noqa: E402

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from peer.codecs import check_flat_residual
+from peer.feedback import check_flat_residual
 from peer.outer import GlobalState
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """The sparse codec: per chunk of CHUNK values of the flat shard, the K largest by magnitude, each sent as
-its index (bit-packed) and a 2-bit value against one float32 scale per chunk. Error feedback (peer.codecs.
+its index (bit-packed) and a 2-bit value against one float32 scale per chunk. Error feedback (peer.feedback.
 ErrorFeedback) carries what is left out into the next round. Pure CPU torch/numpy, vectorised over chunks;
 every machine makes the same bytes (ties in magnitude go to the lower index)."""
 
@@ -117,46 +117,53 @@ class SparseCodec(Codec):
         chosen = above | (equal & (equal.cumsum(dim=1, dtype=torch.int32) <= need))
         return chosen.nonzero()[:, 1].view(-1, k)
 
-    def _encode(self, x: torch.Tensor) -> bytes:
-        return self._encode_kept(x)[0]
-
-    def encode_decoded(self, x: torch.Tensor) -> tuple[bytes, torch.Tensor]:
-        """encode(x) and its decoding, built from the values kept (the same float32 ops as _decode),
-        without unpacking and checking our own bytes."""
-        _check_input(x)
-        payload, positions, values = self._encode_kept(x)
-        decoded = torch.zeros(x.numel(), dtype=torch.float32)
-        if positions.numel():
-            decoded[positions] = values
-        return payload, decoded
-
-    def _encode_kept(self, x: torch.Tensor) -> tuple[bytes, torch.Tensor, torch.Tensor]:
-        """The payload, and the flat positions of the kept values with what each decodes to."""
-        numel = x.numel()
-        chunks, _, last = self._layout(numel)
+    def _kept(self, x: torch.Tensor) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """The kept indices and values of the full chunks and of a shorter last one (a part each),
+        and every chunk's scale (its largest kept |x|)."""
+        chunks, _, last = self._layout(x.numel())
         if chunks == 0:
-            return b"", torch.empty(0, dtype=torch.int64), torch.empty(0)
+            return [], torch.empty(0)
         full = chunks - 1 if last < self.chunk else chunks
         parts = []
         if full:
             parts.append(self._select(x[: full * self.chunk], full, self.chunk, self.k))
         if full < chunks:
             parts.append(self._select(x[full * self.chunk:], 1, last, min(self.k, last)))
-        scales = torch.cat([v.abs().amax(dim=1) for _, v in parts])
-        codes, indices, positions, decoded, offset = [], [], [], [], 0
-        for idx, v in parts:
-            s = scales[offset:offset + v.shape[0]]
-            big = torch.abs(v) > torch.mul(s, 0.75)[:, None]
-            negative = v < 0
+        return parts, torch.cat([v.abs().amax(dim=1) for _, v in parts])
+
+    @staticmethod
+    def _signs(v: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per kept value: negative, and big (|v| above 0.75 x its chunk's scale: decodes to the scale,
+        else to half of it)."""
+        return v < 0, torch.abs(v) > torch.mul(s, 0.75)[:, None]
+
+    def _payload(self, parts: list[tuple[torch.Tensor, torch.Tensor]], scales: torch.Tensor) -> bytes:
+        if not parts:
+            return b""
+        codes = []
+        for (_, v), s in zip(parts, scales.split([v.shape[0] for _, v in parts]), strict=True):
+            negative, big = self._signs(v, s)
             codes.append((negative.to(torch.int64) | (big.to(torch.int64) << 1)).reshape(-1))
-            indices.append(idx.reshape(-1))
-            positions.append((idx + (torch.arange(v.shape[0]) + offset)[:, None] * self.chunk).reshape(-1))
+        indices = torch.cat([idx.reshape(-1) for idx, _ in parts])
+        return _f32_bytes(scales) + _pack_bits(indices.numpy(), self.index_bits) + _pack_bits(torch.cat(codes).numpy(), 2)
+
+    def _encode(self, x: torch.Tensor) -> bytes:
+        return self._payload(*self._kept(x))
+
+    def encode_decoded(self, x: torch.Tensor) -> tuple[bytes, torch.Tensor]:
+        """encode(x) and its decoding, built from the values kept (the same float32 ops as _decode),
+        without unpacking and checking our own bytes."""
+        _check_input(x)
+        parts, scales = self._kept(x)
+        decoded = torch.zeros(x.numel(), dtype=torch.float32)
+        first = 0   # the first chunk of a part
+        for (idx, v), s in zip(parts, scales.split([v.shape[0] for _, v in parts]), strict=True):
+            negative, big = self._signs(v, s)
             magnitude = torch.where(big, s[:, None], torch.mul(s, 0.5)[:, None])   # as _decode computes it
-            decoded.append(torch.where(negative, torch.neg(magnitude), magnitude).reshape(-1))
-            offset += v.shape[0]
-        payload = (_f32_bytes(scales) + _pack_bits(torch.cat(indices).numpy(), self.index_bits)
-                   + _pack_bits(torch.cat(codes).numpy(), 2))
-        return payload, torch.cat(positions), torch.cat(decoded)
+            positions = idx + (torch.arange(v.shape[0]) + first)[:, None] * self.chunk
+            decoded[positions.reshape(-1)] = torch.where(negative, torch.neg(magnitude), magnitude).reshape(-1)
+            first += v.shape[0]
+        return self._payload(parts, scales), decoded
 
     def _decode(self, data: memoryview, numel: int, out: torch.Tensor) -> torch.Tensor:
         chunks, kept, last = self._layout(numel)

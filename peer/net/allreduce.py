@@ -17,7 +17,8 @@ import torch
 
 from peer._proto import peer_pb2 as pb
 from peer.aggregate import Aggregator, weighted_mean
-from peer.codecs import Codec, ErrorFeedback, ResidualUpdate
+from peer.codecs import Codec
+from peer.feedback import ErrorFeedback, ResidualUpdate
 from peer.net import wire
 from peer.net.chunkmac import OFF, StreamMac
 from peer.net.client import CHUNK_BYTES

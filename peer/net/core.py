@@ -17,9 +17,10 @@ from hivemind.utils import get_dht_time
 
 from peer import tlsfiles
 from peer._proto import peer_pb2 as pb
-from peer.codecs import ErrorFeedback, get_codec
+from peer.codecs import get_codec
 from peer.config import PeerConfig, RunSpec, verifies_shards, wire_codec
 from peer.faults import FaultPlan
+from peer.feedback import ErrorFeedback
 from peer.identity import Identity
 from peer.net import allreduce as ar
 from peer.net import swarm

@@ -12,8 +12,9 @@ import grpc
 
 from peer._proto import peer_pb2 as pb
 from peer.aggregate import Aggregator, aggregator, weighted_mean
-from peer.codecs import CodecError, ErrorFeedback, get_codec
+from peer.codecs import CodecError, get_codec
 from peer.config import verifies_shards
+from peer.feedback import ErrorFeedback
 from peer.net import allreduce as ar
 from peer.net import validate
 from peer.net.client import Reject

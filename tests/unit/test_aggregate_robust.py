@@ -11,8 +11,9 @@ import torch
 
 from peer._proto import peer_pb2 as pb
 from peer.aggregate import aggregator, centered_clip, weighted_mean, weighted_median, weighted_trimmed_mean
-from peer.codecs import ErrorFeedback, Fp32Codec
+from peer.codecs import Fp32Codec
 from peer.config import RunSpec
+from peer.feedback import ErrorFeedback
 from peer.net import allreduce as ar
 from peer.net.owner import aggregator_of
 from peer.net.round import make_roster

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from peer.codecs import CODECS, CodecError, ErrorFeedback, Fp32Codec, Int8Codec, all_finite, get_codec
+from peer.codecs import CODECS, CodecError, Fp32Codec, Int8Codec, all_finite, get_codec
+from peer.feedback import ErrorFeedback
 
 pytestmark = pytest.mark.timeout(60)
 

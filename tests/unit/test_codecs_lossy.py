@@ -9,8 +9,9 @@ import torch
 
 from peer._proto import peer_pb2 as pb
 from peer.aggregate import weighted_mean
-from peer.codecs import CodecError, ErrorFeedback, Int4Codec, get_codec
+from peer.codecs import CodecError, Int4Codec, get_codec
 from peer.config import ConfigError, RunSpec, validate_spec, wire_codec
+from peer.feedback import ErrorFeedback
 from peer.net import allreduce as ar
 from peer.net.round import make_roster
 from peer.sparse import SparseCodec

@@ -16,7 +16,8 @@ import torch
 from peer._proto import peer_pb2 as pb
 from peer.aggregate import weighted_mean
 from peer.checkpoint import Checkpoint, CheckpointError, latest, load, save, save_round
-from peer.codecs import ErrorFeedback, Int8Codec
+from peer.codecs import Int8Codec
+from peer.feedback import ErrorFeedback
 from peer.net import allreduce as ar
 from peer.net.round import make_roster
 from peer.outer import GlobalState
