@@ -42,27 +42,21 @@ def make_state(numel: int):
 
 
 def serve(host: str, numel: int) -> None:
-    """Donor: the peer's gRPC server with a core that only serves the state."""
-    from peer.faults import FaultPlan
+    """Donor: the peer's gRPC server over a NetCore (no DHT) that holds one state to serve."""
+    from peer.config import PeerConfig
+    from peer.identity import Identity
     from peer.logs import setup_logging
-    from peer.net.auth import Verifier
     from peer.net.core import NetCore
     from peer.net.server import start_server
     from peer.net.state_sync import StateSnapshot
-
-    class DonorCore:
-        """What the servicer's GetState touches of a NetCore: the snapshot and the fault plan."""
-
-        handle_get_state = NetCore.handle_get_state
-
-        def __init__(self, snapshot):
-            self.snapshot, self.faults, self.verifier, self.limits = snapshot, FaultPlan([]), Verifier(), None
 
     setup_logging("WARNING")
     snapshot = StateSnapshot.of(make_state(numel), SPEC_HASH)
 
     async def main() -> None:
-        server, port = await start_server(DonorCore(snapshot), host, 0)
+        core = NetCore(None, PeerConfig(), Identity.generate())
+        core.held.put(snapshot)
+        server, port = await start_server(core, host, 0)
         print(f"serving {len(snapshot.payload)} bytes on {host}:{port}", flush=True)
         await server.wait_for_termination()
 
@@ -73,9 +67,9 @@ def fetch(addresses: list[str], counts: list[int], repeats: int, numel: int) -> 
     """Newcomer: downloads with the first n donors for each n, `repeats` times; one JSON line each."""
     from peer.identity import Identity
     from peer.logs import setup_logging
-    from peer.net.auth import Signer
     from peer.net.client import Channels
     from peer.net.loop import Deadline
+    from peer.net.signer import Signer
     from peer.net.state_sync import download
 
     setup_logging("INFO")

@@ -85,8 +85,8 @@ def identity():
 
 def channels(who=None, secret: str = ""):
     """Client channels signing every call as `who` (an Identity; a fresh one when None)."""
-    from peer.net.auth import Signer
     from peer.net.client import Channels
+    from peer.net.signer import Signer
 
     return Channels(Signer(who or identity(), secret))
 

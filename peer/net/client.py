@@ -10,7 +10,7 @@ import grpc
 from peer._proto import peer_pb2 as pb
 from peer._proto import peer_pb2_grpc
 from peer.net import wire
-from peer.net.auth import Signer, client_interceptors
+from peer.net.signer import Signer, client_interceptors
 from peer.tlsfiles import SERVER_NAME, TlsFiles
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Peer"].full_name

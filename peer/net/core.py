@@ -18,13 +18,13 @@ from hivemind.utils import get_dht_time
 from peer import tlsfiles
 from peer._proto import peer_pb2 as pb
 from peer.codecs import get_codec
-from peer.config import PeerConfig, RunSpec, verifies_shards, wire_codec
+from peer.config import PeerConfig, RunSpec, wire_codec
 from peer.faults import FaultPlan
 from peer.feedback import ErrorFeedback
 from peer.identity import Identity
 from peer.net import allreduce as ar
 from peer.net import swarm
-from peer.net.auth import Signer, Verifier
+from peer.net.auth import Verifier
 from peer.net.client import Channels, Reject, describe_rpc_error
 from peer.net.deadlines import Deadlines
 from peer.net.limits import CallerLimits
@@ -32,7 +32,8 @@ from peer.net.loop import Deadline
 from peer.net.reach import DialBackService, Reachability
 from peer.net.replay import KEEP_ROUNDS, UpdateLog
 from peer.net.round import LeaderGroup, Tally, leader_rank
-from peer.net.state_sync import StateSnapshot
+from peer.net.signer import Signer
+from peer.net.state_sync import HeldStates, StateSnapshot
 from peer.net.upload import RateMeter, UploadCap, cap_bps, upload_estimate
 from peer.net.verify import Suspects
 
@@ -44,8 +45,6 @@ SPEC_REFRESH_S = 10.0   # every peer re-publishes the run spec, so it outlives t
 PROGRESS_S = 0.1        # a training member reports its progress to the round's leader this often
 WAKE_S = 0.25           # a Join waiting on its group rechecks the DHT view at least this often
 GRANT_FRESH_S = 1.5     # a leader's answer older than this is not trusted: the DHT view decides
-ROUND_MARKS = 6         # swarm rounds remembered to measure how often the swarm closes one
-PIN_S = 20.0            # an older state asked for this recently is kept for the download using it
 
 
 @dataclass
@@ -94,9 +93,7 @@ class NetCore:
         self.view: dict[str, swarm.PeerRecord] = {}
         self.others = (time.monotonic(), 0.0, 0.0)   # (when, their steps, their steps/s)
         self.rounds: dict[int, RoundCtx] = {}
-        self.snapshot: StateSnapshot | None = None
-        self.old_snapshots: dict[str, tuple[StateSnapshot, float]] = {}  # sha256 -> (state, last asked for)
-        self.snapshot_asked = 0.0   # when a download last asked for the current snapshot
+        self.held = HeldStates(KEEP_ROUNDS)  # the states GetState serves: this round's and older pinned ones
         self.ef, self.owner_ef = ErrorFeedback(), ErrorFeedback()
         self.last_refresh_error = ""
         self.viewed_at = 0.0   # when the view was last read from the DHT
@@ -111,7 +108,7 @@ class NetCore:
         self.phase = swarm.SYNC              # what we do now, published in our record
         self.grant: tuple[int, int, bool, float] | None = None  # leader's answer: (round, allowed, close, when)
         self.round_started = 0.0             # monotonic time training of self.round began
-        self.round_marks: list[tuple[float, int]] = []  # (monotonic time, swarm round) when it advanced
+        self.round_clock = swarm.RoundClock()  # how often the swarm closes a round (the keeper's catch-up)
         self._viewed = asyncio.Event()       # set (and replaced) after every view refresh
         self._progress_task: asyncio.Task | None = None
         self.gone: dict[str, float] = {}     # peers whose process is gone (refused us): until when to skip them
@@ -160,7 +157,7 @@ class NetCore:
         self.step_s = {p: t for p, t in {**self.step_s, **seen}.items() if p in merged}
         mine = [r for r in self.view.values() if r.fresh() and r.round == self.round and r.phase == swarm.TRAIN]
         self.others = (time.monotonic(), sum(r.steps_now() for r in mine), sum(r.rate for r in mine))
-        self._mark_swarm_round()
+        self.round_clock.mark(max([r.round for r in self.live_peers() if r.ready()] + [self.round]))
         log.debug("view: %d peers, %d in round %d with %.0f steps at %.1f steps/s", len(self.view), len(mine),
                   self.round, self.others[1], self.others[2])
         self._viewed.set()
@@ -172,20 +169,6 @@ class NetCore:
             await asyncio.wait_for(self._viewed.wait(), max(timeout_s, 0.0))
         except asyncio.TimeoutError:
             pass
-
-    def _mark_swarm_round(self) -> None:
-        top = max([r.round for r in self.live_peers() if r.ready()] + [self.round])
-        if top < 0:
-            return
-        if not self.round_marks or top > self.round_marks[-1][1]:
-            self.round_marks = [*self.round_marks, (time.monotonic(), top)][-ROUND_MARKS:]
-
-    def round_period_s(self) -> float | None:
-        """Seconds between two rounds of the swarm, as seen lately (None before two were seen)."""
-        if len(self.round_marks) < 3:   # the first mark is when we started looking, not a round's end
-            return None
-        (t0, r0), (t1, r1) = self.round_marks[1], self.round_marks[-1]
-        return (t1 - t0) / (r1 - r0)
 
     async def refresh_forever(self) -> None:
         while True:
@@ -373,61 +356,14 @@ class NetCore:
                          f"this peer is in run {self.run_id} spec {self.spec_hash}, not {run_id} {spec_hash}")
 
     # ---- state, updates, health: Join and Commit are group.py, the shards' owner side owner.py ----
-    def set_snapshot(self, snap: StateSnapshot | None) -> None:
-        """Serves `snap` from now on. Older states stay for the downloads that began on them:
-        the one before, and those asked for in the last PIN_S seconds, at most KEEP_ROUNDS back
-        (a newcomer that gets one replays the rounds since)."""
-        now, old = time.monotonic(), self.snapshot
-        if snap is None:
-            self.snapshot, self.old_snapshots = None, {}
-            return
-        kept = {sha: (s, t) for sha, (s, t) in self.old_snapshots.items()
-                if now - t < PIN_S and s.header.round >= snap.header.round - KEEP_ROUNDS}
-        if old is not None and old.header.sha256 != snap.header.sha256 and now - self.snapshot_asked < PIN_S:
-            kept[old.header.sha256] = (old, self.snapshot_asked)
-        self.snapshot, self.old_snapshots, self.snapshot_asked = snap, kept, 0.0
+    @property
+    def snapshot(self) -> StateSnapshot | None:
+        """The state this peer serves now (HeldStates keeps the older ones downloads still use)."""
+        return self.held.current
 
-    async def handle_get_state(self, req: pb.StateRequest):
-        snap = self.snapshot
-        if req.sha256 and snap is not None and snap.header.sha256 != req.sha256:
-            if req.sha256 not in self.old_snapshots:
-                raise Reject(grpc.StatusCode.FAILED_PRECONDITION,
-                             f"state {req.sha256[:12]} is not held here any more (serving round {snap.header.round})")
-            snap = self.old_snapshots[req.sha256][0]
-            self.old_snapshots[req.sha256] = (snap, time.monotonic())   # still in use: keep it a while
-        elif snap is not None:
-            self.snapshot_asked = time.monotonic()
-        if snap is None or snap.header.round < req.min_round:
-            have = snap.header.round if snap else "none"
-            raise Reject(grpc.StatusCode.FAILED_PRECONDITION, f"state of round {req.min_round} wanted, have {have}")
-        size = len(snap.payload)
-        if not 0 <= req.offset <= size:
-            raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"offset {req.offset} is outside the state of {size} bytes")
-        if not 0 <= req.length <= size - req.offset:
-            raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"length {req.length} at offset {req.offset} is outside "
-                                                           f"the state of {size} bytes (0 = to the end)")
-        return snap
-
-    async def drain(self, deadline: Deadline) -> None:
-        """Waits until the members fetched every shard result this peer owns (SIGTERM)."""
-        said = False
-        ctx = self.rounds.get(self.round)  # rounds before it committed: every member fetched them
-        while ctx is not None and not deadline.expired():
-            waiting = {str(j): shard.pending_fetches() for j, shard in ctx.owned.items()}
-            if self.spec is not None and verifies_shards(self.spec):   # the owners' checks read our headers
-                waiting |= {f"{j} (backup)": shard.pending_fetches(self.peer_id) for j, shard in ctx.backups.items()}
-            waiting = {j: v for j, v in waiting.items() if v}
-            deciding = ctx.group is not None and ctx.group.closed and not ctx.group.decision.done()
-            if not waiting and not deciding:
-                return
-            if not said:
-                log.info("round %d: leaving after serving %s", self.round, "; ".join(
-                    f"shard {j} to {', '.join(p[-6:] for p in sorted(v))}" for j, v in waiting.items()))
-                said = True
-            await asyncio.sleep(0.1)
-        if ctx is None:
-            return
-        raise TimeoutError("members did not fetch every owned shard before the deadline")
+    @snapshot.setter
+    def snapshot(self, snap: StateSnapshot | None) -> None:
+        self.held.current = snap
 
     async def handle_get_updates(self, req: pb.UpdatesRequest) -> list[pb.UpdateChunk]:
         chunks = self.updates.chunks(req.from_round, req.to_round)

@@ -90,7 +90,7 @@ class Keeper:
         """Makes `state` ours and serves it (the snapshot is built in an executor)."""
         snap = await asyncio.get_running_loop().run_in_executor(None, StateSnapshot.of, state, self.core.spec_hash)
         self.state = state
-        self.core.set_snapshot(snap)
+        self.core.held.put(snap)
         self.core.phase = swarm.WAIT
 
     def commit(self, r: int, new: GlobalState, outcome: Outcome) -> None:
@@ -239,7 +239,7 @@ class Keeper:
         """The one line that says our link is too slow for the run, once `misses` (rounds or
         downloads lost in a row) are evidence enough: one when an update takes over twice a
         round to reach us, MISSED_BEFORE_VERDICT when it takes over one. "" otherwise."""
-        period_s, rate = self.core.round_period_s(), self.fetch_rate_bps
+        period_s, rate = self.core.round_clock.period_s(), self.fetch_rate_bps
         if period_s is None or rate is None or self.core.spec is None or misses < 1:
             return ""
         update = get_codec(wire_codec(self.core.spec)).encoded_size(self.core.numel)

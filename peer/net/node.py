@@ -17,7 +17,7 @@ from peer.config import EXIT_AUTH, ConfigError, PeerConfig, RunSpec, spec_confli
 from peer.identity import Identity
 from peer.metrics import CONTENT_TYPE_LATEST, PeerMetrics
 from peer.monitor import Monitor
-from peer.net import announce, outsiders, swarm, twin
+from peer.net import announce, outsiders, owner, swarm, twin
 from peer.net.auth import AuthRefused
 from peer.net.core import GRANT_FRESH_S, PROBE_TIMEOUT_S, NetCore
 from peer.net.keeper import BACKOFF_S, STATE_TIMEOUT_S, CannotKeepUp, Keeper, RoundResult  # noqa: F401
@@ -302,7 +302,7 @@ class Node:
         if timeout_s is None:
             timeout_s = self.core.transfer_timeout_s()
         try:
-            self.net.call(self.core.drain(Deadline(timeout_s)), timeout_s + 2)
+            self.net.call(owner.drain(self.core, Deadline(timeout_s)), timeout_s + 2)
         except Exception as e:
             log.warning("stopped serving owned shards early: %s", e)
 

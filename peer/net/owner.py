@@ -18,6 +18,7 @@ from peer.feedback import ErrorFeedback
 from peer.net import allreduce as ar
 from peer.net import validate
 from peer.net.client import Reject
+from peer.net.loop import Deadline
 
 log = logging.getLogger(__name__)
 
@@ -184,3 +185,25 @@ async def handle_get_shard(core: NetCore, req: pb.ShardRequest) -> list[pb.Shard
     shard.served.add(req.requester)
     ctx.bytes_sent += len(payload)
     return ar.chunks(header, payload, core.signer.macs.shard(req, core.peer_id))
+
+
+async def drain(core: NetCore, deadline: Deadline) -> None:
+    """Waits until the members fetched every shard result this peer owns (SIGTERM)."""
+    said = False
+    ctx = core.rounds.get(core.round)  # rounds before it committed: every member fetched them
+    while ctx is not None and not deadline.expired():
+        waiting = {str(j): shard.pending_fetches() for j, shard in ctx.owned.items()}
+        if core.spec is not None and verifies_shards(core.spec):   # the owners' checks read our headers
+            waiting |= {f"{j} (backup)": shard.pending_fetches(core.peer_id) for j, shard in ctx.backups.items()}
+        waiting = {j: v for j, v in waiting.items() if v}
+        deciding = ctx.group is not None and ctx.group.closed and not ctx.group.decision.done()
+        if not waiting and not deciding:
+            return
+        if not said:
+            log.info("round %d: leaving after serving %s", core.round, "; ".join(
+                f"shard {j} to {', '.join(p[-6:] for p in sorted(v))}" for j, v in waiting.items()))
+            said = True
+        await asyncio.sleep(0.1)
+    if ctx is None:
+        return
+    raise TimeoutError("members did not fetch every owned shard before the deadline")

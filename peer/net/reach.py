@@ -24,9 +24,9 @@ from hivemind.utils import get_dht_time
 
 from peer._proto import peer_pb2 as pb
 from peer._proto import peer_pb2_grpc
-from peer.net.auth import Signer
 from peer.net.client import CHANNEL_OPTIONS, Channels, Reject, describe_rpc_error, open_channel
 from peer.net.loop import Deadline
+from peer.net.signer import Signer
 from peer.tlsfiles import TlsFiles
 
 if TYPE_CHECKING:

@@ -63,7 +63,7 @@ class Servicer(peer_pb2_grpc.PeerServicer):
         return await self._guard(context, "Commit", group.handle_commit(self.core, request), request)
 
     async def GetState(self, request: pb.StateRequest, context):
-        snapshot = await self._guard(context, "GetState", self.core.handle_get_state(request), request)
+        snapshot = await self._guard(context, "GetState", self.core.held.serve(request), request)
         if snapshot is None:
             return
         mac = self.core.signer.macs.state(snapshot.header.sha256, self.core.peer_id[-6:])

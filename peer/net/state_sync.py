@@ -16,13 +16,14 @@ import torch
 
 from peer._proto import peer_pb2 as pb
 from peer.net.chunkmac import OFF, StreamMac
-from peer.net.client import CHUNK_BYTES, Channels, describe_rpc_error
+from peer.net.client import CHUNK_BYTES, Channels, Reject, describe_rpc_error
 from peer.net.loop import Deadline
 from peer.net.state_ranges import RANGE_BYTES, Donor, RangeFetch, merge
 from peer.outer import GlobalState, digest
 
 log = logging.getLogger(__name__)
 PROBE_GRACE_S = 2.0   # after the first donor's header, the others have this long to send theirs
+PIN_S = 20.0          # an older state asked for this recently is kept for the download using it
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,53 @@ class StateSnapshot:
         yield mac.seal(offset, first)
         for i in range(offset + CHUNK_BYTES, end, CHUNK_BYTES):
             yield mac.seal(i, pb.StateChunk(data=bytes(self.payload[i:min(end, i + CHUNK_BYTES)])))
+
+
+class HeldStates:
+    """The states a donor serves (GetState): the current one and older ones that downloads begun
+    on them still read: the one before, and those asked for in the last PIN_S seconds, at most
+    `keep_rounds` back (a newcomer that gets one replays the rounds since from the update log,
+    which keeps that many). On the network loop."""
+
+    def __init__(self, keep_rounds: int) -> None:
+        self.keep_rounds = keep_rounds
+        self.current: StateSnapshot | None = None
+        self.old: dict[str, tuple[StateSnapshot, float]] = {}  # sha256 -> (state, last asked for)
+        self.asked = 0.0   # when a download last asked for the current state
+
+    def put(self, snap: StateSnapshot | None) -> None:
+        """Serves `snap` from now on (None: nothing, not even older states)."""
+        now, old = time.monotonic(), self.current
+        if snap is None:
+            self.current, self.old = None, {}
+            return
+        kept = {sha: (s, t) for sha, (s, t) in self.old.items()
+                if now - t < PIN_S and s.header.round >= snap.header.round - self.keep_rounds}
+        if old is not None and old.header.sha256 != snap.header.sha256 and now - self.asked < PIN_S:
+            kept[old.header.sha256] = (old, self.asked)
+        self.current, self.old, self.asked = snap, kept, 0.0
+
+    async def serve(self, req: pb.StateRequest) -> StateSnapshot:
+        """The state a GetState asks for, its byte range checked; Reject says what is wrong."""
+        snap = self.current
+        if req.sha256 and snap is not None and snap.header.sha256 != req.sha256:
+            if req.sha256 not in self.old:
+                raise Reject(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"state {req.sha256[:12]} is not held here any more (serving round {snap.header.round})")
+            snap = self.old[req.sha256][0]
+            self.old[req.sha256] = (snap, time.monotonic())   # still in use: keep it a while
+        elif snap is not None:
+            self.asked = time.monotonic()
+        if snap is None or snap.header.round < req.min_round:
+            have = snap.header.round if snap else "none"
+            raise Reject(grpc.StatusCode.FAILED_PRECONDITION, f"state of round {req.min_round} wanted, have {have}")
+        size = len(snap.payload)
+        if not 0 <= req.offset <= size:
+            raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"offset {req.offset} is outside the state of {size} bytes")
+        if not 0 <= req.length <= size - req.offset:
+            raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"length {req.length} at offset {req.offset} is outside "
+                                                           f"the state of {size} bytes (0 = to the end)")
+        return snap
 
 
 def _state_bytes(theta: torch.Tensor, momentum: torch.Tensor) -> memoryview:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -275,3 +276,24 @@ def parse_history(peer_id: str, v: Any) -> dict[str, Any] | None:
     return {"rows": [dict(zip(HISTORY_FIELDS, r, strict=True)) for r in rows],
             "drops": [{"round": r, "peer": p, "reason": why} for r, d in drops for p, why in sorted(d.items())],
             "t": float(t)}
+
+
+class RoundClock:
+    """How often the swarm closes a round, from when this peer saw its top round advance (the
+    last ROUND_MARKS advances). Replaced, never changed in place: the keeper reads it."""
+
+    ROUND_MARKS = 6
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[float, int]] = []  # (monotonic time, swarm round) when it advanced
+
+    def mark(self, top: int) -> None:
+        if top >= 0 and (not self.marks or top > self.marks[-1][1]):
+            self.marks = [*self.marks, (time.monotonic(), top)][-self.ROUND_MARKS:]
+
+    def period_s(self) -> float | None:
+        """Seconds between two rounds of the swarm, as seen lately (None before two were seen)."""
+        if len(self.marks) < 3:   # the first mark is when we started looking, not a round's end
+            return None
+        (t0, r0), (t1, r1) = self.marks[1], self.marks[-1]
+        return (t1 - t0) / (r1 - r0)

@@ -14,10 +14,11 @@ import pytest
 from peer._proto import peer_pb2 as pb
 from peer._proto import peer_pb2_grpc
 from peer.config import PeerConfig, RunSpec
-from peer.net.auth import ID, KEY, SECRET_MISSING, SECRET_REFUSED, Signer, describe_secret_refusal
+from peer.net.auth import ID, KEY, SECRET_MISSING, SECRET_REFUSED, describe_secret_refusal
 from peer.net.client import Channels
 from peer.net.core import NetCore
 from peer.net.server import start_server
+from peer.net.signer import Signer
 from tests.fixtures import identity
 
 pytestmark = pytest.mark.timeout(60)

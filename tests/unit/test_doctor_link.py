@@ -33,7 +33,7 @@ def test_the_link_test_follows_a_peer_that_moved_on_to_a_newer_state(monkeypatch
 
         async def move_on():
             await asyncio.sleep(0.3)
-            core.snapshot, core.old_snapshots = newer, {}   # the old one's pin ran out: not held
+            core.held.current, core.held.old = newer, {}   # the old one's pin ran out: not held
 
         try:
             mover = asyncio.ensure_future(move_on())

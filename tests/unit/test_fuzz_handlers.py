@@ -30,12 +30,12 @@ from peer._proto import peer_pb2_grpc
 from peer.codecs import get_codec
 from peer.config import PeerConfig, RunSpec
 from peer.net import owner, swarm, validate
-from peer.net.auth import Signer
 from peer.net.client import CHANNEL_OPTIONS, EndedEarly, open_channel, sent
 from peer.net.core import NetCore, RoundCtx
 from peer.net.limits import CallerLimits
 from peer.net.round import LeaderGroup, make_roster
 from peer.net.server import start_server
+from peer.net.signer import Signer
 from peer.net.state_sync import StateSnapshot
 from peer.outer import GlobalState
 from tests.fixtures import identity
@@ -112,7 +112,7 @@ def serve_history(core: NetCore, r: int) -> None:
     """A state of round r to download and the update log of the 4 rounds before it."""
     g = torch.Generator().manual_seed(r)
     state = GlobalState(torch.randn(NUMEL, generator=g), torch.zeros(NUMEL), r, 1000 * r)
-    core.set_snapshot(StateSnapshot.of(state, core.spec_hash))
+    core.held.put(StateSnapshot.of(state, core.spec_hash))
     core.updates.clear()
     for k in range(r - 4, r):
         payload = get_codec("fp32").encode(torch.randn(NUMEL, generator=g))

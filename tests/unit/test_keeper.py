@@ -61,7 +61,7 @@ def test_a_slow_link_is_named_with_its_figures():
     keeper = Keeper(core, genesis=False)
     assert keeper.lag_verdict(5) == "", "nothing measured yet: no verdict"
     now = time.monotonic()
-    core.round_marks = [(now - 9, 10), (now - 6, 11), (now - 3, 12), (now, 13)]   # a round every 3 s
+    core.round_clock.marks = [(now - 9, 10), (now - 6, 11), (now - 3, 12), (now, 13)]   # a round every 3 s
     keeper.fetch_rate_bps = 1e6   # 4 MB of fp32 update: 4 s to fetch, more than a round
     assert keeper.lag_verdict(2) == "", "a little too slow: three rounds missed are evidence, two are not"
     line = keeper.lag_verdict(3)

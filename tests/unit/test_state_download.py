@@ -88,7 +88,7 @@ class Donor(Servicer):
             elif self.how == "stall":
                 await asyncio.Event().wait()
             elif self.how == "switch":   # as a peer whose round moved on: it keeps the previous state
-                self.core.set_snapshot(self.then)
+                self.core.held.put(self.then)
         if self.corrupt:
             chunk = pb.StateChunk(header=chunk.header, data=bytes(b ^ 0xFF for b in chunk.data), mac=chunk.mac)
         return chunk
