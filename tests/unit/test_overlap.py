@@ -19,30 +19,41 @@ pytestmark = pytest.mark.timeout(240)
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def solo_run(tmp_path: Path, name: str, *extra: str, faults: list | None = None) -> tuple[list[dict], str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "examples"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
-    if faults:
-        env["DILOCO_FAULTS"] = json.dumps(faults)
-    metrics = tmp_path / f"{name}.jsonl"
-    cmd = [sys.executable, "-m", "peer.cli", "--task", "tests.overlap_task:build", "--target-steps", "40",
-           "--max-rounds", "4", "--inner-lr", "3e-3", "--warmup-samples", "10", "--threads", "1",
-           "--host", "127.0.0.1", "--dht-host-maddrs", "/ip4/127.0.0.1/tcp/0", "--metrics-file", str(metrics),
-           "--checkpoint-dir", str(tmp_path / f"{name}-ckpt"), "--run-id", "overlap", *extra]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=200, env=env, cwd=tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return [json.loads(line) for line in metrics.read_text().splitlines()], p.stderr
+class SoloRun:
+    """One solo peer started now (its own DHT: runs started together never meet), finished by `result`."""
+
+    def __init__(self, tmp_path: Path, name: str, *extra: str, faults: list | None = None):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "examples"), str(ROOT)]),
+               "OMP_NUM_THREADS": "1"}
+        if faults:
+            env["DILOCO_FAULTS"] = json.dumps(faults)
+        self.metrics = tmp_path / f"{name}.jsonl"
+        cmd = [sys.executable, "-m", "peer.cli", "--task", "tests.overlap_task:build", "--target-steps", "40",
+               "--max-rounds", "4", "--inner-lr", "3e-3", "--warmup-samples", "10", "--threads", "1",
+               "--host", "127.0.0.1", "--dht-host-maddrs", "/ip4/127.0.0.1/tcp/0", "--metrics-file",
+               str(self.metrics), "--checkpoint-dir", str(tmp_path / f"{name}-ckpt"), "--run-id", "overlap", *extra]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                                     cwd=tmp_path)
+
+    def result(self) -> tuple[list[dict], str]:
+        try:
+            _, err = self.proc.communicate(timeout=200)
+        finally:
+            self.proc.kill()
+        assert self.proc.returncode == 0, err[-3000:]
+        return [json.loads(line) for line in self.metrics.read_text().splitlines()], err
 
 
 def test_a_result_before_the_next_step_gives_the_blocking_bytes_and_overlap_trains_on(tmp_path):
-    blocking, _ = solo_run(tmp_path, "blocking")
     late_step = [{"point": "overlap_step", "action": "sleep", "seconds": 3.0}]
-    waited, _ = solo_run(tmp_path, "waited", "--overlap", faults=late_step)
+    runs = [SoloRun(tmp_path, "blocking"), SoloRun(tmp_path, "waited", "--overlap", faults=late_step),
+            SoloRun(tmp_path, "overlapped", "--overlap")]   # at once: each waits on sleeps and its DHT
+    (blocking, _), (waited, _), (overlapped, log) = [run.result() for run in runs]
     assert [r["outcome"] for r in blocking] == ["applied"] * 4
     assert [r["steps_ahead"] for r in waited] == [0] * 4, "every result came before the next step"
     assert [r["steps_at_barrier"] for r in waited] == [0] * 4, "every barrier ended before the next step"
     assert [(r["state_round"], r["digest"]) for r in waited] == [(r["state_round"], r["digest"]) for r in blocking]
 
-    overlapped, log = solo_run(tmp_path, "overlapped", "--overlap")
     assert [r["outcome"] for r in overlapped] == ["applied"] * 4
     ahead = [r["steps_ahead"] for r in overlapped]
     assert ahead[0] == 0 and any(a > 0 for a in ahead[1:]), ahead
