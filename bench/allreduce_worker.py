@@ -27,6 +27,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from peer.hostmem import use_huge_pages  # noqa: E402
+
+HUGE_PAGES = use_huge_pages(os.environ.get("DILOCO_HUGE_PAGES", "on"))   # as a peer does (--huge-pages)
 import torch  # noqa: E402
 
 from peer.codecs import get_codec  # noqa: E402

@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from peer.hostmem import empty_f32, use_huge_pages  # noqa: E402
+
+HUGE_PAGES = use_huge_pages(os.environ.get("DILOCO_HUGE_PAGES", "on"))   # as a peer does (--huge-pages)
 import torch  # noqa: E402
 
 from peer._proto import peer_pb2 as pb  # noqa: E402
@@ -96,7 +100,7 @@ async def one_round(state: GlobalState, params: list[torch.Tensor], host: torch.
         items = [(m.weight, x) for m, x in zip(roster.members, received, strict=True)]
         results[j], residual = timed("reduce + re-encode owned", shard._reduce_encode, items, owner_ef)
         pending.append(residual)
-    avg = timed("decode results", torch.empty, b[-1])   # as member.run_round: each shard into its slice
+    avg = timed("decode results", empty_f32, b[-1])   # as member.run_round: each shard into its slice
     for j in range(n):
         timed("decode results", codec.decode, results[j], b[j + 1] - b[j], avg[b[j]:b[j + 1]])
     theta, momentum = timed("outer step", outer_step, state.theta, state.momentum, avg, LR, MOMENTUM,
@@ -153,6 +157,7 @@ async def main() -> None:
     print(f"{args.numel} values ({4 * args.numel / 1e6:.1f} MB of theta), k = {args.members}, {codec.name}, "
           f"{torch.get_num_threads()} torch threads, median of {args.rounds} rounds; one copy: theta.clone() "
           f"= {copy * 1e3:.1f} ms, into held memory = {held_copy * 1e3:.1f} ms; shared machine: figures are noisy")
+    print(f"{HUGE_PAGES} (DILOCO_HUGE_PAGES=off for 4 KiB pages)")
     print(f"{'part':28} {'ms':>9} {'clones':>7} {'held copies':>11}")
     total = 0.0
     for name in rows[0]:

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from peer.hostmem import empty_f32
+
 
 def _weight_f32(weight: float) -> float:
     """weight rounded to float32 (as a python float); ValueError unless finite and > 0 after rounding."""
@@ -61,8 +63,8 @@ def weighted_mean(contributions: Sequence[tuple[float, torch.Tensor]]) -> torch.
     Each product, each add and the final divide is one float32 rounding. Inputs are never mutated.
     """
     weights_f32 = _checked(contributions, "weighted_mean")
-    acc = torch.mul(contributions[0][1], weights_f32[0])
-    term = torch.empty_like(acc) if len(contributions) > 1 else acc
+    acc = torch.mul(contributions[0][1], weights_f32[0], out=empty_f32(contributions[0][1].numel()))
+    term = empty_f32(acc.numel()) if len(contributions) > 1 else acc
     for weight_f32, (_, x) in zip(weights_f32[1:], contributions[1:], strict=True):
         acc.add_(torch.mul(x, weight_f32, out=term))   # the same ops in the same order, into two buffers
     return acc.div_(total_weight(weights_f32))

@@ -13,6 +13,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from peer.hostmem import empty_f32
+
 _F32_LE = np.dtype("<f4")
 _SLAB = 1 << 18   # values per pass of the int8/int4 quantizer: a 1 MiB scratch that stays in cache
 
@@ -81,7 +83,7 @@ class Codec(ABC):
             raise CodecError(
                 f"{self.name} payload has {len(data)} bytes, expected {expected_bytes} for {numel} values"
             )
-        return self._decode(memoryview(data), numel, torch.empty(numel, dtype=torch.float32) if out is None else out)
+        return self._decode(memoryview(data), numel, empty_f32(numel) if out is None else out)
 
     def encode_view(self, x: torch.Tensor) -> bytes | memoryview:
         """encode(x)'s bytes; a codec whose bytes are x's own memory (fp32 on a little-endian

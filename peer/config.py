@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+HUGE_PAGES = ("on", "off")   # --huge-pages (peer/hostmem.py)
+
 # 2: signed calls and records, chunk and reply MACs in private runs, the spec's tls_ca, shard payload
 # digests and state digests in BLAKE3-256 (were SHA-256): a peer of 1 cannot join a run of 2; it is
 # told so, exit 4, instead of failing at its first call. 3: a roster lists an owner once per piece of
@@ -135,6 +137,7 @@ class PeerConfig:
     grad_accum: int = 1              # micro-batches of --batch-size per inner step
     seed: int = 0                    # local randomness (data order); the model seed is in the spec
     threads: int = 0                 # torch CPU threads; 0 = torch's default
+    huge_pages: str = "on"           # state-sized buffers on transparent huge pages (hostmem.py)
     metrics_file: str = ""
     max_rounds: int = 0              # 0 = run until stopped
     log_level: str = "INFO"
@@ -258,6 +261,7 @@ def validate_peer(c: PeerConfig) -> None:
     _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", c.device) is not None, "device", c.device,
            "auto, cpu, cuda or cuda:N")
     _check(c.threads >= 0, "threads", c.threads, "an integer >= 0")
+    _check(c.huge_pages in HUGE_PAGES, "huge_pages", c.huge_pages, "on or off")
     _check(c.max_rounds >= 0, "max_rounds", c.max_rounds, "an integer >= 0 (0 = no limit)")
     _check(c.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level", c.log_level,
            "DEBUG, INFO, WARNING or ERROR")

@@ -199,8 +199,10 @@ def load_identity(cfg: PeerConfig) -> Identity:
 
 def _start_and_train(cfg: PeerConfig, explicit: set[str], parts: _Parts) -> int:
     from peer.dht import DHTStartError, DuplicateIdentity, create_dht, join_addresses
+    from peer.hostmem import use_huge_pages
 
     log.info("%s", versions())
+    log.debug("%s", use_huge_pages(cfg.huge_pages))
     if cfg.initial_peers_file:
         try:
             cfg = with_initial_peers_file(cfg)

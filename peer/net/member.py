@@ -12,6 +12,7 @@ import torch
 
 from peer._proto import peer_pb2 as pb
 from peer.codecs import get_codec
+from peer.hostmem import empty_f32
 from peer.net import allreduce as ar
 from peer.net import group, swarm
 from peer.net import owner as owner_side
@@ -54,7 +55,7 @@ async def run_round(core: NetCore, r: int, delta: torch.Tensor, weight: float, s
     core.last_group = (r, {m.peer_id: m.address for m in roster.members if not m.client_mode and m.address})
     owner_side.own_shards(core, ctx, roster)
     core.faults.hit("after_join", r)
-    avg = torch.empty(roster.numel, dtype=torch.float32)   # each reduced shard is decoded into its slice
+    avg = empty_f32(roster.numel)   # each reduced shard is decoded into its slice
     encoded, results = await send_and_fetch(core, ctx, roster, delta, deadline, avg)
     failures = [f"shard {j}: {res}" for j, res in enumerate(results) if isinstance(res, BaseException)]
     shards = [res for res in results if isinstance(res, ar.ShardResult)]

@@ -29,6 +29,7 @@ from peer.config import ConfigError, RunSpec, read_initial_peers_file, spec_conf
     (["--announce-addr", "nohost"], "--announce-addr: 'nohost' is not valid; expected host:port"),
     (["--run-id", "a b"], "--run-id: 'a b' is not valid"),
     (["--progress", "yes"], "--progress: 'yes' is not valid; expected auto (a bar on a terminal), on or off"),
+    (["--huge-pages", "yes"], "--huge-pages: 'yes' is not valid; expected on or off"),
 ])
 def test_bad_values_are_named(argv, needle):
     with pytest.raises(ConfigError, match=".*") as e:
