@@ -17,7 +17,7 @@ import torch
 from peer.codecs import get_codec
 from peer.config import wire_codec
 from peer.net import allreduce as ar
-from peer.net import restart, swarm
+from peer.net import digests, restart, swarm
 from peer.net.core import NetCore
 from peer.net.loop import Deadline
 from peer.net.member import run_round
@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 STATE_TIMEOUT_S = 120.0   # the most one attempt waits for a newer state
 UNDECIDED_WAIT_S = 8.0    # no decision heard: how long to wait for a member that applied ...
 UNDECIDED_GRACE_S = 3.0   # ... and when none is seen to hold or work on one, how soon to give up
-DIGEST_WAIT_S = 3.0       # how long to wait for the digests of the live peers at our round
 BACKOFF_S = (2.0, 30.0)   # retrying to get a newer state: first and longest pause
 MISSED_BEFORE_VERDICT = 3  # rounds missed in a row before we judge whether our link keeps up
 
@@ -169,7 +168,7 @@ class Keeper:
                 outcome = Outcome("aborted", reason=f"the round did not end within {limit_s:.0f} s")
         new = await self.next_state(state, outcome)
         if new.round != state.round:
-            await self.publish_digest(new)
+            await digests.publish(self.core, new)
             new = await self.check_digest(new, outcome)
         self.track(outcome)
         self.core.phase = swarm.WAIT
@@ -287,7 +286,7 @@ class Keeper:
                 try:
                     state = await download(core.channels, [(r.peer_id, r.addr) for r in donors], min_round,
                                            core.peer_id, core.numel, core.spec_hash, deadline, received=received)
-                    why = await self._disputed(state)
+                    why = await digests.disputed(self.core, state)
                     if not why and digest and state.round == min_round and state.digest() != digest:
                         why = f"its digest {state.digest()[:12]} is not the agreed {digest[:12]}"
                     if not why:
@@ -332,7 +331,7 @@ class Keeper:
                 new = await replay(self.core.channels, (donor.peer_id, donor.addr), state, donor.state_round,
                                    spec.outer_lr, spec.outer_momentum, deadline, received)
                 self._measured("replay", received.num_bytes, time.monotonic() - started)
-                why = await self._disputed(new)
+                why = await digests.disputed(self.core, new)
                 if not why:
                     self.fetched["replay"] += 1
                     return new
@@ -344,65 +343,26 @@ class Keeper:
                 log.info("replaying the updates of %s failed (%s); trying another way", donor.peer_id[-6:], e)
         return await self.download(min_round, deadline, ahead=ahead)
 
-    async def _disputed(self, state: GlobalState) -> str:
-        """Why a state we got is not the one a quorum of the live signers published for its
-        round (`swarm.trusted_digest`; "" when it is, or when no digest has a quorum of at
-        least two signers yet)."""
-        raw = await swarm.read(self.core.dht, swarm.digest_key(self.core.run_id, state.round), 5.0)
-        live = {r.peer_id for r in self.core.live_peers()}
-        signed = {p: d for p, d in raw.items() if isinstance(d, str) and p in live}
-        best, count = swarm.trusted_digest(signed)
-        if best is None or count < 2 or best == state.digest():
-            return ""
-        return (f"the state of round {state.round} has digest {state.digest()[:12]}, "
-                f"{count} live peers published {best[:12]}")
-
-    # ---- digests ------------------------------------------------------------------------------
-    async def publish_digest(self, state: GlobalState) -> None:
-        key = swarm.digest_key(self.core.run_id, state.round)
-        try:
-            await swarm.store(self.core.dht, key, state.digest(), 5.0)
-        except TimeoutError as e:
-            log.warning("round %d: publishing our digest: %s", state.round, e)
-
-    async def live_digests(self, state: GlobalState, expected: set[str]) -> dict[str, str]:
-        """The digests that live peers published for the state's round, ours included, after
-        waiting (at most DIGEST_WAIT_S) for those of `expected` and of every live peer there."""
-        deadline = Deadline(DIGEST_WAIT_S)
-        key = swarm.digest_key(self.core.run_id, state.round)
-        while True:
-            try:
-                raw = await swarm.read(self.core.dht, key, 5.0)
-            except TimeoutError as e:
-                log.info("round %d: reading the digests: %s", state.round, e)
-                raw = {}
-            live = {r.peer_id: r for r in self.core.live_peers()}
-            digests = {p: d for p, d in raw.items() if isinstance(d, str) and p in live}
-            digests[self.core.peer_id] = state.digest()
-            want = (expected & set(live)) | {p for p, r in live.items() if r.state_round == state.round}
-            if want <= set(digests) or deadline.expired():
-                return digests
-            await asyncio.sleep(0.2)
-
+    # ---- digests: the DHT side is digests.py -------------------------------------------------
     async def check_digest(self, state: GlobalState, outcome: Outcome) -> GlobalState:
         """Compares our digest with those every live peer signed for the round (each a distinct
         identity: its own protected subkey); a peer in the minority reloads the state of a digest
         that a quorum of the signers (`swarm.quorum`: a strict majority) published. Without one
         (a tie, e.g. one peer against us) everyone keeps its state."""
         expected = {m.peer_id for m in outcome.roster.members} if outcome.roster is not None else set()
-        digests = await self.live_digests(state, expected)
-        best, count = swarm.majority_digest(digests)
+        signed = await digests.live(self.core, state, expected)
+        best, count = swarm.majority_digest(signed)
         mine = state.digest()
         if best is None or best == mine:
             return state
-        if count < swarm.quorum(len(digests)):   # e.g. one peer against us: no side is trusted
+        if count < swarm.quorum(len(signed)):   # e.g. one peer against us: no side is trusted
             log.warning("round %d: our digest %s differs from %s of %d of %d live peers, short of a quorum of %d "
-                        "signers; keeping our state", state.round, mine[:12], best[:12], count, len(digests),
-                        swarm.quorum(len(digests)))
+                        "signers; keeping our state", state.round, mine[:12], best[:12], count, len(signed),
+                        swarm.quorum(len(signed)))
             return state
         self.divergences += 1
         log.warning("round %d: our digest %s differs from the majority's %s (%d of %d live peers); reloading",
-                    state.round, mine[:12], best[:12], count, len(digests))
+                    state.round, mine[:12], best[:12], count, len(signed))
         self.core.phase = swarm.SYNC
         try:
             new = await self.download(state.round, Deadline(STATE_TIMEOUT_S), digest=best)
@@ -411,5 +371,5 @@ class Keeper:
             return state
         self.core.updates.clear()
         await self.adopt(new)
-        await self.publish_digest(new)   # ours is the majority's now: no stale minority digest stays
+        await digests.publish(self.core, new)   # ours is the majority's now: no stale minority digest stays
         return new
