@@ -37,7 +37,11 @@ def kernel_thp_mode(path: Path = THP_MODE) -> str:
     return next((w[1:-1] for w in text.split() if w.startswith("[") and w.endswith("]")), "")
 
 
-_on = kernel_thp_mode() in ("always", "madvise") and hasattr(mmap, "MADV_HUGEPAGE")   # until use_huge_pages
+def _usable(mode: str) -> bool:
+    return mode in ("always", "madvise") and hasattr(mmap, "MADV_HUGEPAGE")
+
+
+_on = _usable(kernel_thp_mode())   # until use_huge_pages
 
 
 def use_huge_pages(setting: str, thp_mode: str | None = None) -> str:
@@ -49,7 +53,7 @@ def use_huge_pages(setting: str, thp_mode: str | None = None) -> str:
     _on = False
     if setting == "off":
         return "huge pages: off (--huge-pages off): state-sized buffers on 4 KiB pages"
-    if mode not in ("always", "madvise") or not hasattr(mmap, "MADV_HUGEPAGE"):
+    if not _usable(mode):
         return f"huge pages: not used: this kernel's transparent huge pages are {mode or 'not available'}"
     _on = True
     return f"huge pages: state-sized buffers on transparent huge pages (kernel mode {mode})"

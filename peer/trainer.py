@@ -7,14 +7,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from peer.checkpoint import Checkpoint, latest, save_round
@@ -31,24 +28,12 @@ from peer.inner import (
 from peer.net.node import MAX_CARRY_ROUNDS, Node, Outcome, PendingRound
 from peer.outer import GlobalState, assign_flat_, flatten_params, pseudo_gradient
 from peer.progress import RoundBar, estimate, wants_bar
+from peer.roundrow import RoundStats, dump_round, metrics_row
 from peer.tasks import Task, inner_lr, make_task, to_device
 
 log = logging.getLogger(__name__)
 # a round's phases on the training thread, each named by the mark that ends it (metrics: phase_seconds)
 PHASES = ("start", "began", "trained", "submitted", "ahead", "result", "adopted", "evaluated")
-
-
-@dataclass
-class RoundStats:
-    steps: int = 0
-    samples: int = 0
-    tokens: int = 0
-    loss_sum: float = 0.0
-    train_s: float = 0.0
-
-    @property
-    def loss(self) -> float:
-        return self.loss_sum / self.steps if self.steps else float("nan")
 
 
 class Trainer:
@@ -321,7 +306,8 @@ class Trainer:
         if new_state.round != r:
             self.export(new_state)
         avg_s = time.monotonic() - t_avg
-        self.dump(r, state, delta, weight, outcome, new_state)
+        if self.dump_dir:   # test-only
+            dump_round(self.dump_dir, self.node.peer_id, r, state, delta, weight, outcome, new_state)
         self.rounds_run += 1
         marks["adopted"] = time.monotonic()
         eval_loss = self.evaluate() if self.due_for_eval(self.rounds_run, last) else float("nan")
@@ -360,27 +346,16 @@ class Trainer:
     # ---- output -------------------------------------------------------------------------
     def report(self, r: int, stats: RoundStats, weight: float, o: Outcome, state: GlobalState,
                eval_loss: float, round_s: float, avg_s: float) -> None:
-        group = len(o.roster.members) if o.roster is not None else 0
-        sps = stats.samples / stats.train_s if stats.train_s > 0 else 0.0
-        tps = stats.tokens / stats.train_s if stats.train_s > 0 else 0.0
+        row = metrics_row(r, self.node.peer_id, stats, weight, o, state, eval_loss, round_s, avg_s) | {
+            "steps_ahead": self.steps_ahead, "steps_at_barrier": self.steps_at_barrier,
+            "device_max_memory_mb": self.device_memory_mb(), "divergences": self.divergences,
+            "phase_seconds": self.phases}
         dropped = ", ".join(f"{p[-6:]} ({o.drop_reasons.get(p, '?')})" for p in o.dropped)
         log.info("round %d: %s, %d peers, loss %.4f, eval %.4f, %.0f samples/s, %.0f tokens/s, sent %.2f MB, "
-                 "%.1f s (train %.1f s, %d steps%s; average %.1f s)%s", r, o.kind, group, stats.loss, eval_loss, sps, tps,
-                 o.bytes_sent / 1e6, round_s, stats.train_s, stats.steps,
-                 f", {self.steps_ahead} ahead" if self.steps_ahead else "", avg_s,
+                 "%.1f s (train %.1f s, %d steps%s; average %.1f s)%s", r, o.kind, row["group_size"], stats.loss,
+                 eval_loss, row["samples_per_s"], row["tokens_per_s"], o.bytes_sent / 1e6, round_s, stats.train_s,
+                 stats.steps, f", {self.steps_ahead} ahead" if self.steps_ahead else "", avg_s,
                  f"; dropped {dropped}" if dropped else "")
-        row = {"round": r, "peer_id": self.node.peer_id, "outcome": o.kind, "group_size": group,
-               "weight": weight, "total_weight": o.total_weight, "steps": stats.steps,
-               "steps_ahead": self.steps_ahead, "steps_at_barrier": self.steps_at_barrier, "samples": stats.samples,
-               "loss": _num(stats.loss), "eval_loss": _num(eval_loss), "samples_per_s": sps,
-               "tokens": stats.tokens, "tokens_per_s": tps, "device_max_memory_mb": self.device_memory_mb(),
-               "bytes_sent": o.bytes_sent, "bytes_received": o.bytes_received, "round_seconds": round_s,
-               "average_seconds": avg_s, "digest": state.digest(), "state_round": state.round, "global_samples": state.global_samples,
-               "leader": o.roster.leader if o.roster is not None else "",
-               "owners": list(o.roster.owners) if o.roster is not None else [],
-               "shard_bounds": list(o.roster.shard_bounds) if o.roster is not None else [],
-               "contributors": o.contributors, "dropped": o.dropped, "drop_reasons": dict(o.drop_reasons),
-               "divergences": self.divergences, "phase_seconds": self.phases, "time": time.time()}
         self.node.report_round(row)   # handed over: never changed after this
         if not self.cfg.metrics_file:
             return
@@ -393,16 +368,3 @@ class Trainer:
             return None
         return torch.cuda.max_memory_allocated(self.device) / 2**20
 
-    def dump(self, r: int, state: GlobalState, delta: torch.Tensor, weight: float, o: Outcome,
-             new: GlobalState) -> None:
-        """Test-only (DILOCO_TEST_DUMP_DIR): what a test needs to recompute the round."""
-        if not self.dump_dir:
-            return
-        path = os.path.join(self.dump_dir, f"{self.node.peer_id}.r{r}.npz")
-        np.savez(path, theta=state.theta.numpy(), delta=delta.numpy(), weight=np.float64(weight),
-                 new_theta=new.theta.numpy(), applied=np.bool_(o.kind == "applied"),
-                 contributors=np.array(o.contributors, dtype=str))
-
-
-def _num(x: float) -> float | None:
-    return None if math.isnan(x) else x

@@ -26,6 +26,10 @@ def maddr_host(maddr: str) -> str:
     return ""
 
 
+def join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def is_loopback(host: str) -> bool:
     host = host.strip("[]")
     if host == "localhost":
@@ -149,3 +153,28 @@ def container_hint(host: str, peer_ip: str | None, container: bool, peer_on_link
     return (f"this peer seems to run in a container ({why}) and announces {host}, probably an address inside "
             f"the container's network that the initial peer at {peer_ip} cannot reach: publish the ports and pass "
             f"{' and '.join(fixes)}, or run the container with --network host")
+
+
+def visible_hosts(maddrs: list[str]) -> list[str]:
+    """The IPs in `maddrs`, loopback last."""
+    hosts = []
+    for maddr in maddrs:
+        parts = maddr.split("/")
+        if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
+            hosts.append(parts[2] if parts[1] == "ip4" else f"[{parts[2]}]")
+    hosts.sort(key=is_loopback)
+    return hosts
+
+
+def dht_tcp_address(host: str, announced: list[str], visible: list[str]) -> str:
+    """host:port at which others reach our DHT node over TCP: the first announced TCP multiaddr,
+    else our announced host with the port the DHT listens on; '' when it has none."""
+    for maddr in announced:
+        parts = maddr.split("/")
+        if len(parts) > 4 and parts[3] == "tcp" and maddr_host(maddr):
+            return join_host_port(parts[2], int(parts[4]))
+    for maddr in visible:
+        parts = maddr.split("/")
+        if len(parts) > 4 and parts[1] in ("ip4", "ip6") and parts[3] == "tcp":
+            return join_host_port(host.strip("[]"), int(parts[4]))
+    return ""

@@ -18,11 +18,12 @@ from peer.identity import Identity
 from peer.metrics import CONTENT_TYPE_LATEST, PeerMetrics
 from peer.monitor import Monitor
 from peer.net import announce, outsiders, owner, swarm, twin
+from peer.net.announce import dht_tcp_address, join_host_port, visible_hosts
 from peer.net.auth import AuthRefused
 from peer.net.core import GRANT_FRESH_S, PROBE_TIMEOUT_S, NetCore
 from peer.net.keeper import BACKOFF_S, STATE_TIMEOUT_S, CannotKeepUp, Keeper, RoundResult  # noqa: F401
 from peer.net.loop import Deadline, NetLoop
-from peer.net.reach import join_host_port, split_host_port
+from peer.net.reach import split_host_port
 from peer.net.round import MAX_CARRY_ROUNDS, Outcome  # noqa: F401 - the trainer's view of a round
 from peer.net.server import start_server
 from peer.outer import GlobalState
@@ -37,32 +38,6 @@ def visible_maddrs(dht: hivemind.DHT) -> list[str]:
     """The DHT's own addresses as multiaddr strings (from the main thread: no deadline, see
     ARCHITECTURE section 2)."""
     return [str(m) for m in dht.get_visible_maddrs()]
-
-
-def visible_hosts(maddrs: list[str]) -> list[str]:
-    """The IPs in `maddrs`, loopback last."""
-    hosts = []
-    for maddr in maddrs:
-        parts = maddr.split("/")
-        if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
-            hosts.append(parts[2] if parts[1] == "ip4" else f"[{parts[2]}]")
-    hosts.sort(key=announce.is_loopback)
-    return hosts
-
-
-def dht_tcp_address(host: str, announced: list[str], visible: list[str]) -> str:
-    """host:port at which others reach our DHT node over TCP: the first announced TCP multiaddr,
-    else our announced host with the port the DHT listens on; '' when it has none."""
-    for maddr in announced:
-        parts = maddr.split("/")
-        if len(parts) > 4 and parts[3] == "tcp" and announce.maddr_host(maddr):
-            return join_host_port(parts[2], int(parts[4]))
-    for maddr in visible:
-        parts = maddr.split("/")
-        if len(parts) > 4 and parts[1] in ("ip4", "ip6") and parts[3] == "tcp":
-            return join_host_port(host.strip("[]"), int(parts[4]))
-    return ""
-
 
 
 class PendingRound:

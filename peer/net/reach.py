@@ -24,6 +24,7 @@ from hivemind.utils import get_dht_time
 
 from peer._proto import peer_pb2 as pb
 from peer._proto import peer_pb2_grpc
+from peer.net.announce import join_host_port
 from peer.net.client import CHANNEL_OPTIONS, Channels, Reject, describe_rpc_error, open_channel
 from peer.net.loop import Deadline
 from peer.net.signer import Signer
@@ -53,10 +54,6 @@ def split_host_port(address: str) -> tuple[str, int]:
     if not m or not 0 < int(m.group(3)) < 65536:
         raise ValueError(f"{address!r} is not host:port (e.g. 203.0.113.5:7000)")
     return m.group(1) or m.group(2), int(m.group(3))
-
-
-def join_host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def normal_ip(text: str) -> str:

@@ -36,10 +36,7 @@ class SoloRun:
                                      cwd=tmp_path)
 
     def result(self) -> tuple[list[dict], str]:
-        try:
-            _, err = self.proc.communicate(timeout=200)
-        finally:
-            self.proc.kill()
+        _, err = self.proc.communicate(timeout=200)
         assert self.proc.returncode == 0, err[-3000:]
         return [json.loads(line) for line in self.metrics.read_text().splitlines()], err
 
@@ -48,7 +45,12 @@ def test_a_result_before_the_next_step_gives_the_blocking_bytes_and_overlap_trai
     late_step = [{"point": "overlap_step", "action": "sleep", "seconds": 3.0}]
     runs = [SoloRun(tmp_path, "blocking"), SoloRun(tmp_path, "waited", "--overlap", faults=late_step),
             SoloRun(tmp_path, "overlapped", "--overlap")]   # at once: each waits on sleeps and its DHT
-    (blocking, _), (waited, _), (overlapped, log) = [run.result() for run in runs]
+    try:
+        (blocking, _), (waited, _), (overlapped, log) = [run.result() for run in runs]
+    finally:   # one that failed or hung leaves none of them running
+        for run in runs:
+            run.proc.kill()
+            run.proc.wait(10)
     assert [r["outcome"] for r in blocking] == ["applied"] * 4
     assert [r["steps_ahead"] for r in waited] == [0] * 4, "every result came before the next step"
     assert [r["steps_at_barrier"] for r in waited] == [0] * 4, "every barrier ended before the next step"
