@@ -21,6 +21,11 @@ adds a run where the last peer's link is a quarter of the others', where ours ru
 shards sized by upload rate (the default) and once with equal shards (`--shard-sizing equal`, a
 row "ours CODEC equal-shards"); its bound is that peer's own payload at its rate (owning no shard,
 it still sends and receives one whole payload).
+"xfer s" and "commit s" split the slowest peer's round after the group agreement: shards moved
+(sent, reduced, pulled, decoded) and the leader's decision. --trace samples each peer's link
+counters every 20 ms during our steps and prints, for each step's median round, every peer's
+send and receive rate as a row of characters over the round (a full block: the link's cap) with
+the phases marked, and the share of its uplink the shard transfer used: where a link idled.
 Needs root, `ip` and `tc`. Prints tables; not a test.
 
     .venv/bin/python bench/allreduce.py [--k 2 4 8] [--mib 16 64] [--rounds 5] [--codecs fp32 int8]
@@ -42,6 +47,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,7 +83,7 @@ class Peers:
 
     def __init__(self, k: int, numel: int, rounds: int, codecs: list[str], backends: list[str],
                  log_dir: Path, topo=None, caps: list[float | None] | None = None, step_timeout_s: float = 600,
-                 sizings: tuple[str, ...] = ("rate",)):
+                 sizings: tuple[str, ...] = ("rate",), trace: bool = False):
         self.k, self.topo, self.step_timeout_s = k, topo, step_timeout_s
         self.lines: list[queue.Queue] = [queue.Queue() for _ in range(k)]   # each peer's lines, in order
         self.procs: list[subprocess.Popen] = []
@@ -90,7 +96,7 @@ class Peers:
         base = [sys.executable, str(WORKER), "--k", str(k), "--numel", str(numel), "--rounds", str(rounds),
                 "--iface", "eth0" if topo else "lo", "--gloo", gloo, "--tag", tag,
                 "--codecs", *(codecs if "ours" in backends else []), "--shard-sizing", *sizings,
-                "--backends", *backends]
+                "--backends", *backends, *(["--trace"] if trace else [])]
         boot = ""
         for i in range(k):
             argv = [*base, "--index", str(i), "--ip", ips[i], "--boot", boot]
@@ -178,7 +184,7 @@ def swarm_run(k: int, numel: int, args: argparse.Namespace, log_dir: Path, caps:
     peers = None
     try:
         peers = Peers(k, numel, args.rounds, args.codecs, args.backends, log_dir, topo, caps, args.step_timeout,
-                      sizings)
+                      sizings, args.trace)
         return peers.run(Run(k, numel, caps))
     finally:
         if peers is not None:
@@ -206,7 +212,7 @@ def bound_s(step: str, run: Run) -> float | None:
 HEADER = (f"{'backend':22} {'k':>2} {'MiB':>4} {'median s':>9} {'min s':>7} {'max s':>7} {'cpu s/peer':>10} "
           f"{'sent MB/peer':>12} "
           f"{'err round 0':>11} {'max abs err':>11} {'same':>5} {'failed':>6} {'peak GB':>7} {'last owns':>9} "
-          f"{'join s':>6}")
+          f"{'join s':>6} {'xfer s':>6} {'commit s':>8}")
 
 
 def print_run(run: Run, label: str) -> None:
@@ -233,10 +239,69 @@ def print_run(run: Run, label: str) -> None:
         # ours: the DHT refresh and group agreement before the first shard moves (the slowest peer's)
         joins = [max(p["refresh_s"] + p["join_s"] for p in r) for r in rounds if "join_s" in r[0]]
         line += f" {statistics.median(joins):6.3f}" if joins else f" {'-':>6}"
+        for key, width in (("transfer_s", 6), ("commit_s", 8)):   # the slowest peer's, median
+            parts = [max(p[key] for p in r) for r in rounds if all(key in p for p in r)]
+            line += f" {statistics.median(parts):{width}.3f}" if parts else f" {'-':>{width}}"
         bound = bound_s(step, run)
         if bound is not None:
             line += f" {bound:8.3f} {med / bound:7.2f}"
         print(line, flush=True)
+    for step, rounds in run.steps.items():
+        if all("trace" in p for p in rounds[0]):
+            print_trace(step, run, rounds)
+
+
+LEVELS = " .:-=+*#@"   # a bin's rate as a share of the link's cap, in ninths
+
+
+def rate_row(samples: list[list[float]], col: int, t_end: float, bins: int, cap_bps: float) -> str:
+    """One character per bin of [0, t_end]: the bytes counter `col` moved in it over the cap's bytes."""
+    width = t_end / bins
+    moved = [0.0] * bins
+    for (t0, *a), (t1, *b) in pairwise(samples):
+        if t1 <= t0:
+            continue
+        rate = (b[col - 1] - a[col - 1]) / (t1 - t0)     # spread evenly over the sample's span
+        for i in range(int(t0 / width), min(bins, int(t1 / width) + 1)):
+            overlap = min(t1, (i + 1) * width) - max(t0, i * width)
+            if overlap > 0:
+                moved[i] += rate * overlap
+    return "".join(LEVELS[min(len(LEVELS) - 1, int(m / (cap_bps * width) * (len(LEVELS) - 1) + 0.5))]
+                   for m in moved)
+
+
+def sent_at(samples: list[list[float]], t: float) -> float:
+    """The bytes-sent counter of a trace at `t` seconds, linear between samples."""
+    for (t0, a, _), (t1, b, _) in pairwise(samples):
+        if t0 <= t <= t1:
+            return a + (b - a) * (t - t0) / (t1 - t0) if t1 > t0 else b
+    return samples[-1][1]
+
+
+def print_trace(step: str, run: Run, rounds: list[list[dict]], bins: int = 80) -> None:
+    """Each peer's link over the median round of `step` (--trace): send (^) and receive (v)
+    rates as characters, the phases marked j (joined: the roster is known), m (shards moved)
+    and c (the leader's decision), and the share of its uplink the shard transfer used."""
+    times = [max(p["s"] for p in r) for r in rounds]
+    r = rounds[sorted(range(len(rounds)), key=times.__getitem__)[len(rounds) // 2]]
+    t_end = max(p["s"] for p in r)
+    print(f"\n{step}: the link over the median round ({t_end:.2f} s, {t_end / bins * 1e3:.0f} ms a character; "
+          f"'{LEVELS[-1]}' = the cap, j joined, m shards moved, c decided)")
+    for i, p in enumerate(r):
+        cap = (run.caps[i] or 0) * 1e6 / 8 or max(1.0, max(s[1] for s in p["trace"]) / t_end)
+        marks = [" "] * bins
+        for key, ch in (("joined", "j"), ("moved", "m"), ("committed", "c")):
+            if key in p["marks"]:
+                marks[min(bins - 1, int(p["marks"][key] / t_end * bins))] = ch
+        used = ""
+        m = p["marks"]
+        if "joined" in m and "moved" in m and m["moved"] > m["joined"] and run.caps[i]:
+            sent = sent_at(p["trace"], m["moved"]) - sent_at(p["trace"], m["joined"])
+            share = sent / (cap * (m["moved"] - m["joined"]))
+            used = f"  uplink used {100 * share:.0f} % while moving shards"
+        print(f"  peer {i}    {''.join(marks)}{used}")
+        print(f"  peer {i} ^  {rate_row(p['trace'], 1, t_end, bins, cap)}")
+        print(f"  peer {i} v  {rate_row(p['trace'], 2, t_end, bins, cap)}")
 
 
 def main() -> None:
@@ -256,6 +321,8 @@ def main() -> None:
                          "(equal links always run rate)")
     ap.add_argument("--step-timeout", type=float, default=600.0, help="seconds one round of all peers may take")
     ap.add_argument("--log-dir", default="", help="where the workers' logs go (default: a temporary folder)")
+    ap.add_argument("--trace", action="store_true",
+                    help="print each peer's send and receive rate over our steps' median round (where a link idled)")
     args = ap.parse_args()
     if min(args.k) < 2 or min(args.mib) < 1 or args.rounds < 1:
         ap.error("need every --k >= 2, every --mib >= 1 and --rounds >= 1")

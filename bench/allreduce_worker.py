@@ -23,6 +23,7 @@ import os
 import resource
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -47,6 +48,7 @@ from peer.outer import GlobalState  # noqa: E402
 log = logging.getLogger("allreduce_worker")
 VIEW_TIMEOUT_S = 60.0    # the others' records must show up in our view within this
 STEP_TIMEOUT_S = 300.0   # one hivemind step at most
+TRACE_EVERY_S = 0.02     # --trace: the link's counters are read this often (a 100 Mbit/s link moves 250 kB)
 
 
 def delta_of(index: int, numel: int) -> torch.Tensor:
@@ -100,6 +102,33 @@ def tx_rx_bytes(iface: str) -> tuple[int, int]:
     return 0, 0
 
 
+class LinkTrace:
+    """The interface's byte counters sampled every TRACE_EVERY_S on a thread of its own while a
+    step runs (--trace): [seconds since the start, bytes sent, bytes received] from 0, so the
+    driver can show when a peer's link idled within a round."""
+
+    def __init__(self, iface: str):
+        self.iface, self.samples, self._stop = iface, [], threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, t0: float) -> None:
+        tx0, rx0 = tx_rx_bytes(self.iface)
+        self.samples, self._stop = [[0.0, 0, 0]], threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(TRACE_EVERY_S):
+                tx, rx = tx_rx_bytes(self.iface)
+                self.samples.append([round(time.perf_counter() - t0, 4), tx - tx0, rx - rx0])
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> list[list[float]]:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        return self.samples
+
+
 class Worker:
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -151,15 +180,21 @@ class Worker:
         refresher = asyncio.ensure_future(core.refresh_forever())
         name = wire_codec(spec)
         marks: dict[str, float] = {}
-        join = group.join_round
+        join, send_and_fetch, commit = group.join_round, member.send_and_fetch, member.commit
 
-        async def timed_join(*a, **kw):   # the same call, with when it began and ended noted
-            marks["join"] = time.perf_counter()
-            try:
-                return await join(*a, **kw)
-            finally:
-                marks["joined"] = time.perf_counter()
-        group.join_round = timed_join   # what member.run_round calls (this process runs one peer)
+        def timed(call, began: str, ended: str):   # the same call, with when it began and ended noted
+            async def run(*a, **kw):
+                marks[began] = time.perf_counter()
+                try:
+                    return await call(*a, **kw)
+                finally:
+                    marks[ended] = time.perf_counter()
+            return run
+        # what member.run_round calls (this process runs one peer)
+        group.join_round = timed(join, "join", "joined")
+        member.send_and_fetch = timed(send_and_fetch, "moving", "moved")
+        member.commit = timed(commit, "commit", "committed")
+        trace = LinkTrace(self.args.iface) if self.args.trace else None
         try:
             for r in range(self.args.rounds):
                 core.round, core.steps, core.samples, core.training, core.grant = r, 0, 0, False, None
@@ -168,12 +203,21 @@ class Worker:
                 step = f"ours {name}" + ("" if sizing == "rate" else f" {sizing}-shards")
                 await self.barrier(step)
                 before, cpu = tx_rx_bytes(self.args.iface), cpu_s(self.pids)
+                marks.clear()
                 started = time.perf_counter()
+                if trace is not None:
+                    trace.start(started)
                 out = await member.run_round(core, r, self.delta, 1.0, 1, (0.0, -1))
                 seconds = time.perf_counter() - started
-                phases = {"cpu": cpu_s(self.pids) - cpu, "refresh_s": marks["join"] - started,
-                          "join_s": marks["joined"] - marks["join"], "transfer_s": started + seconds - marks["joined"],
-                          "owned": owned_share(out, core.peer_id)}
+                phases = {"cpu": cpu_s(self.pids) - cpu, "owned": owned_share(out, core.peer_id),
+                          # from the start: DHT refresh, group agreement, shards moved, leader's decision
+                          "marks": {k: v - started for k, v in marks.items()}}
+                if "joined" in marks:
+                    phases.update(refresh_s=marks["join"] - started, join_s=marks["joined"] - marks["join"],
+                                  transfer_s=marks.get("moved", marks["joined"]) - marks["joined"],
+                                  commit_s=started + seconds - marks.get("moved", marks["joined"]))
+                if trace is not None:
+                    phases["trace"] = trace.stop()
                 if out.kind != "applied":
                     log.warning("round %d (%s): %s: %s", r, name, out.kind, out.reason)
                 await self.report(step, seconds, out.avg if out.kind == "applied" else None, before,
@@ -182,7 +226,9 @@ class Worker:
                     ar.apply_residuals(core.ef, get_codec(name), out.residuals)
                     ar.apply_residuals(core.owner_ef, get_codec(name), out.owner_residuals)
         finally:
-            group.join_round = join
+            group.join_round, member.send_and_fetch, member.commit = join, send_and_fetch, commit
+            if trace is not None:
+                trace.stop()
             refresher.cancel()
             await server.stop(1.0)
             await core.channels.close()
@@ -281,6 +327,7 @@ def main() -> None:
     ap.add_argument("--codecs", nargs="*", default=[], help="wire codec names for our averager")
     ap.add_argument("--shard-sizing", nargs="+", default=["rate"], help="our run spec's shard_sizing values, each a step")
     ap.add_argument("--backends", nargs="*", default=[], help="hivemind and/or gloo")
+    ap.add_argument("--trace", action="store_true", help="sample the link's byte counters during our steps")
     args = ap.parse_args()
     # SIGTERM (the driver's stop) unwinds through the finally blocks below: with the default action the
     # worker died at once and hivemind's averager process, forked from it, lived on as an orphan

@@ -2,8 +2,8 @@
 float32 by default) for 2, 4, 8, 16 peers on loopback, through bench/allreduce.py's worker
 harness (real processes, each a hivemind DHT and our gRPC server, a barrier before each
 round). Splits the slowest peer's round into the DHT refresh before joining, the group
-agreement (Join until the roster), and the rest (shard round trips to every owner, the
-commit). gloo's all_reduce of the same payload is the round-trip floor beside it. Prints a
+agreement (Join until the roster), the shard round trips to every owner, and the leader's
+decision (commit). gloo's all_reduce of the same payload is the round-trip floor beside it. Prints a
 table; not a test.
 
     .venv/bin/python bench/scale.py [--k 2 4 8 16] [--bytes 1024] [--rounds 5] [--backends ours gloo hivemind]
@@ -42,12 +42,12 @@ def main() -> None:
     if min(args.k) > numel:
         ap.error(f"--bytes {args.bytes} is {numel} values: fewer than {min(args.k)} peers' shards")
     run_args = argparse.Namespace(net="loopback", rounds=args.rounds, codecs=[args.codec], backends=args.backends,
-                                  step_timeout=args.step_timeout)
+                                  step_timeout=args.step_timeout, trace=False)
     log_root = Path(args.log_dir or tempfile.mkdtemp(prefix="scale-"))
     print(f"fixed cost of a round: {args.bytes} bytes of float32 per peer, {args.codec}, {args.rounds} rounds, "
           f"loopback; the slowest peer's seconds, median over rounds (min-max); shared 2-core machine: noisy. "
           f"Logs in {log_root}")
-    print(f"{'k':>3} {'backend':12} {'round s':>18} {'refresh s':>10} {'join s':>8} {'transfer+commit s':>18} "
+    print(f"{'k':>3} {'backend':12} {'round s':>18} {'refresh s':>10} {'join s':>8} {'transfer s':>10} {'commit s':>8} "
           f"{'failed':>6}")
     for k in args.k:
         log_dir = log_root / f"k{k}"
@@ -61,9 +61,9 @@ def main() -> None:
             parts = ""
             if "join_s" in lines[0]:
                 parts = " ".join(f"{statistics.median(p[key] for p in lines):{w}.3f}" for key, w in
-                                 (("refresh_s", 10), ("join_s", 8), ("transfer_s", 18)))
+                                 (("refresh_s", 10), ("join_s", 8), ("transfer_s", 10), ("commit_s", 8)))
             else:
-                parts = f"{'-':>10} {'-':>8} {'-':>18}"
+                parts = f"{'-':>10} {'-':>8} {'-':>10} {'-':>8}"
             print(f"{k:3d} {step:12} {span:>18} {parts} {failed:3d}/{len(rounds):<2d}", flush=True)
 
 
